@@ -1,0 +1,30 @@
+# kdlab: every command a user or CI needs. `make test` and `make demo` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.kdlab-installed
+
+.PHONY: setup test lint demo clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned, so pip never resolves a CUDA build from a range.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
+
+test: setup lint
+	$(VENV)/bin/pytest
+
+demo: setup
+	$(PY) -m kdlab demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,231 @@
+"""The ``kdlab`` command line.
+
+Every user error (bad config, missing dataset, wrong checkpoint, ...) ends with one line on
+stderr and a non-zero exit code; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kdlab.errors import KdlabError
+
+log = logging.getLogger("kdlab")
+
+
+# --------------------------------------------------------------------------- commands
+def _load_cfg(args: argparse.Namespace) -> Any:
+    from kdlab.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def _run_dir_for(cfg: Any, args: argparse.Namespace) -> Path:
+    if getattr(args, "run_dir", None):
+        return Path(args.run_dir)
+    return Path(cfg.output_dir) / cfg.name / f"seed{cfg.seed}"
+
+
+def _train(args: argparse.Namespace, require_teacher: bool) -> int:
+    from kdlab.engine.progress import TqdmProgress
+    from kdlab.engine.trainer import Trainer
+
+    cfg = _load_cfg(args)
+    run_dir = _run_dir_for(cfg, args)
+    trainer = Trainer(cfg, run_dir, resume=args.resume,
+                      progress=TqdmProgress(enabled=not args.no_progress),
+                      require_teacher=require_teacher)
+    summary = trainer.run()
+    log.info("run %s: best top-1 %.2f (epoch %d), last top-1 %.2f", run_dir,
+             summary["best_top1"], summary["best_epoch"], summary["last_top1"])
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a network alone (teacher or student baseline)."""
+    return _train(args, require_teacher=False)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Distil a teacher into a student with the configured method."""
+    return _train(args, require_teacher=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint (or a run's best weights) on the configured test set."""
+    from kdlab.config import validate_config
+    from kdlab.data import DeviceLoader
+    from kdlab.engine.evaluate import evaluate
+    from kdlab.engine.rundir import RunDir
+    from kdlab.engine.runtime import resolve_amp, resolve_device
+    from kdlab.engine.trainer import load_data
+    from kdlab.errors import ConfigError
+    from kdlab.models import create_model, load_checkpoint
+
+    if args.target and Path(args.target).is_dir():
+        rd = RunDir(args.target)
+        if not rd.exists():
+            raise ConfigError(f"{args.target} is not a kdlab run directory (no config.yaml)")
+        from kdlab.config import apply_overrides
+
+        cfg = validate_config(apply_overrides(rd.load_config_dict(), args.set),
+                              str(rd.config_path))
+        checkpoint = args.checkpoint or str(rd.best_checkpoint)
+    else:
+        from kdlab.config import load_config
+
+        cfg = load_config(args.target, args.set)
+        checkpoint = args.checkpoint or cfg.student.checkpoint
+        if not checkpoint:
+            raise ConfigError("no checkpoint to evaluate: pass --checkpoint or set "
+                              "student.checkpoint")
+    device = resolve_device(cfg.runtime.device)
+    _, test = load_data(cfg)
+    model = create_model(cfg.student.arch, num_classes=test.num_classes,
+                         in_channels=int(test.images.shape[1])).to(device)
+    load_checkpoint(model, checkpoint)
+    loader = DeviceLoader(test, batch_size=cfg.data.eval_batch_size, device=device, train=False)
+    res = evaluate(model, loader, device, resolve_amp(cfg.runtime.amp, device))
+    sys.stdout.write(f"{cfg.student.arch} {checkpoint}: top-1 {res['top1']:.2f}  "
+                     f"top-5 {res['top5']:.2f}  loss {res['loss']:.4f}  ({res['count']} images)\n")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the model zoo."""
+    from kdlab.models import list_models
+
+    sys.stdout.write("\n".join(list_models()) + "\n")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """List the registered methods with their default hyperparameters."""
+    from kdlab.methods.registry import get_method, list_methods
+
+    for kind in ("logit", "partner"):
+        sys.stdout.write(f"{kind} methods:\n")
+        for name in list_methods(kind):
+            defaults = get_method(name).Params().model_dump()
+            shown = ", ".join(f"{k}={v}" for k, v in defaults.items())
+            sys.stdout.write(f"  {name:10s} {shown}\n")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print the fully resolved config as YAML."""
+    from kdlab.config import dump_yaml
+
+    sys.stdout.write(dump_yaml(_load_cfg(args)))
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Validate every YAML config under a folder (method hyperparameters included)."""
+    from kdlab.config import load_config
+    from kdlab.methods.compose import build_params
+    from kdlab.methods.registry import get_method
+
+    root = Path(args.path)
+    files = [root] if root.is_file() else sorted(root.rglob("*.yaml"))
+    files = [f for f in files if not f.name.startswith("_")]
+    bad = 0
+    for f in files:
+        try:
+            cfg = load_config(f)
+            build_params(cfg.method.name, cfg.method.params, "method.params")
+            for i, p in enumerate(cfg.method.partners):
+                if get_method(p.name).kind != "partner":
+                    raise KdlabError(f"method.partners.{i}: {p.name!r} is not a partner method")
+                build_params(p.name, p.params, f"method.partners.{i}.params")
+        except KdlabError as e:
+            bad += 1
+            sys.stdout.write(f"FAIL {f}: {e}\n")
+    sys.stdout.write(f"{len(files) - bad} of {len(files)} configs valid\n")
+    return 1 if bad else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: real Fashion-MNIST, a teacher, and distillation with the main methods."""
+    from kdlab.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted key (repeatable)")
+    p.add_argument("--run-dir", help="run directory (default: OUTPUT_DIR/NAME/seedSEED)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its last complete checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdlab", description="Knowledge distillation lab: SDD, DCKD and friends.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str
+            ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    _add_run_args(add("train", cmd_train, "train a network alone (teacher or baseline)"))
+    _add_run_args(add("distill", cmd_distill, "distil a teacher into a student"))
+    p = add("eval", cmd_eval, "evaluate a run directory's best weights or a checkpoint")
+    p.add_argument("target", help="run directory, or experiment YAML file")
+    p.add_argument("--checkpoint", help="weights to evaluate (default: the run's best.pt)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add("models", cmd_models, "list the model zoo")
+    add("methods", cmd_methods, "list methods and their default hyperparameters")
+    p = add("config", lambda a: 2, "show or check configs")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = csub.add_parser("show", help="print the resolved config")
+    show.add_argument("config")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    show.set_defaults(fn=cmd_config_show)
+    check = csub.add_parser("check", help="validate every config under a folder")
+    check.add_argument("path")
+    check.set_defaults(fn=cmd_config_check)
+    p = add("demo", cmd_demo, "the main job on real Fashion-MNIST (about 10 minutes on 2 cores)")
+    p.add_argument("--out", default="runs/demo", help="where the demo's runs go")
+    p.add_argument("--quick", action="store_true", help="a much shorter demo (smoke test)")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kdlab`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args.fn(args))
+    except KdlabError as e:
+        if args.debug:
+            raise
+        sys.stderr.write(f"kdlab: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("kdlab: interrupted; a run continues from its last checkpoint "
+                         "with --resume\n")
+        return 130
+    except OSError as e:
+        if args.debug:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        sys.stderr.write(f"kdlab: error: {e.strerror or e}{where}\n")
+        return 2

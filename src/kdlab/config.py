@@ -1,0 +1,285 @@
+"""Experiment configuration: typed schemas, YAML files with inheritance, dotted overrides.
+
+Architecture contract 5: every hyperparameter that changes a number lives in the config; an
+unknown key or a bad value is a :class:`ConfigError` naming the key and the allowed values.
+
+A config file may start with ``_base_: relative/path.yaml`` (or a list of paths): the bases are
+loaded first and the file's own keys are deep-merged over them, so each experiment file holds
+only what differs from its protocol. Command-line overrides use dotted keys
+(``optim.lr=0.1``, ``method.params.beta=6``); their values are parsed as YAML scalars/lists.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kdlab.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticDataConfig(_Strict):
+    """Sizes of the in-memory synthetic dataset (``data.name: synthetic``)."""
+
+    n_train: int = Field(512, ge=1)
+    n_test: int = Field(256, ge=1)
+    num_classes: int = Field(10, ge=2)
+    image_size: int = Field(32, ge=8)
+    channels: int = Field(3, ge=1)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    """Dataset, batch sizes and the on-device train augmentation (random crop + flip)."""
+
+    name: Literal["cifar10", "cifar100", "fashion_mnist", "synthetic"] = "cifar100"
+    root: str | None = None
+    download: bool = False
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    subset_seed: int = 0
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    crop_padding: int = Field(4, ge=0)
+    hflip: bool = True
+    synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
+
+
+class ModelConfig(_Strict):
+    """A network of the model zoo, optionally initialised from a checkpoint."""
+
+    arch: str
+    checkpoint: str | None = None
+    #: teacher only: the accuracy (top-1, %) the checkpoint is known to reach on the test set.
+    expected_accuracy: float | None = Field(None, ge=0.0, le=100.0)
+    #: teacher only: how far (percentage points) below ``expected_accuracy`` stops the run.
+    accuracy_tolerance: float = Field(2.0, ge=0.0)
+
+
+class PartnerConfig(_Strict):
+    """A feature/relation partner added to the logit method (FitNet, CRD, ...)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class MethodConfig(_Strict):
+    """The distillation method: a logit method (or a partner alone) plus partners."""
+
+    name: str = "kd"
+    params: dict[str, Any] = Field(default_factory=dict)
+    partners: list[PartnerConfig] = Field(default_factory=list)
+
+
+class OptimConfig(_Strict):
+    """SGD with momentum and a multi-step schedule (the CRD protocol by default)."""
+
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    nesterov: bool = False
+    epochs: int = Field(240, ge=1)
+    milestones: list[int] = Field(default_factory=lambda: [150, 180, 210])
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    #: "auto": the method's published setting (SDD methods clip at 40), a number, or null (off).
+    clip_grad_norm: float | Literal["auto"] | None = "auto"
+
+    @field_validator("milestones")
+    @classmethod
+    def _sorted_positive(cls, v: list[int]) -> list[int]:
+        if any(m < 1 for m in v) or v != sorted(v):
+            raise ValueError("milestones must be positive epoch numbers in increasing order")
+        return v
+
+    @field_validator("clip_grad_norm")
+    @classmethod
+    def _positive_clip(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and v <= 0:
+            raise ValueError("clip_grad_norm must be > 0, 'auto' or null")
+        return v
+
+
+class RuntimeConfig(_Strict):
+    """Where and how fast to run. None of these change the mathematics of a method."""
+
+    device: str = "auto"
+    #: "auto": bf16 autocast where the hardware supports it (CUDA, CPUs with AVX512-BF16/AMX).
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    threads: int | None = Field(None, ge=1)
+    #: bit-reproducible kernels (torch.use_deterministic_algorithms); slower on GPU.
+    deterministic: bool = False
+    #: what to do with a step whose loss is NaN/Inf: stop the run, or skip the step.
+    non_finite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = Field(10, ge=0)
+    #: steps between host synchronisations (progress bar, non-finite check).
+    log_every: int = Field(50, ge=1)
+    eval_every: int = Field(1, ge=1)
+
+
+class ExperimentConfig(_Strict):
+    """One run: data, student (and teacher), method, optimiser, runtime."""
+
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    student: ModelConfig
+    teacher: ModelConfig | None = None
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON/YAML-serialisable dict of the resolved config."""
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """sha256 of the settings that define the run's numbers (runtime speed knobs excluded)."""
+        d = self.to_dict()
+        for k in ("device", "threads", "log_every", "compile"):
+            d["runtime"].pop(k, None)
+        d.pop("output_dir", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file, resolving ``_base_`` inheritance (paths relative to the file)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ConfigError(f"config inheritance loops: {chain}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}{where} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for b in bases:
+        merged = _deep_merge(merged, read_yaml(path.parent / b, (*_seen, path)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` into (["a", "b", "c"], yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML") from e
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return ``data`` with each dotted ``key=value`` override set (creating mappings as needed)."""
+    out = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {p!r} is not a mapping")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def format_validation_error(err: ValidationError, schema: type[BaseModel], prefix: str = "") -> str:
+    """One line per problem: ``key.path: what is wrong (allowed: ...)``."""
+    lines = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        key = ".".join(([prefix] if prefix else []) + loc)
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(schema, e["loc"][:-1])
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"unknown config key {key!r}{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"config key {key!r} is required")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"config key {key!r}: {e['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def _allowed_keys(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    model: Any = schema
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = _model_in_annotation(field.annotation)
+        if model is None:
+            return []
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _model_in_annotation(ann: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _model_in_annotation(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a plain dict into an :class:`ExperimentConfig` (ConfigError on any problem)."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {format_validation_error(e, ExperimentConfig)}") from e
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config (with ``_base_`` inheritance), apply dotted overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return validate_config(data, str(path) if path is not None else "command line")
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML text (keys in schema order)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

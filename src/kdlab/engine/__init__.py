@@ -1,0 +1,1 @@
+"""Training engine: the trainer, evaluation, run directories and atomic checkpoints."""

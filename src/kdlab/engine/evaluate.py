@@ -1,0 +1,51 @@
+"""Top-1 / top-5 evaluation with no host synchronisation until the end of the pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdlab.engine.runtime import autocast
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor, Tensor]],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Accuracy (top-1, top-5, in %) and mean cross-entropy of ``model`` over ``batches``.
+
+    ``batches`` yields ``(images, labels, index)`` already on ``device``. Counts accumulate on
+    the device; one synchronisation at the end.
+    """
+    was_training = model.training
+    model.eval()
+    correct1 = torch.zeros((), dtype=torch.long, device=device)
+    correct5 = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for images, labels, _ in batches:
+        with autocast(device, amp_dtype):
+            logits = model(images).logits
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        hits = topk.eq(labels[:, None])
+        correct1 += hits[:, 0].sum()
+        correct5 += hits.any(dim=1).sum()
+        count += labels.shape[0]
+    model.train(was_training)
+    if count == 0:
+        return {"top1": 0.0, "top5": 0.0, "loss": 0.0, "count": 0}
+    return {
+        "top1": 100.0 * correct1.item() / count,
+        "top5": 100.0 * correct5.item() / count,
+        "loss": loss_sum.item() / count,
+        "count": count,
+    }

@@ -1,0 +1,67 @@
+"""The one output type every kdlab model returns (architecture contract 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ModelOutput:
+    """What a classifier's forward pass exposes to distillation methods.
+
+    Attributes:
+        logits: ``B x K`` class scores.
+        feature_map: ``B x C x H x W``, the final map after the last activation, right before
+            global pooling. SDD (Wei et al., CVPR 2024) applies ``classifier`` to pooled regions
+            of this map.
+        features: one tensor per stage, ``features[0]`` the stem output and ``features[i]`` the
+            output of stage ``i`` (post-activation), as feature methods (FitNet, AT, ReviewKD) use.
+        embedding: ``B x C``, the globally pooled vector fed to the classifier
+            (``logits == classifier(embedding)``).
+        preact_features: the same stages before their final ReLU where the architecture has one
+            (ReviewKD and some feature methods use them); empty when not provided.
+    """
+
+    logits: Tensor
+    feature_map: Tensor
+    features: list[Tensor] = field(default_factory=list)
+    embedding: Tensor | None = None
+    preact_features: list[Tensor] = field(default_factory=list)
+
+    def detach(self) -> ModelOutput:
+        """A copy with every tensor detached (used for the frozen teacher)."""
+        return ModelOutput(
+            logits=self.logits.detach(),
+            feature_map=self.feature_map.detach(),
+            features=[f.detach() for f in self.features],
+            embedding=None if self.embedding is None else self.embedding.detach(),
+            preact_features=[f.detach() for f in self.preact_features],
+        )
+
+
+class KdModel(nn.Module):
+    """Base class of kdlab classifiers: ``forward(x) -> ModelOutput`` and a linear ``classifier``.
+
+    Subclasses set ``self.classifier`` (an ``nn.Linear`` callable on ``(..., C)``) and implement
+    ``forward``. ``num_classes`` and ``in_channels`` are recorded for checkpoint checks.
+    """
+
+    classifier: nn.Linear
+    num_classes: int
+    in_channels: int
+
+    def forward(self, x: Tensor) -> ModelOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def probe(self, input_size: int = 32) -> ModelOutput:
+        """Run one dummy batch of 2 images (in eval mode) to discover feature shapes."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        out = self(torch.zeros(2, self.in_channels, input_size, input_size, device=device))
+        self.train(was_training)
+        return out

@@ -1,0 +1,91 @@
+"""Config loading: inheritance, overrides, and one-line errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdlab.config import apply_overrides, load_config, parse_override, read_yaml
+from kdlab.errors import ConfigError
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_inheritance_deep_merges(tmp_path: Path) -> None:
+    write(tmp_path / "_base.yaml", "optim: {lr: 0.05, epochs: 240}\ndata: {name: cifar100}\n")
+    f = write(tmp_path / "exp.yaml",
+              "_base_: _base.yaml\nstudent: {arch: resnet8x4}\noptim: {lr: 0.01}\n")
+    cfg = load_config(f)
+    assert cfg.optim.lr == 0.01 and cfg.optim.epochs == 240
+    assert cfg.data.name == "cifar100" and cfg.student.arch == "resnet8x4"
+
+
+def test_inheritance_loop_is_an_error(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        read_yaml(tmp_path / "a.yaml")
+
+
+def test_dotted_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    f = write(tmp_path / "e.yaml", "student: {arch: resnet8}\n")
+    cfg = load_config(f, ["optim.lr=0.1", "optim.milestones=[1, 2]",
+                          "method.params.beta=6", "teacher.arch=resnet20"])
+    assert cfg.optim.lr == 0.1 and cfg.optim.milestones == [1, 2]
+    assert cfg.method.params == {"beta": 6}
+    assert cfg.teacher is not None and cfg.teacher.arch == "resnet20"
+    assert parse_override("a.b=") == (["a", "b"], None)
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_unknown_key_names_key_and_allowed_keys(tmp_path: Path) -> None:
+    f = write(tmp_path / "e.yaml", "student: {arch: resnet8}\noptim: {lrr: 0.1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert "optim.lrr" in msg and "lr" in msg and "weight_decay" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("data.name=imagenet22k", "data.name"),
+        ("runtime.amp=fp8", "runtime.amp"),
+        ("optim.milestones=[10, 5]", "optim.milestones"),
+        ("data.batch_size=abc", "data.batch_size"),
+        ("optim.clip_grad_norm=-3", "optim.clip_grad_norm"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, override: str, fragment: str) -> None:
+    f = write(tmp_path / "e.yaml", "student: {arch: resnet8}\n")
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(f, [override])
+
+
+def test_missing_student_is_required(tmp_path: Path) -> None:
+    f = write(tmp_path / "e.yaml", "optim: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match="'student' is required"):
+        load_config(f)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
+    f = write(tmp_path / "bad.yaml", "student: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_fingerprint_ignores_speed_knobs_only(tmp_path: Path) -> None:
+    f = write(tmp_path / "e.yaml", "student: {arch: resnet8}\n")
+    base = load_config(f).fingerprint()
+    assert load_config(f, ["runtime.threads=1", "runtime.log_every=7"]).fingerprint() == base
+    assert load_config(f, ["optim.lr=0.2"]).fingerprint() != base
