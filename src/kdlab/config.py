@@ -33,7 +33,7 @@ class SyntheticDataConfig(_Strict):
     n_train: int = Field(512, ge=1)
     n_test: int = Field(256, ge=1)
     num_classes: int = Field(10, ge=2)
-    image_size: int = Field(32, ge=8)
+    size: int = Field(32, ge=8)
     channels: int = Field(3, ge=1)
     seed: int = 0
 

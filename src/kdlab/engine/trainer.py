@@ -99,8 +99,10 @@ class Trainer:
         resume: bool = False,
         progress: Progress | None = None,
         require_teacher: bool | None = None,
+        stop_after: int | None = None,
     ) -> None:
         self.cfg = cfg
+        self.stop_after = stop_after
         self.run_dir = RunDir(run_dir)
         self.resume = resume
         self.progress = progress
@@ -147,7 +149,7 @@ class Trainer:
         loader_kw = dict(device=self.device, channels_last=cfg.runtime.channels_last)
         self.train_loader = DeviceLoader(
             self.train_set, batch_size=cfg.data.batch_size, train=True, shuffle=True,
-            drop_last=True, crop_padding=cfg.data.crop_padding, hflip=cfg.data.hflip,
+            drop_last=False, padding=cfg.data.crop_padding, flip=cfg.data.hflip,
             seed=cfg.seed, **loader_kw)
         self.test_loader = DeviceLoader(self.test_set, batch_size=cfg.data.eval_batch_size,
                                         train=False, **loader_kw)
@@ -373,10 +375,17 @@ class Trainer:
         try:
             for epoch in range(self.state.epoch + 1, self.cfg.optim.epochs + 1):
                 self._run_epoch(epoch)
+                if self.stop_after is not None and epoch >= self.stop_after:
+                    break
         except BaseException as e:
             self.run_dir.set_status("failed", error=f"{type(e).__name__}: {e}",
                                     epoch=self.state.epoch)
             raise
+        if self.state.epoch < self.cfg.optim.epochs:
+            self.run_dir.set_status("stopped", epoch=self.state.epoch)
+            log.info("stopped after epoch %d of %d; continue with --resume", self.state.epoch,
+                     self.cfg.optim.epochs)
+            return self._summary(time.perf_counter() - t_start)
         summary = self._summary(time.perf_counter() - t_start)
         self.run_dir.write_json("summary.json", summary)
         self.run_dir.set_status("finished", epoch=self.state.epoch)

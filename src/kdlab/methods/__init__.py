@@ -1,1 +1,23 @@
-"""Distillation methods."""
+"""Distillation methods: registered distillers and their composition.
+
+Logit methods: vanilla, kd, dkd, nkd, sd_kd, sd_dkd, sd_nkd, dckd. Partners: fitnet, at, rkd,
+sp, pkt, crd, reviewkd. See :mod:`kdlab.methods.base` for the contract.
+"""
+
+from kdlab.methods import crd, feature, logit, reviewkd, sdd  # noqa: F401  (registration)
+from kdlab.methods.base import Batch, DistillContext, Distiller, MethodParams, warmup_factor
+from kdlab.methods.compose import CompositeDistiller, build_method
+from kdlab.methods.registry import get_method, list_methods, register_method
+
+__all__ = [
+    "Batch",
+    "CompositeDistiller",
+    "DistillContext",
+    "Distiller",
+    "MethodParams",
+    "build_method",
+    "get_method",
+    "list_methods",
+    "register_method",
+    "warmup_factor",
+]

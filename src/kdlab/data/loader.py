@@ -1,0 +1,252 @@
+"""A device-resident data loader with batched, deterministic augmentation.
+
+The whole split stays on the device as ``uint8``; each batch is gathered, augmented (random crop
+with zero padding + horizontal flip), converted to float and normalised there, with no per-sample
+Python loop and no host synchronisation.
+
+Randomness: all random numbers of an epoch (permutation, crop offsets, flips) are drawn at the
+start of the epoch by a CPU :class:`torch.Generator` seeded from ``(seed, epoch)`` only, and
+moved to the device in one copy. Hence the batches are identical on CPU and GPU, identical across
+loader instances, and a run resumed at epoch ``e`` (``set_epoch(e)``) sees exactly the data of an
+uninterrupted run. Crop offsets and flips belong to positions of the global permutation, so they
+do not depend on ``world_size``.
+
+Normalisation computes ``(x - 255 * mean) * (1 / (255 * std))`` in float32: two correctly rounded
+operations that no compiler can contract into an FMA, so CPU and GPU give bit-identical floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdlab.data.dataset import ImageTensorDataset
+from kdlab.errors import DatasetError
+
+__all__ = ["Batch", "DeviceLoader", "EpochPlan", "epoch_seed"]
+
+
+class Batch(NamedTuple):
+    """One batch: normalised ``images`` (B x C x H x W), ``labels`` (B, int64) and ``index`` (B,
+    int64, each sample's position in the dataset)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+
+class EpochPlan(NamedTuple):
+    """The random draws of one epoch for this rank (CPU ``int64`` tensors of equal length):
+    dataset ``index`` in visiting order, crop offsets ``dy``/``dx`` in ``[0, 2 * padding]``
+    (into the padded image) and ``flip`` (0/1)."""
+
+    index: torch.Tensor
+    dy: torch.Tensor
+    dx: torch.Tensor
+    flip: torch.Tensor
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The CPU generator seed of an epoch: a well-mixed function of ``(seed, epoch)``."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFF, int(epoch)]).generate_state(2)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class DeviceLoader:
+    """Iterate over an :class:`ImageTensorDataset` kept on ``device``, in batches.
+
+    Args:
+        dataset: the split; its ``uint8`` images are copied to ``device`` once.
+        batch_size: samples per batch (per rank).
+        device: where images live and batches are produced (default: the dataset's device).
+        train: training mode: shuffled and augmented by default. ``train=False`` is evaluation:
+            no augmentation, no shuffling, no dropped samples; with ``world_size > 1`` each rank
+            gets a contiguous block (sizes differ by at most one) and together they cover every
+            sample exactly once.
+        shuffle: visit samples in a fresh random order each epoch (default: ``train``).
+        drop_last: drop the last incomplete batch (default ``False``; training only).
+        augment: random crop + horizontal flip (default: ``train``).
+        padding: zero padding of the random crop (default 4); crops keep the image size.
+        flip: random horizontal flip with probability 1/2 when augmenting.
+        seed: base seed; the batches of epoch ``e`` depend only on ``(seed, e)``.
+        rank, world_size: DDP sharding. In training, every rank draws the same permutation
+            and takes a disjoint slice of ``len(dataset) // world_size`` positions.
+        channels_last: return images in ``torch.channels_last`` memory format (free: the
+            augmenting gather produces NHWC anyway).
+        dtype: floating dtype of the returned images (normalisation itself is float32).
+        normalize: if ``False``, return the augmented ``uint8`` images unnormalised.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageTensorDataset,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        train: bool = True,
+        shuffle: bool | None = None,
+        drop_last: bool = False,
+        augment: bool | None = None,
+        padding: int = 4,
+        flip: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+        normalize: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DatasetError(f"need 0 <= rank < world_size, got rank={rank}, ws={world_size}")
+        if padding < 0:
+            raise DatasetError(f"padding must be >= 0, got {padding}")
+        if normalize and not dtype.is_floating_point:
+            raise DatasetError(f"dtype must be a floating type when normalising, got {dtype}")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device) if device is not None else dataset.images.device
+        self.train = bool(train)
+        self.shuffle = self.train if shuffle is None else bool(shuffle)
+        self.drop_last = bool(drop_last) and self.train
+        self.augment = self.train if augment is None else bool(augment)
+        self.padding = int(padding) if self.augment else 0
+        self.flip = bool(flip) and self.augment
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.channels_last = bool(channels_last)
+        self.dtype = dtype
+        self.normalize = bool(normalize)
+        self.epoch = 0
+
+        n = len(dataset)
+        if self.train:
+            per_rank = n // self.world_size
+            self._start, self._stop = self.rank * per_rank, (self.rank + 1) * per_rank
+        else:
+            self._start = n * self.rank // self.world_size
+            self._stop = n * (self.rank + 1) // self.world_size
+        self.num_samples = self._stop - self._start
+        if self.num_samples == 0:
+            raise DatasetError(
+                f"{dataset.name}: {n} samples leave none for rank {rank} of {world_size}"
+            )
+
+        dev = self.device
+        c, h, w = dataset.images.shape[1:]
+        self._chw = (int(c), int(h), int(w))
+        images = dataset.images.to(dev)
+        self._labels = dataset.labels.to(dev)
+        if self.augment:
+            p = self.padding
+            padded = F.pad(images, (p, p, p, p)) if p else images
+            # Stored NHWC: one gather index per output pixel copies all C channel bytes.
+            hp, wp = h + 2 * p, w + 2 * p
+            self._pixels = padded.permute(0, 2, 3, 1).contiguous().view(-1, int(c))
+            self._sample_stride = hp * wp
+            ar_w = torch.arange(w, device=dev, dtype=torch.int64)
+            self._row_off = torch.arange(h, device=dev, dtype=torch.int64) * wp  # (H,)
+            self._col_off = ar_w  # (W,)
+            self._col_flip = (w - 1) - 2 * ar_w  # added to ar_w it mirrors the columns
+            self._wp = wp
+        else:
+            self._images = images.contiguous()
+        self._all_index = torch.arange(n, device=dev, dtype=torch.int64)
+        mean = torch.tensor(dataset.mean, dtype=torch.float32, device=dev).view(1, c, 1, 1)
+        std = torch.tensor(dataset.std, dtype=torch.float32, device=dev).view(1, c, 1, 1)
+        self._shift = mean * 255.0
+        self._scale = 1.0 / (std * 255.0)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose permutation and augmentation the next iteration uses.
+
+        Like ``DistributedSampler.set_epoch``: call it at the start of every epoch (iterating
+        twice without it gives the same batches twice)."""
+        self.epoch = int(epoch)
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The random draws of ``epoch`` (default: the current one) for this rank, on the CPU.
+
+        Draw order on one generator seeded with :func:`epoch_seed`: permutation of all N
+        samples (if shuffling), then ``dy``, ``dx`` (``randint(0, 2p + 1, (N,))`` each) and
+        ``flip`` (``randint(0, 2, (N,))``) for the N positions of the global order (if
+        augmenting); then this rank's slice is taken.
+        """
+        epoch = self.epoch if epoch is None else int(epoch)
+        n = len(self.dataset)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(epoch_seed(self.seed, epoch))
+        if self.shuffle:
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.arange(n, dtype=torch.int64)
+        if self.augment:
+            span = 2 * self.padding + 1
+            dy = torch.randint(0, span, (n,), generator=gen)
+            dx = torch.randint(0, span, (n,), generator=gen)
+            if self.flip:
+                flip = torch.randint(0, 2, (n,), generator=gen)
+            else:
+                flip = torch.zeros(n, dtype=torch.int64)
+        else:
+            dy = dx = flip = torch.zeros(n, dtype=torch.int64)
+        sl = slice(self._start, self._stop)
+        return EpochPlan(order[sl], dy[sl], dx[sl], flip[sl])
+
+    def _device_plan(self) -> torch.Tensor:
+        """This epoch's plan as one ``4 x n`` int64 device tensor (a single host-device copy)."""
+        stacked = torch.stack(tuple(self.plan()))
+        if self.device.type == "cuda":
+            return stacked.pin_memory().to(self.device, non_blocking=True)
+        return stacked.to(self.device)
+
+    def _gather_augmented(
+        self, idx: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor
+    ) -> torch.Tensor:
+        """Crop (+ flip) a batch out of the padded NHWC images with one gather.
+
+        Returns a ``B x C x H x W`` view in channels-last layout."""
+        # (B, H, 1) row part + (B, 1, W) column part -> (B, H, W) source pixel of each output.
+        rows = (dy * self._wp + idx * self._sample_stride).unsqueeze(1) + self._row_off
+        cols = dx.unsqueeze(1) + self._col_off + flip.unsqueeze(1) * self._col_flip
+        pix = rows.unsqueeze(2) + cols.unsqueeze(1)
+        return self._pixels[pix].permute(0, 3, 1, 2)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise (into the requested memory format) or just fix the layout of ``x``."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        if not self.normalize:
+            return x.contiguous(memory_format=fmt)
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt)
+        torch.sub(x, self._shift, out=out)  # uint8 - float32 -> float32
+        out.mul_(self._scale)
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+    def __iter__(self) -> Iterator[Batch]:
+        bs, n = self.batch_size, self.num_samples
+        if self.augment or self.shuffle:
+            plan = self._device_plan()
+            order, dy, dx, flip = plan[0], plan[1], plan[2], plan[3]
+        else:
+            order = self._all_index[self._start : self._stop]
+        for b in range(len(self)):
+            s, e = b * bs, min((b + 1) * bs, n)
+            idx = order[s:e]
+            if self.augment:
+                x = self._gather_augmented(idx, dy[s:e], dx[s:e], flip[s:e])
+            elif self.shuffle:
+                x = self._images[idx]
+            else:
+                x = self._images[self._start + s : self._start + e]
+            yield Batch(self._finish(x), self._labels[idx], idx)

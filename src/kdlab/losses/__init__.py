@@ -1,0 +1,41 @@
+"""Pure distillation losses (architecture contract 2).
+
+Every function is a pure function of tensors, documented with its equation and paper, reduced as
+a batch mean and computed in (at least) float32 whatever the autocast state. Teacher inputs are
+detached inside each loss.
+"""
+
+from kdlab.losses.crd import crd_loss
+from kdlab.losses.dckd import dckd_loss
+from kdlab.losses.feature import (
+    at_loss,
+    attention_map,
+    fitnet_loss,
+    pkt_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    rkd_loss,
+    sp_loss,
+)
+from kdlab.losses.logit import dkd_loss, kd_loss, nkd_loss
+from kdlab.losses.reviewkd import hcl_loss
+from kdlab.losses.sdd import multiscale_logits, sdd_loss
+
+__all__ = [
+    "at_loss",
+    "attention_map",
+    "crd_loss",
+    "dckd_loss",
+    "dkd_loss",
+    "fitnet_loss",
+    "hcl_loss",
+    "kd_loss",
+    "multiscale_logits",
+    "nkd_loss",
+    "pkt_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "rkd_loss",
+    "sdd_loss",
+    "sp_loss",
+]
