@@ -39,7 +39,7 @@ def _train(args: argparse.Namespace, require_teacher: bool) -> int:
     run_dir = _run_dir_for(cfg, args)
     trainer = Trainer(cfg, run_dir, resume=args.resume,
                       progress=TqdmProgress(enabled=not args.no_progress),
-                      require_teacher=require_teacher)
+                      require_teacher=require_teacher, stop_after=args.stop_after)
     summary = trainer.run()
     log.info("run %s: best top-1 %.2f (epoch %d), last top-1 %.2f", run_dir,
              summary["best_top1"], summary["best_epoch"], summary["last_top1"])
@@ -59,11 +59,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint (or a run's best weights) on the configured test set."""
     from kdlab.config import validate_config
-    from kdlab.data import DeviceLoader
     from kdlab.engine.evaluate import evaluate
     from kdlab.engine.rundir import RunDir
     from kdlab.engine.runtime import resolve_amp, resolve_device
-    from kdlab.engine.trainer import load_data
+    from kdlab.engine.trainer import build_data
     from kdlab.errors import ConfigError
     from kdlab.models import create_model, load_checkpoint
 
@@ -85,12 +84,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError("no checkpoint to evaluate: pass --checkpoint or set "
                               "student.checkpoint")
     device = resolve_device(cfg.runtime.device)
-    _, test = load_data(cfg)
-    model = create_model(cfg.student.arch, num_classes=test.num_classes,
-                         in_channels=int(test.images.shape[1])).to(device)
+    data = build_data(cfg, device)
+    model = create_model(cfg.student.arch, num_classes=data.num_classes,
+                         in_channels=data.in_channels).to(device)
     load_checkpoint(model, checkpoint)
-    loader = DeviceLoader(test, batch_size=cfg.data.eval_batch_size, device=device, train=False)
-    res = evaluate(model, loader, device, resolve_amp(cfg.runtime.amp, device))
+    res = evaluate(model, data.test_loader, device, resolve_amp(cfg.runtime.amp, device))
     sys.stdout.write(f"{cfg.student.arch} {checkpoint}: top-1 {res['top1']:.2f}  "
                      f"top-5 {res['top5']:.2f}  loss {res['loss']:.4f}  ({res['count']} images)\n")
     return 0
@@ -152,10 +150,52 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: real Fashion-MNIST, a teacher, and distillation with the main methods."""
-    from kdlab.demo import run_demo
+    from kdlab.demo import results_markdown, run_demo
 
-    run_demo(Path(args.out), quick=args.quick, progress=not args.no_progress)
+    out = Path(args.out)
+    table = results_markdown(run_demo(out, quick=args.quick, progress=not args.no_progress))
+    (out / "results.md").write_text(table)
+    sys.stdout.write("\nFashion-MNIST demo results (" + str(out / "results.md") + "):\n\n")
+    sys.stdout.write(table)
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Aggregate finished runs into results.md/.csv/.html and plots (never re-runs training)."""
+    from kdlab.report.build import build_report
+
+    report = build_report(args.runs_dir, args.out, args.paper)
+    if report.unfinished:
+        log.warning("%d unfinished or failed run(s) listed separately in %s",
+                    len(report.unfinished), report.markdown)
+    sys.stdout.write(f"{report.markdown}\n")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run configs x seeds (x a matrix) in worker processes; resumable, crash-proof."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from kdlab.sweep import TqdmSweepProgress, run_sweep
+
+    progress = TqdmSweepProgress(enabled=not args.no_progress and not args.dry_run)
+    try:
+        with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+            result = run_sweep(args.spec, jobs=args.jobs, retry_failed=args.retry_failed,
+                               dry_run=args.dry_run, progress=progress)
+    finally:
+        progress.close()
+    if args.dry_run:
+        for run_id, state in result.states.items():
+            sys.stdout.write(f"{state['status']:8s} {run_id}\n")
+        sys.stdout.write(f"{len(result.ids('pending'))} of {result.total} run(s) would run "
+                         f"({result.sweep_dir})\n")
+        return 0
+    for run_id in result.failed:
+        log.warning("FAILED %s: %s", run_id, result.states[run_id]["error"])
+    log.info("sweep %s: %d of %d run(s) finished, %d failed; state in %s", args.spec,
+             len(result.finished), result.total, len(result.failed), result.state_path)
+    return result.exit_code
 
 
 # --------------------------------------------------------------------------- parser
@@ -167,6 +207,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its last complete checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stop-after", type=int, metavar="EPOCH",
+                   help="stop after this epoch (continue later with --resume)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="where the demo's runs go")
     p.add_argument("--quick", action="store_true", help="a much shorter demo (smoke test)")
     p.add_argument("--no-progress", action="store_true")
+    p = add("report", cmd_report, "aggregate finished runs into tables and plots")
+    p.add_argument("runs_dir", help="folder searched recursively for run directories")
+    p.add_argument("--out", help="report folder (default: RUNS_DIR/report)")
+    p.add_argument("--paper", metavar="CSV", help="published numbers (default: the packaged CSV)")
+    p = add("sweep", cmd_sweep, "run configs x seeds in worker processes (resumable)")
+    p.add_argument("spec", help="sweep spec YAML (name, output_dir, configs, seeds, ...)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs at a time")
+    p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    p.add_argument("--dry-run", action="store_true", help="show the runs, start nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kdlab.errors import ConfigError
 
@@ -38,10 +45,22 @@ class SyntheticDataConfig(_Strict):
     seed: int = 0
 
 
-class DataConfig(_Strict):
-    """Dataset, batch sizes and the on-device train augmentation (random crop + flip)."""
+#: datasets held on the device as uint8 tensors (augmented there in batches).
+RESIDENT_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "synthetic")
+#: datasets streamed from image files through DataLoader workers.
+STREAMED_DATASETS = ("imagenet", "cub200", "folder")
 
-    name: Literal["cifar10", "cifar100", "fashion_mnist", "synthetic"] = "cifar100"
+
+class DataConfig(_Strict):
+    """Dataset, batch sizes and augmentation.
+
+    Small datasets (CIFAR, Fashion-MNIST, synthetic) live on the device and are augmented there
+    (random crop with ``crop_padding`` + flip); ImageNet, CUB-200 and class folders stream
+    through ``num_workers`` DataLoader workers with their protocol's transforms.
+    """
+
+    name: Literal["cifar10", "cifar100", "fashion_mnist", "synthetic",
+                  "imagenet", "cub200", "folder"] = "cifar100"
     root: str | None = None
     download: bool = False
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
@@ -51,6 +70,23 @@ class DataConfig(_Strict):
     crop_padding: int = Field(4, ge=0)
     hflip: bool = True
     synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
+    #: streamed datasets only: decoding worker processes, crop size, resize before the crop,
+    #: and what to do with an unreadable image ("skip": replace and count, "stop": error).
+    num_workers: int = Field(4, ge=0)
+    image_size: int = Field(224, ge=8)
+    resize: int = Field(256, ge=8)
+    on_error: Literal["skip", "stop"] = "skip"
+
+    @model_validator(mode="after")
+    def _stream_rules(self) -> DataConfig:
+        if self.name in STREAMED_DATASETS:
+            if self.root is None:
+                raise ValueError(f"data.root is required for dataset {self.name!r} (the folder "
+                                 "holding its files)")
+            if self.train_fraction < 1.0:
+                raise ValueError("data.train_fraction < 1 is only supported for the small "
+                                 "in-memory datasets")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -72,9 +108,12 @@ class PartnerConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    """The distillation method: a logit method (or a partner alone) plus partners."""
+    """The distillation method: a logit method (or a partner alone) plus partners.
 
-    name: str = "kd"
+    The default, ``vanilla``, is cross-entropy alone (teacher training, student baselines).
+    """
+
+    name: str = "vanilla"
     params: dict[str, Any] = Field(default_factory=dict)
     partners: list[PartnerConfig] = Field(default_factory=list)
 

@@ -19,8 +19,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from kdlab.config import ExperimentConfig
+from kdlab.config import STREAMED_DATASETS, ExperimentConfig
 from kdlab.data import DeviceLoader, ImageTensorDataset, load_dataset, subset
+from kdlab.data.stream import load_stream_dataset, make_stream_loader
 from kdlab.engine.checkpoint import load_latest, save_atomic
 from kdlab.engine.evaluate import evaluate
 from kdlab.engine.rundir import RunDir
@@ -76,8 +77,20 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class DataBundle:
+    """The loaders of one run and what the models and methods need to know about the data."""
+
+    train_loader: Any
+    test_loader: Any
+    train_labels: Tensor
+    num_classes: int
+    in_channels: int
+    input_size: int
+
+
 def load_data(cfg: ExperimentConfig) -> tuple[ImageTensorDataset, ImageTensorDataset]:
-    """Train (optionally a stratified fraction) and test sets of the configured dataset."""
+    """Train (optionally a stratified fraction) and test sets of a device-resident dataset."""
     d = cfg.data
     extra: dict[str, Any] = {}
     if d.name == "synthetic":
@@ -87,6 +100,41 @@ def load_data(cfg: ExperimentConfig) -> tuple[ImageTensorDataset, ImageTensorDat
     if d.train_fraction < 1.0:
         train = subset(train, d.train_fraction, seed=d.subset_seed, stratified=True)
     return train, test
+
+
+def build_data(cfg: ExperimentConfig, device: torch.device, rank: int = 0,
+               world_size: int = 1) -> DataBundle:
+    """Loaders for ``cfg.data``: device-resident for small datasets, streamed for image files.
+
+    Both yield ``(images, labels, index)`` on ``device``; ``set_epoch(e)`` makes epoch ``e``'s
+    order and augmentation a function of ``(seed, e)`` only, so resumed runs see the same data.
+    """
+    d = cfg.data
+    if d.name in STREAMED_DATASETS:
+        assert d.root is not None
+        kw = dict(on_error=d.on_error, seed=cfg.seed, image_size=d.image_size, resize=d.resize)
+        train_ds = load_stream_dataset(d.name, d.root, train=True, **kw)
+        test_ds = load_stream_dataset(d.name, d.root, train=False, **kw)
+        common = dict(num_workers=d.num_workers, rank=rank, world_size=world_size,
+                      seed=cfg.seed, device=device)
+        return DataBundle(
+            train_loader=make_stream_loader(train_ds, d.batch_size, train=True, **common),
+            test_loader=make_stream_loader(test_ds, d.eval_batch_size, train=False, **common),
+            train_labels=torch.tensor(train_ds.index.labels, dtype=torch.long, device=device),
+            num_classes=train_ds.num_classes, in_channels=3, input_size=d.image_size)
+    train, test = load_data(cfg)
+    common = dict(device=device, channels_last=cfg.runtime.channels_last, rank=rank,
+                  world_size=world_size)
+    return DataBundle(
+        train_loader=DeviceLoader(train, batch_size=d.batch_size, train=True, shuffle=True,
+                                  drop_last=False, padding=d.crop_padding, flip=d.hflip,
+                                  seed=cfg.seed, **common),
+        test_loader=DeviceLoader(test, batch_size=d.eval_batch_size, train=False, **common),
+        train_labels=train.labels.to(device),
+        num_classes=train.num_classes,
+        in_channels=int(train.images.shape[1]),
+        input_size=int(train.images.shape[-1]),
+    )
 
 
 class Trainer:
@@ -127,10 +175,10 @@ class Trainer:
         self.memory_format = (torch.channels_last if cfg.runtime.channels_last
                               else torch.contiguous_format)
 
-        self.train_set, self.test_set = load_data(cfg)
-        num_classes = self.train_set.num_classes
-        in_channels = int(self.train_set.images.shape[1])
-        self.input_size = int(self.train_set.images.shape[-1])
+        self.data = build_data(cfg, self.device)
+        num_classes, in_channels = self.data.num_classes, self.data.in_channels
+        self.input_size = self.data.input_size
+        self.train_loader, self.test_loader = self.data.train_loader, self.data.test_loader
 
         self.student = self._make_model(cfg.student.arch, num_classes, in_channels)
         if cfg.student.checkpoint:
@@ -146,16 +194,9 @@ class Trainer:
             self.teacher.eval()
             self.teacher.requires_grad_(False)
 
-        loader_kw = dict(device=self.device, channels_last=cfg.runtime.channels_last)
-        self.train_loader = DeviceLoader(
-            self.train_set, batch_size=cfg.data.batch_size, train=True, shuffle=True,
-            drop_last=False, padding=cfg.data.crop_padding, flip=cfg.data.hflip,
-            seed=cfg.seed, **loader_kw)
-        self.test_loader = DeviceLoader(self.test_set, batch_size=cfg.data.eval_batch_size,
-                                        train=False, **loader_kw)
         if len(self.train_loader) == 0:
             raise ConfigError(f"config key 'data.batch_size': {cfg.data.batch_size} is larger "
-                              f"than the training set ({len(self.train_set.labels)} images)")
+                              f"than the training set ({len(self.data.train_labels)} images)")
 
         ctx = DistillContext(
             student=self.student,
@@ -163,7 +204,7 @@ class Trainer:
             student_probe=self.student.probe(self.input_size),
             teacher_probe=None if self.teacher is None else self.teacher.probe(self.input_size),
             num_classes=num_classes,
-            train_labels=self.train_set.labels.to(self.device),
+            train_labels=self.data.train_labels,
             input_size=self.input_size,
         )
         self.distiller: CompositeDistiller = build_method(cfg.method, ctx).to(self.device)
@@ -229,8 +270,8 @@ class Trainer:
             "kind": "kdlab-train-state",
             "fingerprint": self.cfg.fingerprint(),
             "arch": self.cfg.student.arch,
-            "num_classes": self.train_set.num_classes,
-            "in_channels": int(self.train_set.images.shape[1]),
+            "num_classes": self.data.num_classes,
+            "in_channels": self.data.in_channels,
             "epoch": s.epoch,
             "global_step": s.global_step,
             "best_top1": s.best_top1,
@@ -269,8 +310,9 @@ class Trainer:
         log.info("resumed %s from %s at epoch %d", self.run_dir.path, path.name, s.epoch)
 
     # ------------------------------------------------------------------ training
-    def _forward_terms(self, images: Tensor, labels: Tensor, index: Tensor, epoch: int
-                       ) -> tuple[dict[str, Tensor], Tensor]:
+    def forward_terms(self, images: Tensor, labels: Tensor, index: Tensor, epoch: int
+                      ) -> tuple[dict[str, Tensor], Tensor]:
+        """Teacher and student forward, then the method's named, weighted loss terms."""
         with autocast(self.device, self.amp_dtype):
             out_t = None
             if self.teacher_fwd is not None:
@@ -279,6 +321,17 @@ class Trainer:
             out_s = self.student_fwd(images)
         terms = self.distiller(out_s, out_t, Batch(images, labels, index), epoch)
         return terms, out_s.logits
+
+    def backward_step(self, loss: Tensor) -> None:
+        """Backward pass, optional gradient-norm clipping, optimizer step (no host sync)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.state.global_step += 1
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch over the training loader; returns the epoch's training metrics."""
@@ -299,7 +352,7 @@ class Trainer:
         if self.progress:
             self.progress.start_epoch(epoch, self.cfg.optim.epochs, steps)
         for step, (images, labels, index) in enumerate(self.train_loader, start=1):
-            terms, logits = self._forward_terms(images, labels, index, epoch)
+            terms, logits = self.forward_terms(images, labels, index, epoch)
             values = torch.stack([v.float() for v in terms.values()])
             if term_sums is None:
                 term_names = list(terms)
@@ -317,14 +370,7 @@ class Trainer:
                 continue
             step_t += 1
             first_bad = torch.where((first_bad < 0) & ~finite, step_t, first_bad)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self.clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.state.global_step += 1
+            self.backward_step(loss)
             term_sums += values.detach().double()
             correct += logits.detach().argmax(dim=1).eq(labels).sum()
             seen += labels.shape[0]

@@ -50,3 +50,4 @@ def create_model(name: str, num_classes: int = 100, in_channels: int = 3) -> KdM
 def _ensure_loaded() -> None:
     # Importing the zoo modules runs their @register_model decorators.
     import kdlab.models.cifar  # noqa: F401
+    import kdlab.models.imagenet  # noqa: F401

@@ -1,0 +1,407 @@
+"""Streaming large image datasets (ImageNet, CUB-200, class folders) through DataLoader workers.
+
+Large datasets cannot live on the device (architecture, performance principles); they are
+decoded and augmented by ``num_workers`` processes and copied to the device batch by batch.
+:func:`make_stream_loader` returns a :class:`StreamLoader` that yields the same
+``Batch(images, labels, index)`` as :class:`kdlab.data.loader.DeviceLoader`, with images already
+normalised float32 on the target device.
+
+Determinism: the sampler yields ``(index, epoch)`` pairs and the dataset seeds each sample's
+augmentation from ``(seed, epoch, index)``, so a batch does not depend on the number of workers
+or on persistent workers, and ``set_epoch(e)`` reproduces epoch ``e`` of an uninterrupted run.
+
+Unreadable images (``on_error``):
+
+* ``"stop"``: raise :class:`DatasetError` naming the file.
+* ``"skip"`` (default): the sample is replaced by the next readable one in index order
+  (``index + 1, index + 2, ...`` modulo ``N``), image, label and index together, so the batch
+  keeps its size and the substitution depends only on which files are unreadable. Each skip is
+  counted in :attr:`StreamLoader.skipped` and its path and reason kept in
+  :attr:`StreamLoader.errors` (collected from the workers through the batches). To drop
+  unreadable files instead, run :func:`verify_index` once at scan time (``verify=True``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from kdlab.data.cub import cub_index
+from kdlab.data.folder import FileIndex, imagenet_index, scan_class_folder
+from kdlab.data.loader import Batch
+from kdlab.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    cub_eval_transform,
+    cub_train_transform,
+    imagenet_eval_transform,
+    imagenet_train_transform,
+)
+from kdlab.errors import DatasetError
+
+__all__ = [
+    "STREAM_DATASETS",
+    "StreamDataset",
+    "StreamLoader",
+    "load_stream_dataset",
+    "make_stream_loader",
+    "read_image",
+    "verify_index",
+]
+
+OnError = Literal["skip", "stop"]
+STREAM_DATASETS: tuple[str, ...] = ("imagenet", "cub200", "folder")
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def read_image(path: str) -> Image.Image:
+    """Open and fully decode ``path`` as RGB (raises Pillow's error when unreadable)."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+class StreamDataset(Dataset):
+    """A map-style dataset over a :class:`FileIndex`: item ``i`` (or ``(i, epoch)``) is
+    ``(image, label, index, errors)`` where ``errors`` lists ``(path, reason)`` of unreadable
+    files skipped to produce it (empty normally).
+
+    Args:
+        index: the split's file list.
+        transform: ``transform(pil_image, rng) -> Tensor`` (see :mod:`kdlab.data.transforms`).
+        on_error: ``"skip"`` or ``"stop"`` (module docstring).
+        seed: base seed of the per-sample augmentation generator.
+        mean, std: the normalisation the loader applies when the transform returns ``uint8``.
+    """
+
+    def __init__(
+        self,
+        index: FileIndex,
+        transform: Callable[[Image.Image, np.random.Generator], torch.Tensor],
+        on_error: OnError = "skip",
+        seed: int = 0,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        if on_error not in ("skip", "stop"):
+            raise DatasetError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
+        if len(index) == 0:
+            raise DatasetError(f"{index.name}: the split is empty")
+        self.index = index
+        self.transform = transform
+        self.on_error = on_error
+        self.seed = int(seed)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the split."""
+        return self.index.num_classes
+
+    @property
+    def name(self) -> str:
+        """Dataset name."""
+        return self.index.name
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, int, int, list[Any]]:
+        i, epoch = (item, 0) if isinstance(item, int) else (int(item[0]), int(item[1]))
+        n = len(self.index)
+        errors: list[tuple[str, str]] = []
+        for k in range(n):
+            j = (i + k) % n
+            path = self.index.paths[j]
+            try:
+                img = read_image(path)
+            except _READ_ERRORS as e:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                if self.on_error == "stop":
+                    raise DatasetError(f"{self.name}: cannot read image {path}: {reason}") from e
+                errors.append((path, reason))
+                continue
+            rng = np.random.default_rng([self.seed, epoch, j])
+            return self.transform(img, rng), self.index.labels[j], j, errors
+        raise DatasetError(f"{self.name}: no readable image in the whole split ({n} files)")
+
+
+class _EpochTagged(Sampler[tuple[int, int]]):
+    """Tags every index of ``sampler`` with the current epoch (for per-sample seeding)."""
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        set_inner = getattr(self.sampler, "set_epoch", None)
+        if callable(set_inner):
+            set_inner(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((int(i), epoch) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
+class _ShardSampler(Sampler[int]):
+    """Evaluation shard ``[N * rank // W, N * (rank + 1) // W)`` in order (no padding, so every
+    sample is evaluated exactly once over all ranks, as :class:`DeviceLoader` does)."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        self.start, self.stop = n * rank // world_size, n * (rank + 1) // world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class _Shuffle(Sampler[int]):
+    """Single-process shuffling seeded from ``(seed, epoch)``."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _collate(samples: list[tuple[Any, int, int, list[Any]]]) -> tuple[Any, ...]:
+    images = torch.stack([s[0] for s in samples])
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    index = torch.tensor([s[2] for s in samples], dtype=torch.int64)
+    errors = [e for s in samples for e in s[3]]
+    return images, labels, index, errors
+
+
+def _clean_worker_error(e: DatasetError) -> DatasetError:
+    """DataLoader re-raises worker errors with a traceback in the message; keep its last line."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "DatasetError: " in ln:
+            return DatasetError(ln.split("DatasetError: ", 1)[1])
+    return e
+
+
+class StreamLoader:
+    """Iterates ``Batch(images, labels, index)`` of a :class:`StreamDataset` (see
+    :func:`make_stream_loader`). ``images`` are float32, normalised, on ``device``."""
+
+    def __init__(
+        self,
+        dataset: StreamDataset,
+        loader: DataLoader,
+        sampler: _EpochTagged,
+        device: torch.device,
+        train: bool,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        self.dataset = dataset
+        self.loader = loader
+        self.sampler = sampler
+        self.device = device
+        self.train = train
+        self.rank = rank
+        self.world_size = world_size
+        self.skipped = 0
+        self.errors: dict[str, str] = {}
+        self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
+        self._inv_std = 1.0 / torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self.loader)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the dataset."""
+        return self.dataset.num_classes
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select epoch ``epoch``'s shuffle and augmentation (call before iterating)."""
+        self.sampler.set_epoch(epoch)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = (x.float() * (1.0 / 255.0) - self._mean) * self._inv_std
+        return x
+
+    def __iter__(self) -> Iterator[Batch]:
+        it = iter(self.loader)
+        while True:
+            try:
+                images, labels, index, errors = next(it)
+            except StopIteration:
+                return
+            except DatasetError as e:
+                raise _clean_worker_error(e) from None
+            for path, reason in errors:
+                self.skipped += 1
+                self.errors[path] = reason
+            yield Batch(
+                self._finish(images),
+                labels.to(self.device, non_blocking=True),
+                index.to(self.device, non_blocking=True),
+            )
+
+
+def make_stream_loader(
+    dataset: StreamDataset,
+    batch_size: int,
+    *,
+    train: bool,
+    num_workers: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    drop_last: bool | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+    prefetch_factor: int | None = 4,
+) -> StreamLoader:
+    """A multi-worker loader over ``dataset`` yielding ``Batch(images, labels, index)``.
+
+    Args:
+        dataset: a :class:`StreamDataset`.
+        batch_size: samples per batch on this rank.
+        train: shuffle (seeded from ``(seed, epoch)``) and drop the last partial batch;
+            evaluation keeps the order and every sample.
+        num_workers: decoding processes (0: decode in the calling process).
+        rank, world_size: DDP sharding. Training uses :class:`DistributedSampler` (each rank a
+            disjoint, equally long part of the same permutation); evaluation takes the
+            contiguous shard ``[N*rank//W, N*(rank+1)//W)`` without padding.
+        seed: shuffle seed (the augmentation seed is ``dataset.seed``).
+        device: where batches are delivered (``non_blocking`` copies from pinned memory).
+        drop_last: default ``train``.
+        pin_memory: default ``True`` when ``device`` is CUDA.
+        persistent_workers: default ``True`` when ``num_workers > 0``.
+        prefetch_factor: batches prefetched per worker (ignored with 0 workers).
+    """
+    if batch_size < 1:
+        raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DatasetError(f"need 0 <= rank < world_size, got rank={rank}, ws={world_size}")
+    if num_workers < 0:
+        raise DatasetError(f"num_workers must be >= 0, got {num_workers}")
+    dev = torch.device(device)
+    n = len(dataset)
+    inner: Sampler[int]
+    if train and world_size > 1:
+        inner = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+    elif train:
+        inner = _Shuffle(n, seed)
+    else:
+        inner = _ShardSampler(n, rank, world_size)
+    sampler = _EpochTagged(inner)
+    workers_kw: dict[str, Any] = {}
+    if num_workers > 0:
+        workers_kw["persistent_workers"] = (
+            True if persistent_workers is None else persistent_workers
+        )
+        if prefetch_factor is not None:
+            workers_kw["prefetch_factor"] = prefetch_factor
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=(dev.type == "cuda") if pin_memory is None else pin_memory,
+        drop_last=train if drop_last is None else drop_last,
+        **workers_kw,
+    )
+    return StreamLoader(dataset, loader, sampler, dev, train, rank, world_size)
+
+
+def verify_index(index: FileIndex) -> FileIndex:
+    """Drop unreadable files from ``index`` at scan time (each file is fully decoded once).
+
+    Returns a new :class:`FileIndex` whose ``dropped`` lists the removed paths. Costs one decode
+    per image (minutes for ImageNet on many cores); the default ``on_error="skip"`` instead
+    substitutes at load time.
+    """
+    keep_p: list[str] = []
+    keep_l: list[int] = []
+    dropped = list(index.dropped)
+    for path, label in zip(index.paths, index.labels, strict=True):
+        try:
+            read_image(path)
+        except _READ_ERRORS:
+            dropped.append(path)
+            continue
+        keep_p.append(path)
+        keep_l.append(label)
+    return FileIndex(keep_p, keep_l, index.classes, index.name, index.root, dropped)
+
+
+def load_stream_dataset(
+    name: str,
+    root: str | os.PathLike[str],
+    train: bool = True,
+    *,
+    on_error: OnError = "skip",
+    seed: int = 0,
+    image_size: int = 224,
+    resize: int = 256,
+    verify: bool = False,
+) -> StreamDataset:
+    """Split ``train``/eval of ``"imagenet"``, ``"cub200"`` or ``"folder"`` as a
+    :class:`StreamDataset` with its protocol's transforms (``uint8`` out; the loader normalises
+    with ImageNet mean/std on the device).
+
+    * ``imagenet``: ``root/train|val/<wnid>/``; random-resized-crop + flip / resize + center crop.
+    * ``cub200``: the official CUB_200_2011 layout; 256x256 + random crop + flip / center crop.
+    * ``folder``: ``root/train|val/<class>/`` when ``root/train`` exists, else ``root/<class>/``
+      for both splits; ImageNet transforms.
+    """
+    key = name.lower().replace("-", "_")
+    if key == "imagenet":
+        index = imagenet_index(root, train)
+    elif key in ("cub200", "cub", "cub_200_2011"):
+        index = cub_index(root, train)
+    elif key == "folder":
+        base = os.fspath(root)
+        split = os.path.join(base, "train" if train else "val")
+        index = scan_class_folder(split if os.path.isdir(os.path.join(base, "train")) else base)
+    else:
+        raise DatasetError(
+            f"unknown stream dataset {name!r}; valid names: imagenet, cub200, folder"
+        )
+    if verify:
+        index = verify_index(index)
+    if key.startswith("cub"):
+        transform = (
+            cub_train_transform(resize, image_size, normalize=False)
+            if train
+            else cub_eval_transform(resize, image_size, normalize=False)
+        )
+    else:
+        transform = (
+            imagenet_train_transform(image_size, normalize=False)
+            if train
+            else imagenet_eval_transform(resize, image_size, normalize=False)
+        )
+    return StreamDataset(index, transform, on_error=on_error, seed=seed)

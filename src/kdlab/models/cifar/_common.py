@@ -1,0 +1,78 @@
+"""Small pieces shared by the CIFAR model definitions."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdlab.models.output import KdModel
+
+
+def global_avg_pool(x: Tensor) -> Tensor:
+    """Average a ``B x C x H x W`` map over space into a ``B x C`` vector.
+
+    The reference definitions pool with a fixed kernel (``AvgPool2d(8)`` for the CIFAR ResNets,
+    ``avg_pool2d(x, 4)`` for the ShuffleNets, ...) that covers the whole final map of a 32x32
+    input, so on 32x32 inputs this is the same operation. Global pooling also works on other input
+    sizes (e.g. 28x28 Fashion-MNIST), where the fixed kernels would fail or change the head's
+    input size.
+    """
+    return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+def run_stage(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Run blocks that each return ``(output, pre_activation)``; return the last block's pair."""
+    pre = x
+    for block in stage:
+        x, pre = block(x)
+    return x, pre
+
+
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    """ShuffleNet channel shuffle: ``[B, g*c, H, W] -> [B, c*g, H, W]`` (transpose of groups)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class AliasedHeadModel(KdModel):
+    """A :class:`KdModel` whose linear head is stored under its reference attribute name.
+
+    The CRD / mdistiller definitions name the head ``fc``, ``linear`` or ``classifier.0``; the
+    state-dict keys must keep that name so published checkpoints load unchanged. ``classifier``
+    is therefore a property that returns the stored head (no second state-dict entry), and
+    assigning ``model.classifier = nn.Linear(...)`` replaces the stored head in place.
+
+    Subclasses set ``_head_path`` to the dotted module path of the head (e.g. ``"fc"``).
+    """
+
+    _head_path: ClassVar[str]
+
+    def _head_parent(self) -> tuple[nn.Module, str]:
+        # Walk ``_modules`` directly: ``getattr(self, "classifier")`` would hit the property.
+        *parents, leaf = self._head_path.split(".")
+        module: nn.Module = self
+        for part in parents:
+            child = module._modules.get(part)
+            if child is None:
+                name = type(self).__name__
+                raise AttributeError(f"{name} has no head module {self._head_path!r}")
+            module = child
+        return module, leaf
+
+    @property
+    def classifier(self) -> nn.Linear:  # type: ignore[override]
+        """The linear head (the module stored at ``_head_path``)."""
+        parent, leaf = self._head_parent()
+        head = parent._modules.get(leaf)
+        if head is None:
+            raise AttributeError(f"{type(self).__name__} has no head at {self._head_path!r}")
+        return head  # type: ignore[return-value]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "classifier":
+            parent, leaf = self._head_parent()
+            nn.Module.__setattr__(parent, leaf, value)
+            return
+        super().__setattr__(name, value)

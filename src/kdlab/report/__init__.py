@@ -1,0 +1,1 @@
+"""Reports: tables (markdown/CSV/HTML) and plots from finished run directories."""

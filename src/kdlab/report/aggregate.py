@@ -1,0 +1,290 @@
+"""Find run directories and aggregate finished runs over seeds.
+
+A run directory (see :mod:`kdlab.engine.rundir`) is finished when it has ``summary.json``; every
+other run directory (``config.yaml`` but no summary) is *unfinished*: running, stopped, failed or
+killed. Unfinished runs are listed separately and never mixed into the numbers.
+
+Finished runs are grouped by (dataset, teacher, student, method display name, config name without
+the seed); each group gets mean +- sample std (0 for one seed) of the best and the last test
+top-1 (and top-5 where measured), the teacher's accuracy (``teacher.json``), and the published
+number with our difference to it when the paper has the cell.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdlab.report.paper import PaperTable, paper_method
+
+log = logging.getLogger(__name__)
+
+_SEED_PART = re.compile(r"^seed[_-]?\d+$")
+_SEED_SUFFIX = re.compile(r"[_.-]seed[_-]?\d+$")
+
+
+@dataclass
+class RunRecord:
+    """One finished run as read from its directory."""
+
+    path: Path
+    rel: str
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    teacher: dict[str, Any] | None
+    metrics: list[dict[str, Any]]
+    finished_time: float | None
+
+    @property
+    def dataset(self) -> str | None:
+        return self.summary.get("dataset") or (self.config.get("data") or {}).get("name")
+
+    @property
+    def teacher_arch(self) -> str | None:
+        t = self.summary.get("teacher")
+        if t is None and isinstance(self.config.get("teacher"), dict):
+            t = self.config["teacher"].get("arch")
+        return t
+
+    @property
+    def student_arch(self) -> str | None:
+        return self.summary.get("student") or (self.config.get("student") or {}).get("arch")
+
+    @property
+    def method(self) -> str:
+        return str(self.summary.get("method") or "unknown")
+
+    @property
+    def name(self) -> str:
+        return strip_seed(str(self.summary.get("name") or self.config.get("name") or ""))
+
+    @property
+    def seed(self) -> int | None:
+        seed = self.summary.get("seed", self.config.get("seed"))
+        return None if seed is None else int(seed)
+
+    @property
+    def teacher_top1(self) -> float | None:
+        if self.teacher and self.teacher.get("top1") is not None:
+            return float(self.teacher["top1"])
+        value = self.summary.get("teacher_top1")
+        return None if value is None else float(value)
+
+    def metric(self, key: str) -> float | None:
+        """A summary number; missing, NaN or negative (never evaluated) gives None."""
+        return _number(self.summary.get(key))
+
+    def curve(self, key: str = "test_top1") -> list[tuple[int, float]]:
+        """(epoch, value) of every evaluated epoch, from ``metrics.jsonl``."""
+        points = {}
+        for r in self.metrics:
+            v = _number(r.get(key))
+            if v is not None and isinstance(r.get("epoch"), int):
+                points[int(r["epoch"])] = v
+        return sorted(points.items())
+
+
+@dataclass
+class UnfinishedRun:
+    """A run directory without ``summary.json`` (or one that cannot be read)."""
+
+    rel: str
+    state: str
+    epoch: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class Group:
+    """The runs of one table row (the seeds of one experiment) and their statistics."""
+
+    dataset: str | None
+    teacher: str | None
+    student: str | None
+    method: str
+    name: str
+    runs: list[RunRecord] = field(default_factory=list)
+    row: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pair(self) -> tuple[str, str, str]:
+        """(dataset, teacher, student) with ``none`` for missing parts (plot file names)."""
+        return (self.dataset or "none", self.teacher or "none", self.student or "none")
+
+    @property
+    def label(self) -> str:
+        """Short plot label: the method, plus the config name's first segment if it differs."""
+        first = self.name.split("/", 1)[0]
+        return self.method if first in ("", self.method) else f"{self.method} ({first})"
+
+    @property
+    def full_label(self) -> str:
+        """Unambiguous label: the method and the whole config name."""
+        return self.method if self.name in ("", self.method) else f"{self.method} [{self.name}]"
+
+
+@dataclass
+class ScanResult:
+    """What :func:`scan_runs` found under a folder."""
+
+    finished: list[RunRecord]
+    unfinished: list[UnfinishedRun]
+
+
+# --------------------------------------------------------------------------- helpers
+def _number(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v >= 0 else None
+
+
+def strip_seed(name: str) -> str:
+    """A config name without its seed part (``kd/r32x4_r8x4/seed1`` -> ``kd/r32x4_r8x4``)."""
+    parts = [_SEED_SUFFIX.sub("", p) for p in name.split("/") if not _SEED_PART.match(p)]
+    return "/".join(p for p in parts if p)
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation (0 for one value) and count of the known values."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None, 0
+    mean = statistics.fmean(vals)
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return mean, std, len(vals)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def _status(run: Path) -> dict[str, Any]:
+    try:
+        status = _read_json(run / "status.json")
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+# --------------------------------------------------------------------------- scanning
+def find_run_dirs(runs_dir: Path) -> list[Path]:
+    """Every run directory under ``runs_dir`` (a folder with config.yaml or summary.json)."""
+    found = {p.parent for pattern in ("config.yaml", "summary.json")
+             for p in runs_dir.rglob(pattern) if p.is_file()}
+    if runs_dir.is_dir() and ((runs_dir / "config.yaml").is_file()
+                              or (runs_dir / "summary.json").is_file()):
+        found.add(runs_dir)
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def scan_runs(runs_dir: str | Path) -> ScanResult:
+    """Read every run under ``runs_dir``: finished runs fully, unfinished ones by status."""
+    root = Path(runs_dir)
+    finished: list[RunRecord] = []
+    unfinished: list[UnfinishedRun] = []
+    for run in find_run_dirs(root):
+        rel = run.relative_to(root).as_posix() if run != root else "."
+        status = _status(run)
+        if not (run / "summary.json").is_file():
+            unfinished.append(UnfinishedRun(rel, str(status.get("state", "unknown")),
+                                            status.get("epoch"), status.get("error")))
+            continue
+        try:
+            summary = _read_json(run / "summary.json")
+            if not isinstance(summary, dict):
+                raise ValueError("summary.json is not a JSON object")
+            config: dict[str, Any] = {}
+            if (run / "config.yaml").is_file():
+                config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+            teacher = (_read_json(run / "teacher.json") if (run / "teacher.json").is_file()
+                       else None)
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            log.warning("cannot read run %s: %s", run, e)
+            unfinished.append(UnfinishedRun(rel, "unreadable", error=str(e)))
+            continue
+        when = status.get("time") if status.get("state") == "finished" else None
+        if not isinstance(when, int | float):
+            when = (run / "summary.json").stat().st_mtime
+        finished.append(RunRecord(run, rel, summary, config, teacher,
+                                  _read_metrics(run / "metrics.jsonl"), float(when)))
+    return ScanResult(finished, unfinished)
+
+
+# --------------------------------------------------------------------------- aggregation
+STATS = ("best_top1", "last_top1", "best_top5", "last_top5")
+
+
+def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
+    """Group runs over seeds, sorted by (dataset, teacher, student, method, name)."""
+    groups: dict[tuple[str, str, str, str, str], Group] = {}
+    for r in runs:
+        key = (r.dataset or "", r.teacher_arch or "", r.student_arch or "", r.method, r.name)
+        if key not in groups:
+            groups[key] = Group(r.dataset, r.teacher_arch, r.student_arch, r.method, r.name)
+        groups[key].runs.append(r)
+    out = [groups[k] for k in sorted(groups)]
+    for g in out:
+        g.runs.sort(key=lambda r: (r.seed if r.seed is not None else -1, r.rel))
+    return out
+
+
+def aggregate(runs: Sequence[RunRecord], paper: PaperTable) -> list[Group]:
+    """Groups with their statistics in ``group.row`` (the keys of the CSV/markdown tables)."""
+    groups = group_runs(runs)
+    known = paper.methods
+    for g in groups:
+        row: dict[str, Any] = {
+            "dataset": g.dataset, "teacher": g.teacher, "student": g.student,
+            "method": g.method, "name": g.name,
+            "n": len(g.runs),
+            "seeds": " ".join(str(r.seed) for r in g.runs),
+        }
+        for stat in STATS:
+            mean, std, _ = mean_std(r.metric(stat) for r in g.runs)
+            row[f"{stat}_mean"], row[f"{stat}_std"] = mean, std
+        row["teacher_top1"], _, _ = mean_std(r.teacher_top1 for r in g.runs)
+        pm = paper_method(g.name, g.method, known)
+        row["paper_method"] = pm
+        top1 = paper.lookup(g.dataset, g.teacher, g.student, pm, "top1")
+        top5 = paper.lookup(g.dataset, g.teacher, g.student, pm, "top5")
+        row["paper_top1"] = top1.value if top1 else None
+        row["paper_top5"] = top5.value if top5 else None
+        row["paper_statistic"] = top1.statistic if top1 else None
+        row["paper_source"] = "; ".join(top1.sources) if top1 else None
+        row["diff_top1"] = (row["best_top1_mean"] - top1.value
+                            if top1 and row["best_top1_mean"] is not None else None)
+        g.row = row
+    return groups
+
+
+def newest_time(runs: Sequence[RunRecord]) -> float | None:
+    """When the newest of the runs finished (seconds since the epoch)."""
+    times = [r.finished_time for r in runs if r.finished_time is not None]
+    return max(times) if times else None

@@ -1,0 +1,161 @@
+"""Every registered CIFAR model: forward in train / eval mode and the ModelOutput contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kdlab.errors import ModelError
+from kdlab.models import KdModel, ModelOutput, create_model, list_models
+
+EXPECTED_MODELS = {
+    "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+    "resnet8x4", "resnet32x4", "ResNet18", "ResNet34", "ResNet50",
+    "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
+    "vgg8", "vgg11", "vgg13", "vgg16", "vgg19",
+    "MobileNetV2", "ShuffleV1", "ShuffleV2",
+}  # fmt: skip
+
+STATE_DICTS = json.loads((Path(__file__).parent / "golden_state_dicts.json").read_text())
+
+# feature_map (C, H, W) and per-stage feature shapes for a 32x32 input.
+_RESNET = [(16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8)]
+_RESNET_X4 = [(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8)]
+_RESNETV2 = [(64, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]
+_RESNET50 = [(64, 32, 32), (256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4)]
+_WRN1 = [(16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8)]
+_WRN2 = [(16, 32, 32), (32, 32, 32), (64, 16, 16), (128, 8, 8)]
+_VGG = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)]
+SHAPES: dict[str, tuple[tuple[int, int, int], list[tuple[int, int, int]]]] = {
+    **{f"resnet{d}": ((64, 8, 8), _RESNET) for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": ((256, 8, 8), _RESNET_X4),
+    "resnet32x4": ((256, 8, 8), _RESNET_X4),
+    "ResNet18": ((512, 4, 4), _RESNETV2),
+    "ResNet34": ((512, 4, 4), _RESNETV2),
+    "ResNet50": ((2048, 4, 4), _RESNET50),
+    "wrn_16_1": ((64, 8, 8), _WRN1),
+    "wrn_40_1": ((64, 8, 8), _WRN1),
+    "wrn_16_2": ((128, 8, 8), _WRN2),
+    "wrn_40_2": ((128, 8, 8), _WRN2),
+    **{f"vgg{d}": ((512, 4, 4), _VGG) for d in (8, 11, 13, 16, 19)},
+    "MobileNetV2": (
+        (1280, 2, 2),
+        [(16, 16, 16), (12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2)],
+    ),
+    "ShuffleV1": ((960, 4, 4), [(24, 32, 32), (240, 16, 16), (480, 8, 8), (960, 4, 4)]),
+    "ShuffleV2": ((1024, 4, 4), [(24, 32, 32), (116, 16, 16), (232, 8, 8), (464, 4, 4)]),
+}
+# Reference head attribute name (kept for checkpoint compatibility) per family.
+HEAD_KEY = {
+    **{n: "fc" for n in EXPECTED_MODELS if n.startswith(("resnet", "wrn"))},
+    **{n: "linear" for n in ("ResNet18", "ResNet34", "ResNet50", "ShuffleV1", "ShuffleV2")},
+    **{n: "classifier" for n in EXPECTED_MODELS if n.startswith("vgg")},
+    "MobileNetV2": "classifier.0",
+}
+
+
+def test_registry_lists_the_cifar_zoo() -> None:
+    assert EXPECTED_MODELS <= set(list_models())
+    assert set(SHAPES) == EXPECTED_MODELS == set(STATE_DICTS)
+
+
+def test_unknown_model_is_a_model_error() -> None:
+    with pytest.raises(ModelError, match="unknown model"):
+        create_model("resnet9000")
+
+
+def _check_output(model: KdModel, out: ModelOutput, name: str, classes: int, size: int) -> None:
+    fmap_shape, stage_shapes = SHAPES[name]
+    assert out.logits.shape == (2, classes)
+    assert out.embedding is not None and out.embedding.shape == (2, fmap_shape[0])
+    torch.testing.assert_close(model.classifier(out.embedding), out.logits)
+    if size == 32:
+        assert out.feature_map.shape == (2, *fmap_shape)
+        assert [tuple(f.shape[1:]) for f in out.features] == stage_shapes
+        assert [tuple(f.shape[1:]) for f in out.preact_features] == stage_shapes
+    assert out.feature_map.shape[1] == fmap_shape[0]
+    # Every family pools by averaging over the whole final map.
+    pooled = out.feature_map.mean((2, 3))
+    torch.testing.assert_close(model.classifier(pooled), out.logits, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_MODELS))
+def test_forward_train_and_eval(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10)
+    assert isinstance(model, KdModel)
+    assert (model.num_classes, model.in_channels) == (10, 3)
+    _check_head(model, name, 10)
+    x = torch.randn(2, 3, 32, 32)
+
+    model.train()
+    out = model(x)
+    _check_output(model, out, name, 10, 32)
+    out.logits.sum().backward()
+    assert model.classifier.weight.grad is not None
+
+    model.eval()
+    with torch.no_grad():
+        _check_output(model, model(x), name, 10, 32)
+
+
+def _check_head(model: KdModel, name: str, classes: int) -> None:
+    """``classifier`` is the reference head (``fc`` / ``linear`` / ...), not a second copy."""
+    head = model.classifier
+    assert isinstance(head, nn.Linear) and head.out_features == classes
+    state = model.state_dict()
+    keys = [k for k in state if k.endswith(("weight", "bias"))]
+    assert keys[-2:] == [f"{HEAD_KEY[name]}.weight", f"{HEAD_KEY[name]}.bias"]
+    assert state[f"{HEAD_KEY[name]}.weight"].data_ptr() == head.weight.data_ptr()
+    assert sum(1 for m in model.modules() if isinstance(m, nn.Linear)) == 1
+
+
+def test_probe_reports_shapes_in_eval_mode_and_restores_training() -> None:
+    model = create_model("resnet8x4").train()
+    probe = model.probe()
+    assert probe.feature_map.shape == (2, 256, 8, 8)
+    assert model.training
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_MODELS))
+def test_single_channel_input(name: str) -> None:
+    """``in_channels=1`` (Fashion-MNIST) changes only the first conv; 28x28 inputs also work."""
+    model = create_model(name, num_classes=100, in_channels=1).eval()
+    assert model.in_channels == 1
+    layout = [[k, list(v.shape)] for k, v in model.state_dict().items()]
+    rgb_layout = STATE_DICTS[name]["state_dict"]
+    changed = [(a, b) for a, b in zip(layout, rgb_layout, strict=True) if a != b]
+    assert len(layout) == len(rgb_layout)
+    assert len(changed) == 1
+    (key, shape), (_, rgb_shape) = changed[0]
+    assert key == rgb_layout[0][0] and shape == [rgb_shape[0], 1, *rgb_shape[2:]]
+    with torch.no_grad():
+        for size in (32, 28):
+            _check_output(model, model(torch.randn(2, 1, size, size)), name, 100, size)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "ShuffleV1", "MobileNetV2", "vgg8"])
+def test_assigning_classifier_replaces_the_head(name: str) -> None:
+    model = create_model(name, num_classes=10)
+    keys = list(model.state_dict())
+    new_head = nn.Linear(model.classifier.in_features, 10)
+    model.classifier = new_head
+    assert model.classifier is new_head
+    assert list(model.state_dict()) == keys
+    out = model.eval()(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(new_head(out.embedding), out.logits)
+
+
+def test_bad_depth_is_a_model_error() -> None:
+    from kdlab.models.cifar.resnet import ResNet
+    from kdlab.models.cifar.wrn import WideResNet
+
+    with pytest.raises(ModelError, match="6n\\+2"):
+        ResNet(9, (16, 16, 32, 64))
+    with pytest.raises(ModelError, match="6n\\+4"):
+        WideResNet(15, 1)
