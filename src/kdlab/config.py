@@ -128,6 +128,10 @@ class OptimConfig(_Strict):
     epochs: int = Field(240, ge=1)
     milestones: list[int] = Field(default_factory=lambda: [150, 180, 210])
     gamma: float = Field(0.1, gt=0.0, le=1.0)
+    #: learning-rate rule for the global batch (``data.batch_size``): "none" keeps ``lr``;
+    #: "linear"/"sqrt" scale it by (the square root of) batch_size / base_batch_size.
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    base_batch_size: int = Field(64, ge=1)
     #: "auto": the method's published setting (SDD methods clip at 40), a number, or null (off).
     clip_grad_norm: float | Literal["auto"] | None = "auto"
 
@@ -160,6 +164,8 @@ class RuntimeConfig(_Strict):
     #: what to do with a step whose loss is NaN/Inf: stop the run, or skip the step.
     non_finite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = Field(10, ge=0)
+    #: distributed runs: replace BatchNorm by SyncBatchNorm (statistics over the global batch).
+    sync_batchnorm: bool = False
     #: steps between host synchronisations (progress bar, non-finite check).
     log_every: int = Field(50, ge=1)
     eval_every: int = Field(1, ge=1)

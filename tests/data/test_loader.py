@@ -201,3 +201,24 @@ def test_bad_loader_arguments(ds: ImageTensorDataset) -> None:
         DeviceLoader(ds, 0)
     with pytest.raises(DatasetError):
         DeviceLoader(ds, 8, rank=2, world_size=2)
+
+
+def test_ddp_shards_union_equals_single_process_global_batches() -> None:
+    """Step k's batches of all ranks together are the single-process batch k (global batch)."""
+    ds = make_synthetic_dataset(103, num_classes=5, channels=3, size=8, seed=3)
+    per_rank, world = 4, 3
+    single = list(DeviceLoader(ds, per_rank * world, train=True, seed=7))
+    shards = [list(DeviceLoader(ds, per_rank, train=True, seed=7, rank=r, world_size=world))
+              for r in range(world)]
+    assert all(len(s) == len(shards[0]) for s in shards)
+    covered = 0
+    for k, batch in enumerate(single):
+        if k >= len(shards[0]):
+            break
+        union = torch.cat([shards[r][k].index for r in range(world)])
+        images = torch.cat([shards[r][k].images for r in range(world)])
+        covered += len(union)
+        if len(union) == len(batch.index):
+            assert torch.equal(union, batch.index)
+            assert torch.equal(images, batch.images)
+    assert covered == (103 // world) * world

@@ -74,7 +74,9 @@ class DeviceLoader:
         flip: random horizontal flip with probability 1/2 when augmenting.
         seed: base seed; the batches of epoch ``e`` depend only on ``(seed, e)``.
         rank, world_size: DDP sharding. In training, every rank draws the same permutation
-            and takes a disjoint slice of ``len(dataset) // world_size`` positions.
+            and takes ``len(dataset) // world_size`` disjoint positions of it, interleaved by
+            batch so that step ``k``'s batches of all ranks together form the single-process
+            batch ``k`` of the global batch size (see :meth:`_train_positions`).
         channels_last: return images in ``torch.channels_last`` memory format (free: the
             augmenting gather produces NHWC anyway).
         dtype: floating dtype of the returned images (normalisation itself is float32).
@@ -201,8 +203,26 @@ class DeviceLoader:
                 flip = torch.zeros(n, dtype=torch.int64)
         else:
             dy = dx = flip = torch.zeros(n, dtype=torch.int64)
-        sl = slice(self._start, self._stop)
-        return EpochPlan(order[sl], dy[sl], dx[sl], flip[sl])
+        sel = self._train_positions() if self.train and self.world_size > 1 else slice(
+            self._start, self._stop)
+        return EpochPlan(order[sel], dy[sel], dx[sel], flip[sel])
+
+    def _train_positions(self) -> torch.Tensor:
+        """This rank's positions in the global order, batch-interleaved across ranks.
+
+        Step ``k`` of rank ``r`` takes positions ``[k*b*W + r*b, k*b*W + (r+1)*b)`` (``b`` the
+        per-rank batch, ``W`` the world size), so the union of the ranks' batches at step ``k``
+        is exactly the batch a single process with batch ``b*W`` draws at step ``k``: a
+        distributed run sees the same data, in the same global batches, as a single-process
+        run with the same global batch. The last, partial step is split evenly across ranks.
+        """
+        b, ws, r = self.batch_size, self.world_size, self.rank
+        per_rank = len(self.dataset) // ws
+        full, rem = divmod(per_rank, b)
+        steps = torch.arange(full, dtype=torch.int64).unsqueeze(1) * (b * ws)
+        head = (steps + r * b + torch.arange(b, dtype=torch.int64)).flatten()
+        tail = full * b * ws + r * rem + torch.arange(rem, dtype=torch.int64)
+        return torch.cat([head, tail])
 
     def _device_plan(self) -> torch.Tensor:
         """This epoch's plan as one ``4 x n`` int64 device tensor (a single host-device copy)."""

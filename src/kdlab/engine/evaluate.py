@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdlab.engine.distributed import DistInfo, all_reduce_sum
 from kdlab.engine.runtime import autocast
 
 
@@ -17,11 +18,13 @@ def evaluate(
     batches: Iterable[tuple[Tensor, Tensor, Tensor]],
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    dist_info: DistInfo | None = None,
 ) -> dict[str, float]:
     """Accuracy (top-1, top-5, in %) and mean cross-entropy of ``model`` over ``batches``.
 
     ``batches`` yields ``(images, labels, index)`` already on ``device``. Counts accumulate on
-    the device; one synchronisation at the end.
+    the device; one synchronisation at the end. In a distributed run every rank evaluates its
+    shard and the counts are summed over ranks, so every rank returns the global accuracy.
     """
     was_training = model.training
     model.eval()
@@ -41,6 +44,12 @@ def evaluate(
         correct5 += hits.any(dim=1).sum()
         count += labels.shape[0]
     model.train(was_training)
+    if dist_info is not None and dist_info.enabled:
+        totals = torch.stack([correct1.double(), correct5.double(), loss_sum,
+                              torch.tensor(float(count), dtype=torch.float64, device=device)])
+        all_reduce_sum(totals, dist_info)
+        correct1, correct5 = totals[0].long(), totals[1].long()
+        loss_sum, count = totals[2], int(totals[3])
     if count == 0:
         return {"top1": 0.0, "top5": 0.0, "loss": 0.0, "count": 0}
     return {

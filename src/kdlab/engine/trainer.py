@@ -18,11 +18,20 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
-from kdlab.config import STREAMED_DATASETS, ExperimentConfig
+from kdlab.config import STREAMED_DATASETS, ExperimentConfig, OptimConfig
 from kdlab.data import DeviceLoader, ImageTensorDataset, load_dataset, subset
 from kdlab.data.stream import load_stream_dataset, make_stream_loader
 from kdlab.engine.checkpoint import load_latest, save_atomic
+from kdlab.engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    broadcast_object,
+    init_distributed,
+    per_rank_batch,
+    shutdown,
+)
 from kdlab.engine.evaluate import evaluate
 from kdlab.engine.rundir import RunDir
 from kdlab.engine.runtime import (
@@ -35,7 +44,7 @@ from kdlab.engine.runtime import (
     seed_everything,
     set_rng_state,
 )
-from kdlab.errors import CheckpointError, ConfigError, NonFiniteLossError, RunError
+from kdlab.errors import CheckpointError, ConfigError, KdlabError, NonFiniteLossError, RunError
 from kdlab.methods.base import Batch, DistillContext
 from kdlab.methods.compose import CompositeDistiller, build_method, method_display_name
 from kdlab.models import KdModel, create_model, load_checkpoint
@@ -102,14 +111,19 @@ def load_data(cfg: ExperimentConfig) -> tuple[ImageTensorDataset, ImageTensorDat
     return train, test
 
 
-def build_data(cfg: ExperimentConfig, device: torch.device, rank: int = 0,
-               world_size: int = 1) -> DataBundle:
+def build_data(cfg: ExperimentConfig, device: torch.device, info: DistInfo | None = None
+               ) -> DataBundle:
     """Loaders for ``cfg.data``: device-resident for small datasets, streamed for image files.
 
     Both yield ``(images, labels, index)`` on ``device``; ``set_epoch(e)`` makes epoch ``e``'s
     order and augmentation a function of ``(seed, e)`` only, so resumed runs see the same data.
+    ``data.batch_size`` is the global batch: with ``info.world_size`` processes each rank gets
+    its share, and the ranks' batches of one step together are the single-process batch.
     """
     d = cfg.data
+    info = info or DistInfo()
+    rank, world_size = info.rank, info.world_size
+    batch = per_rank_batch(d.batch_size, info)
     if d.name in STREAMED_DATASETS:
         assert d.root is not None
         kw = dict(on_error=d.on_error, seed=cfg.seed, image_size=d.image_size, resize=d.resize)
@@ -118,7 +132,7 @@ def build_data(cfg: ExperimentConfig, device: torch.device, rank: int = 0,
         common = dict(num_workers=d.num_workers, rank=rank, world_size=world_size,
                       seed=cfg.seed, device=device)
         return DataBundle(
-            train_loader=make_stream_loader(train_ds, d.batch_size, train=True, **common),
+            train_loader=make_stream_loader(train_ds, batch, train=True, **common),
             test_loader=make_stream_loader(test_ds, d.eval_batch_size, train=False, **common),
             train_labels=torch.tensor(train_ds.index.labels, dtype=torch.long, device=device),
             num_classes=train_ds.num_classes, in_channels=3, input_size=d.image_size)
@@ -126,7 +140,7 @@ def build_data(cfg: ExperimentConfig, device: torch.device, rank: int = 0,
     common = dict(device=device, channels_last=cfg.runtime.channels_last, rank=rank,
                   world_size=world_size)
     return DataBundle(
-        train_loader=DeviceLoader(train, batch_size=d.batch_size, train=True, shuffle=True,
+        train_loader=DeviceLoader(train, batch_size=batch, train=True, shuffle=True,
                                   drop_last=False, padding=d.crop_padding, flip=d.hflip,
                                   seed=cfg.seed, **common),
         test_loader=DeviceLoader(test, batch_size=d.eval_batch_size, train=False, **common),
@@ -135,6 +149,20 @@ def build_data(cfg: ExperimentConfig, device: torch.device, rank: int = 0,
         in_channels=int(train.images.shape[1]),
         input_size=int(train.images.shape[-1]),
     )
+
+
+def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
+    """The learning rate after ``optim.lr_scaling`` (an explicit rule, never implicit).
+
+    ``none``: ``lr``; ``linear``: ``lr * global_batch / base_batch_size`` (Goyal et al., 2017);
+    ``sqrt``: ``lr * sqrt(global_batch / base_batch_size)``.
+    """
+    ratio = global_batch / optim.base_batch_size
+    if optim.lr_scaling == "linear":
+        return optim.lr * ratio
+    if optim.lr_scaling == "sqrt":
+        return optim.lr * math.sqrt(ratio)
+    return optim.lr
 
 
 class Trainer:
@@ -164,18 +192,21 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> str:
         cfg = self.cfg
-        mode = self.run_dir.prepare(cfg, self.resume)
+        self.dist = init_distributed(cfg.runtime.device)
+        mode = self._prepare_run_dir()
         if mode == "finished":
             return mode
         configure_threads(cfg.runtime.threads)
         configure_determinism(cfg.runtime.deterministic)
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.runtime.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.amp_dtype = resolve_amp(cfg.runtime.amp, self.device)
         self.memory_format = (torch.channels_last if cfg.runtime.channels_last
                               else torch.contiguous_format)
 
-        self.data = build_data(cfg, self.device)
+        self.data = build_data(cfg, self.device, self.dist)
         num_classes, in_channels = self.data.num_classes, self.data.in_channels
         self.input_size = self.data.input_size
         self.train_loader, self.test_loader = self.data.train_loader, self.data.test_loader
@@ -209,10 +240,16 @@ class Trainer:
         )
         self.distiller: CompositeDistiller = build_method(cfg.method, ctx).to(self.device)
 
+        if self.dist.enabled and cfg.runtime.sync_batchnorm:
+            if self.device.type != "cuda":
+                raise ConfigError("config key 'runtime.sync_batchnorm': SyncBatchNorm works "
+                                  "only on GPUs in PyTorch; set it to false for CPU runs")
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
         params = [p for p in self.student.parameters()] + [
             p for p in self.distiller.parameters() if p.requires_grad]
         o = cfg.optim
-        self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum,
+        self.optimizer = torch.optim.SGD(params, lr=scaled_lr(o, cfg.data.batch_size),
+                                         momentum=o.momentum,
                                          weight_decay=o.weight_decay, nesterov=o.nesterov)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=o.milestones, gamma=o.gamma)
@@ -224,8 +261,16 @@ class Trainer:
 
         self.student_fwd: nn.Module = self.student
         self.teacher_fwd: nn.Module | None = self.teacher
+        self.distiller_fwd: nn.Module = self.distiller
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student_fwd = DistributedDataParallel(self.student, device_ids=ids)
+            if any(p.requires_grad for p in self.distiller.parameters()):
+                # memory banks (CRD) stay per rank: their buffers are not broadcast
+                self.distiller_fwd = DistributedDataParallel(
+                    self.distiller, device_ids=ids, broadcast_buffers=False)
         if cfg.runtime.compile:
-            self.student_fwd = torch.compile(self.student)
+            self.student_fwd = torch.compile(self.student_fwd)
             if self.teacher is not None:
                 self.teacher_fwd = torch.compile(self.teacher)
 
@@ -233,9 +278,30 @@ class Trainer:
         if mode == "resume":
             self._restore()
         else:
-            self.run_dir.write_json("method.json", self.distiller.describe())
+            if self.is_main:
+                self.run_dir.write_json("method.json", self.distiller.describe())
             if self.teacher is not None:
                 self._check_teacher()
+        return mode
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process (rank 0) writes the run directory."""
+        return self.dist.is_main
+
+    def _prepare_run_dir(self) -> str:
+        """Rank 0 prepares the run directory; its verdict (or error) reaches every rank."""
+        if not self.dist.enabled:
+            return self.run_dir.prepare(self.cfg, self.resume)
+        result: tuple[str, str | None] = ("", None)
+        if self.dist.is_main:
+            try:
+                result = (self.run_dir.prepare(self.cfg, self.resume), None)
+            except KdlabError as e:
+                result = ("error", str(e))
+        mode, error = broadcast_object(result, self.dist)  # type: ignore[misc]
+        if error is not None:
+            raise RunError(error)
         return mode
 
     def _make_model(self, arch: str, num_classes: int, in_channels: int) -> KdModel:
@@ -246,13 +312,14 @@ class Trainer:
         """Evaluate the teacher once and record it; stop if far below its expected accuracy."""
         assert self.teacher is not None and self.cfg.teacher is not None
         tcfg = self.cfg.teacher
-        acc = evaluate(self.teacher, self.test_loader, self.device, self.amp_dtype)
+        acc = evaluate(self.teacher, self.test_loader, self.device, self.amp_dtype, self.dist)
         info: dict[str, Any] = {"arch": tcfg.arch, "checkpoint": tcfg.checkpoint,
                                 "top1": acc["top1"], "top5": acc["top5"],
                                 "expected_top1": tcfg.expected_accuracy}
         if tcfg.checkpoint:
             info["sha256"] = file_sha256(tcfg.checkpoint)
-        self.run_dir.write_json("teacher.json", info)
+        if self.is_main:
+            self.run_dir.write_json("teacher.json", info)
         log.info("teacher %s: top-1 %.2f%%", tcfg.arch, acc["top1"])
         if tcfg.expected_accuracy is not None and (
                 acc["top1"] < tcfg.expected_accuracy - tcfg.accuracy_tolerance):
@@ -305,8 +372,15 @@ class Trainer:
         s.epoch, s.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
         s.best_top1, s.best_epoch = float(ckpt["best_top1"]), int(ckpt["best_epoch"])
         s.skipped_steps = int(ckpt["skipped_steps"])
-        self.run_dir.truncate_metrics(s.epoch)
-        s.history = self.run_dir.read_metrics()
+        if self.is_main:
+            self.run_dir.truncate_metrics(s.epoch)
+        s.history = [r for r in self.run_dir.read_metrics() if r.get("epoch", 0) <= s.epoch]
+        record = ckpt.get("record")
+        if (self.is_main and isinstance(record, dict)
+                and not any(r.get("epoch") == s.epoch for r in s.history)):
+            # killed after the checkpoint was written but before (or while) its metrics line was
+            self.run_dir.append_metrics(record)
+            s.history.append(record)
         log.info("resumed %s from %s at epoch %d", self.run_dir.path, path.name, s.epoch)
 
     # ------------------------------------------------------------------ training
@@ -319,7 +393,7 @@ class Trainer:
                 with torch.no_grad():
                     out_t = self.teacher_fwd(images)
             out_s = self.student_fwd(images)
-        terms = self.distiller(out_s, out_t, Batch(images, labels, index), epoch)
+        terms = self.distiller_fwd(out_s, out_t, Batch(images, labels, index), epoch)
         return terms, out_s.logits
 
     def backward_step(self, loss: Tensor) -> None:
@@ -349,8 +423,9 @@ class Trainer:
         seen = 0
         skipped = 0
         t0 = time.perf_counter()
-        if self.progress:
-            self.progress.start_epoch(epoch, self.cfg.optim.epochs, steps)
+        progress = self.progress if self.is_main else None
+        if progress:
+            progress.start_epoch(epoch, self.cfg.optim.epochs, steps)
         for step, (images, labels, index) in enumerate(self.train_loader, start=1):
             terms, logits = self.forward_terms(images, labels, index, epoch)
             values = torch.stack([v.float() for v in terms.values()])
@@ -375,18 +450,25 @@ class Trainer:
             correct += logits.detach().argmax(dim=1).eq(labels).sum()
             seen += labels.shape[0]
             if step % rt.log_every == 0 or step == steps:
-                if bool((first_bad >= 0).any()):
+                bad_any = all_reduce_sum((first_bad >= 0).any().long(), self.dist)
+                if bool(bad_any):
                     self._raise_non_finite(epoch, None, term_names, first_bad < 0, first_bad)
-                if self.progress:
+                if progress:
                     done = max(step - skipped, 1)
                     elapsed = time.perf_counter() - t0
-                    self.progress.update(step, {
+                    progress.update(step, {
                         "loss": float(term_sums.sum()) / done,
                         "acc": 100.0 * float(correct) / max(seen, 1),
                         "img_s": seen / max(elapsed, 1e-9),
                     })
         elapsed = time.perf_counter() - t0
         done = max(steps - skipped, 1)
+        if self.dist.enabled and term_sums is not None:
+            # per-rank sums of batch means -> mean over ranks; counts -> global counts
+            all_reduce_sum(term_sums, self.dist).div_(self.dist.world_size)
+            counts = all_reduce_sum(torch.stack([correct, torch.tensor(seen, device=dev)]),
+                                    self.dist)
+            correct, seen = counts[0], int(counts[1])
         sums = term_sums.tolist() if term_sums is not None else []
         record = {
             "train_loss": sum(sums) / done,
@@ -403,10 +485,14 @@ class Trainer:
         bad = [n for n, ok in zip(names, finite.tolist(), strict=True) if not ok]
         if step is None and first_bad is not None:
             step = int(first_bad[first_bad >= 0].min())
+            # name the term(s) that broke first, not those poisoned by the NaN weights after it
+            bad = [n for n, s in zip(names, first_bad.tolist(), strict=True) if s == step]
         last = self.state.epoch
+        kept = (f"the last good checkpoint (epoch {last}) is kept in "
+                f"{self.run_dir.last_checkpoint.parent}" if last > 0
+                else "no checkpoint was written yet")
         raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch}, step {step} in term(s) {', '.join(bad)}; the last "
-            f"good checkpoint (epoch {last}) is kept in {self.run_dir.last_checkpoint.parent}; "
+            f"non-finite loss at epoch {epoch}, step {step} in term(s) {', '.join(bad)}; {kept}; "
             "lower the learning rate or set runtime.non_finite=skip"
         )
 
@@ -416,7 +502,8 @@ class Trainer:
         if mode == "finished":
             log.info("run %s is already finished", self.run_dir.path)
             return self.run_dir.read_json("summary.json")
-        self.run_dir.set_status("running", epoch=self.state.epoch)
+        if self.is_main:
+            self.run_dir.set_status("running", epoch=self.state.epoch)
         t_start = time.perf_counter()
         try:
             for epoch in range(self.state.epoch + 1, self.cfg.optim.epochs + 1):
@@ -424,17 +511,22 @@ class Trainer:
                 if self.stop_after is not None and epoch >= self.stop_after:
                     break
         except BaseException as e:
-            self.run_dir.set_status("failed", error=f"{type(e).__name__}: {e}",
-                                    epoch=self.state.epoch)
+            if self.is_main:
+                self.run_dir.set_status("failed", error=f"{type(e).__name__}: {e}",
+                                        epoch=self.state.epoch)
             raise
+        finally:
+            shutdown(self.dist)
         if self.state.epoch < self.cfg.optim.epochs:
-            self.run_dir.set_status("stopped", epoch=self.state.epoch)
+            if self.is_main:
+                self.run_dir.set_status("stopped", epoch=self.state.epoch)
             log.info("stopped after epoch %d of %d; continue with --resume", self.state.epoch,
                      self.cfg.optim.epochs)
             return self._summary(time.perf_counter() - t_start)
         summary = self._summary(time.perf_counter() - t_start)
-        self.run_dir.write_json("summary.json", summary)
-        self.run_dir.set_status("finished", epoch=self.state.epoch)
+        if self.is_main:
+            self.run_dir.write_json("summary.json", summary)
+            self.run_dir.set_status("finished", epoch=self.state.epoch)
         return summary
 
     def _run_epoch(self, epoch: int) -> None:
@@ -444,18 +536,30 @@ class Trainer:
         s = self.state
         if epoch % self.cfg.runtime.eval_every == 0 or epoch == self.cfg.optim.epochs:
             t0 = time.perf_counter()
-            ev = evaluate(self.student, self.test_loader, self.device, self.amp_dtype)
+            ev = evaluate(self.student, self.test_loader, self.device, self.amp_dtype, self.dist)
             record.update({"test_top1": ev["top1"], "test_top5": ev["top5"],
                            "test_loss": ev["loss"], "eval_time_s": time.perf_counter() - t0})
             if ev["top1"] > s.best_top1:
                 s.best_top1, s.best_epoch = ev["top1"], epoch
-                save_atomic({"kind": "kdlab-weights", "arch": self.cfg.student.arch,
-                             "epoch": epoch, "top1": ev["top1"],
-                             "model": self.student.state_dict()},
-                            self.run_dir.best_checkpoint, keep_previous=False)
+                if self.is_main:
+                    save_atomic(
+                        {"kind": "kdlab-weights", "arch": self.cfg.student.arch,
+                         "epoch": epoch, "top1": ev["top1"], "model": self.student.state_dict()},
+                        self.run_dir.best_checkpoint, keep_previous=False)
         record["best_top1"] = s.best_top1
         s.epoch = epoch
-        save_atomic(self._checkpoint_state(), self.run_dir.last_checkpoint)
+        if not self.is_main:
+            s.history.append(record)
+            return
+        state = self._checkpoint_state()
+        # the epoch's metrics line travels with the checkpoint: a kill between the checkpoint's
+        # rename and the append below must not lose it (restored by _restore)
+        state["record"] = record
+        try:
+            save_atomic(state, self.run_dir.last_checkpoint)
+        except BaseException:
+            s.epoch = epoch - 1  # status.json must name the epoch of the checkpoint on disk
+            raise
         self.run_dir.append_metrics(record)
         s.history.append(record)
         if self.progress:

@@ -141,6 +141,7 @@ def sdd_loss(
     beta: float = 2.0,
     criterion: Criterion = "correctness",
     reduction: Literal["mean", "sum"] = "mean",
+    consistent_weight: float = 1.0,
 ) -> Tensor:
     """Scale decoupled distillation ``L_SDD = sum_{r,b} w_{r,b} * l_{r,b} / (N * B)``.
 
@@ -164,6 +165,12 @@ def sdd_loss(
             complementary when the local predicted class differs from the global predicted class.
         reduction: ``"mean"`` (official code, default): divide by ``N * B``; ``"sum"`` (the paper's
             Eq. 9, a plain sum over regions): divide by ``B`` only, i.e. ``N`` times larger.
+        consistent_weight: weight of the CONSISTENT LOCAL regions (``r > 0``), default 1 (the
+            method). An ablation switch for the paper's Table 6: ``consistent_weight=0`` keeps
+            only the complementary local terms ("complementary only"), ``beta=0`` only the
+            consistent ones ("consistent only"). The global region 0 always keeps weight 1 (the
+            Table 6 row with neither local term is plain KD on the global logits), and the
+            normaliser stays ``N * B`` (``B`` for ``"sum"``) whatever the weights.
 
     With ``N = 1`` (scales ``{1}``) this is exactly the base loss on the global logits.
     """
@@ -179,6 +186,8 @@ def sdd_loss(
         raise MethodError(f"SDD criterion must be 'correctness' or 'class', got {criterion!r}")
     if reduction not in ("mean", "sum"):
         raise MethodError(f"SDD reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not consistent_weight >= 0:
+        raise MethodError(f"SDD consistent_weight must be >= 0, got {consistent_weight!r}")
     b, k, n = local_s.shape
     # Region-major rows: row r * B + b is region r of sample b.
     rows_s = local_s.permute(2, 0, 1).reshape(n * b, k)
@@ -195,6 +204,10 @@ def sdd_loss(
         complementary = ok != ok[:1]
     else:
         complementary = pred_t != pred_t[:1]
-    weights = torch.where(complementary, beta, 1.0).to(per.dtype).reshape(n * b)
+    # Consistent regions weigh consistent_weight, except the global region 0 (always 1).
+    consistent = torch.full((n, 1), float(consistent_weight), dtype=per.dtype, device=per.device)
+    consistent[0] = 1.0
+    weights = torch.where(complementary, float(beta), consistent)
+    weights = weights.to(per.dtype).reshape(n * b)
     total = (weights * per).sum()
     return total / (n * b) if reduction == "mean" else total / b

@@ -13,7 +13,8 @@ naming the model whose map is too small. See ``docs/methods/sdd.md``.
 
 Defaults: ``scales = [1, 2, 4]`` (the spec's M for different architectures, most table pairs;
 configs set ``[1, 2]`` for resnet32x4->resnet8x4, vgg13->vgg8 and ImageNet R34->R18), nested
-pooling, ``sdd_beta = 2``, correctness criterion, mean reduction (all code-faithful). The
+pooling, ``sdd_beta = 2``, ``consistent_weight = 1`` (an ablation switch for the paper's Table 6),
+correctness criterion, mean reduction (all code-faithful). The
 official trainer's gradient-norm clip at 40 is exposed as ``default_clip_grad_norm``.
 """
 
@@ -51,6 +52,12 @@ class SDDParams(MethodParams):
         "code exactly, which matters for M=[1,2] on maps whose side is not a multiple of 4)",
     )
     sdd_beta: float = Field(2.0, ge=0, description="weight of complementary regions")
+    consistent_weight: float = Field(
+        1.0,
+        ge=0,
+        description="weight of consistent LOCAL regions (the global region always weighs 1); "
+        "Table 6 ablation: 0 = complementary only (sdd_beta 0 = consistent only)",
+    )
     criterion: Literal["correctness", "class"] = Field(
         "correctness", description="complementary test: correctness (code) or class (paper)"
     )
@@ -139,6 +146,7 @@ class _SDDBase(Distiller):
             beta=p.sdd_beta,
             criterion=p.criterion,
             reduction=p.reduction,
+            consistent_weight=p.consistent_weight,
         )
 
 
