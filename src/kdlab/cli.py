@@ -198,6 +198,42 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Environment, datasets, disk and run-safety checks; exit 1 when a check fails."""
+    import json
+
+    from kdlab.doctor import format_table, run_doctor
+
+    report = run_doctor(args.run_dir, config=args.config, n_checkpoints=args.checkpoints,
+                        arch=args.arch)
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(format_table(report))
+    return 1 if report.failed else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure the speed of the full training step on synthetic data (see kdlab.bench)."""
+    import json
+
+    from kdlab.bench import BenchSettings, format_table, run_bench
+
+    settings = BenchSettings(
+        teacher=args.teacher, student=args.student, method=args.method, overrides=args.set,
+        batch_size=args.batch_size, input_size=args.input_size, num_classes=args.num_classes,
+        device=args.device, amp=args.amp, channels_last=args.channels_last,
+        compile=args.compile, threads=args.threads, steps=args.steps, warmup=args.warmup,
+        part_steps=args.part_steps, eval_size=args.eval_size,
+        eval_batch_size=args.eval_batch_size, flops=not args.no_flops)
+    result = run_bench(settings, rounds=args.rounds)
+    sys.stdout.write(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment YAML file")
@@ -255,6 +291,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     p.add_argument("--dry-run", action="store_true", help="show the runs, start nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = add("doctor", cmd_doctor, "check the environment, datasets and a run directory")
+    p.add_argument("--run-dir", help="where runs will write (default: the current folder)")
+    p.add_argument("--config", help="also validate this experiment YAML and its teacher")
+    p.add_argument("--arch", help="model whose checkpoints must fit (default: config's student)")
+    p.add_argument("--checkpoints", type=int, default=4, metavar="N",
+                   help="checkpoints that must fit on the disk (default 4)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("bench", cmd_bench, "measure training-step speed on synthetic data")
+    p.add_argument("--teacher", default="resnet32x4")
+    p.add_argument("--student", default="resnet8x4")
+    p.add_argument("--method", default="sd_dkd")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. method.params.scales=[1,2] (repeatable)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action="store_true", help="torch.compile teacher and student")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=1, help="timed rounds (median reported)")
+    p.add_argument("--part-steps", type=int, help="steps of the synchronised per-part pass")
+    p.add_argument("--eval-size", type=int, default=1000, help="test images (0: no eval)")
+    p.add_argument("--eval-batch-size", type=int, default=256)
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    p.add_argument("--json", metavar="OUT", help="write the result as JSON")
     return parser
 
 

@@ -191,7 +191,9 @@ class ExperimentConfig(_Strict):
     def fingerprint(self) -> str:
         """sha256 of the settings that define the run's numbers (runtime speed knobs excluded)."""
         d = self.to_dict()
-        for k in ("device", "threads", "log_every", "compile"):
+        # speed knobs and the non-finite policy (which the NaN error suggests switching before
+        # --resume) do not define the run
+        for k in ("device", "threads", "log_every", "compile", "non_finite", "max_skipped_steps"):
             d["runtime"].pop(k, None)
         d.pop("output_dir", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

@@ -89,3 +89,10 @@ def test_fingerprint_ignores_speed_knobs_only(tmp_path: Path) -> None:
     base = load_config(f).fingerprint()
     assert load_config(f, ["runtime.threads=1", "runtime.log_every=7"]).fingerprint() == base
     assert load_config(f, ["optim.lr=0.2"]).fingerprint() != base
+
+
+def test_non_finite_policy_can_change_on_resume(tmp_path: Path) -> None:
+    f = write(tmp_path / "e.yaml", "student: {arch: resnet8}\n")
+    base = load_config(f).fingerprint()
+    assert load_config(f, ["runtime.non_finite=skip",
+                           "runtime.max_skipped_steps=3"]).fingerprint() == base

@@ -56,3 +56,12 @@ def test_paths_cannot_escape(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="escapes"):
         rd.write_json("../outside.json", {})
     assert not (tmp_path / "outside.json").exists()
+
+
+def test_resume_does_not_adopt_a_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="not a kdlab run"):
+        RunDir(tmp_path / "run").prepare(cfg(), resume=True)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "run" / "config.yaml").exists()

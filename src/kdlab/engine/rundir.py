@@ -112,7 +112,7 @@ class RunDir:
                     "continue it, or choose another --run-dir"
                 )
             return "resume"
-        if self.path.exists() and any(self.path.iterdir()) and not resume:
+        if self.path.exists() and any(self.path.iterdir()):
             raise RunError(f"run directory {self.path} exists and is not a kdlab run; "
                            "choose another --run-dir")
         try:

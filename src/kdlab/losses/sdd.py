@@ -129,6 +129,11 @@ def multiscale_logits(
     else:
         raise MethodError(f"SDD pooling must be 'nested' or 'direct', got {pooling!r}")
     cells = torch.cat([grid.flatten(2) for grid in grids], dim=2)  # B x C x N
+    # Under autocast the map may be bf16/fp16 while the head is float32: SDD's losses are
+    # computed in float32 (spec), so the cells are classified at the head's precision.
+    weight = getattr(classifier, "weight", None)
+    if isinstance(weight, Tensor) and weight.is_floating_point():
+        cells = cells.to(torch.promote_types(cells.dtype, weight.dtype))
     return classifier(cells.transpose(1, 2)).transpose(1, 2)  # B x K x N
 
 

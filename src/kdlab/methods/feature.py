@@ -99,7 +99,7 @@ class ConvRegressor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.upsample:
             x = F.interpolate(x, size=self.out_size, mode="nearest")
-        x = self.bn(self.conv(x))
+        x = self.bn(self.conv(x.to(self.conv.weight.dtype)))
         return F.relu(x) if self.use_relu else x
 
 

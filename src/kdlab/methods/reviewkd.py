@@ -81,7 +81,10 @@ class ABF(nn.Module):
         self, x: Tensor, residual: Tensor | None, out_size: tuple[int, int]
     ) -> tuple[Tensor, Tensor]:
         """Returns ``(output at the teacher's shape, residual for the next level)``."""
-        x = self.conv1(x)
+        # Helper layers run in their own (float32) precision: distillers run outside autocast.
+        x = self.conv1(x.to(self.conv1[0].weight.dtype))
+        if residual is not None:
+            residual = residual.to(x.dtype)
         if self.att_conv is not None:
             if residual is None:
                 raise ValueError("ABF: a fusing level needs the residual of the deeper level")
