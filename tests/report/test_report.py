@@ -286,3 +286,15 @@ def test_cli_report_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     write_run(tmp_path / "r", "kd/a", "kd", "resnet32x4", "resnet8x4", 0, 1.0, 1.0, None, None)
     assert main(["report", str(tmp_path / "r"), "--paper", str(tmp_path / "no.csv")]) == 2
     assert "paper results file not found" in capsys.readouterr().err
+
+
+def test_imagenet_and_cub_model_names_map_to_paper_names() -> None:
+    from kdlab.report.paper import load_paper_results, paper_arch
+
+    assert paper_arch("resnet34_imagenet") == "ResNet34"
+    assert paper_arch("MobileNetV1_imagenet") == "MobileNetV1"
+    assert paper_arch("resnet32x4_cub") == "resnet32x4"
+    assert paper_arch("ShuffleV1") == "ShuffleV1"
+    table = load_paper_results()
+    hit = table.lookup("imagenet", "resnet34_imagenet", "resnet18_imagenet", "sd_dkd")
+    assert hit is not None and hit.value > 70

@@ -80,6 +80,8 @@ class PaperTable:
         """
         if not (dataset and student and method):
             return None
+        teacher = paper_arch(teacher) if teacher else teacher
+        student = paper_arch(student)
         if teacher:
             return self.values.get((dataset, teacher, student, method, metric))
         if method == "teacher":
@@ -95,6 +97,23 @@ class PaperTable:
         sources = tuple(dict.fromkeys(s for v in found for s in v.sources))
         stat = "last" if any(v.statistic == "last" for v in found) else "best"
         return PaperValue(found[0].value, sources, stat)
+
+
+#: kdlab's ImageNet model names -> the names the papers' tables use.
+_IMAGENET_PAPER_NAMES = {"resnet18": "ResNet18", "resnet34": "ResNet34", "resnet50": "ResNet50"}
+
+
+def paper_arch(arch: str) -> str:
+    """The architecture name the papers' tables use for a kdlab model name.
+
+    kdlab registers the ImageNet and CUB-200 variants with a suffix (``resnet34_imagenet``,
+    ``resnet32x4_cub``) because the CIFAR zoo owns the plain names; the tables do not.
+    """
+    for suffix in ("_imagenet", "_cub"):
+        if arch.endswith(suffix):
+            base = arch[: -len(suffix)]
+            return _IMAGENET_PAPER_NAMES.get(base, base)
+    return arch
 
 
 def parse_paper_csv(text: str, origin: str = "paper_results.csv") -> PaperTable:
