@@ -32,17 +32,17 @@ DEBIAN_PACKAGE = "dataset-fashion-mnist"
 class DemoPlan:
     """Sizes of the demo (epochs, fractions, models)."""
 
-    teacher: str = "resnet20"
+    teacher: str = "resnet14"
     student: str = "resnet8"
-    teacher_epochs: int = 3
-    teacher_fraction: float = 1.0
+    teacher_epochs: int = 2
+    teacher_fraction: float = 0.5
     student_epochs: int = 6
-    student_fraction: float = 0.1
+    student_fraction: float = 0.05
     batch_size: int = 64
 
 
 FULL = DemoPlan()
-QUICK = DemoPlan(teacher_epochs=1, teacher_fraction=0.1, student_epochs=1, student_fraction=0.02)
+QUICK = DemoPlan(teacher_epochs=1, teacher_fraction=0.05, student_epochs=1, student_fraction=0.02)
 
 #: (label, method config) of every student run in the demo.
 STUDENT_METHODS: list[tuple[str, dict[str, Any]]] = [

@@ -96,3 +96,17 @@ def test_non_finite_policy_can_change_on_resume(tmp_path: Path) -> None:
     base = load_config(f).fingerprint()
     assert load_config(f, ["runtime.non_finite=skip",
                            "runtime.max_skipped_steps=3"]).fingerprint() == base
+
+
+def test_auto_amp_needs_native_bf16(monkeypatch) -> None:
+    import torch
+
+    from kdlab.engine import runtime
+
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
+    assert runtime.resolve_amp("auto", torch.device("cpu")) is None
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    assert runtime.resolve_amp("auto", torch.device("cpu")) is expected
+    assert runtime.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
+    assert runtime.resolve_amp("off", torch.device("cpu")) is None

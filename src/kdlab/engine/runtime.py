@@ -26,12 +26,36 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), so bf16 autocast pays."""
+#: CPU flags of native bf16 arithmetic (Linux /proc/cpuinfo names).
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "avx_ne_convert"})
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU feature flags from /proc/cpuinfo, or None where that file does not exist."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return set()
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has NATIVE bf16 arithmetic (AVX512-BF16 or AMX), so bf16 autocast pays.
+
+    oneDNN reports bf16 as supported on any AVX-512 CPU, where it is emulated and about 3x
+    slower than fp32 (measured here, docs/performance.md); on Linux the CPU flags decide.
+    """
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        return False
+        onednn = False
+    flags = _cpu_flags()
+    if flags is None:
+        return onednn
+    return onednn and bool(flags & NATIVE_BF16_FLAGS)
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
