@@ -45,3 +45,11 @@ def test_method_under_bf16_autocast(setup, name: str) -> None:
     student.zero_grad()
     sum(terms.values()).backward()
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+def test_only_vanilla_runs_without_the_teacher(setup) -> None:
+    _, _, ctx = setup
+    assert not build_method(MethodConfig(name="vanilla"), ctx).uses_teacher
+    assert build_method(MethodConfig(name="kd"), ctx).uses_teacher
+    # a partner alone is vanilla + partner: the partner needs the teacher
+    assert build_method(MethodConfig(name="at"), ctx).uses_teacher

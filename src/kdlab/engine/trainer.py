@@ -389,7 +389,7 @@ class Trainer:
         """Teacher and student forward, then the method's named, weighted loss terms."""
         with autocast(self.device, self.amp_dtype):
             out_t = None
-            if self.teacher_fwd is not None:
+            if self.teacher_fwd is not None and self.distiller.uses_teacher:
                 with torch.no_grad():
                     out_t = self.teacher_fwd(images)
             out_s = self.student_fwd(images)

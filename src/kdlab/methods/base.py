@@ -78,6 +78,9 @@ class Distiller(nn.Module):
     Params: ClassVar[type[MethodParams]]
     #: gradient-norm clip the method's published trainer uses (SDD: 40), or None.
     default_clip_grad_norm: ClassVar[float | None] = None
+    #: whether ``forward`` reads the teacher's output (the trainer skips the teacher forward
+    #: pass when no part of the method does).
+    uses_teacher: ClassVar[bool] = True
 
     def __init__(self, params: MethodParams, ctx: DistillContext) -> None:
         super().__init__()

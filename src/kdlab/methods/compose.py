@@ -35,6 +35,8 @@ class CompositeDistiller(Distiller):
         self.logit = logit
         self.partners = nn.ModuleList(partners)
         self.default_clip_grad_norm = logit.default_clip_grad_norm  # type: ignore[misc]
+        self.uses_teacher = logit.uses_teacher or any(  # type: ignore[misc]
+            p.uses_teacher for p in partners)
 
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int

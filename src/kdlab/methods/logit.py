@@ -94,6 +94,7 @@ class Vanilla(Distiller):
     name = "vanilla"
     kind = "logit"
     Params = VanillaParams
+    uses_teacher = False
 
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput | None, batch: Batch, epoch: int
