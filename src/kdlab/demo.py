@@ -34,7 +34,7 @@ class DemoPlan:
 
     teacher: str = "resnet14"
     student: str = "resnet8"
-    teacher_epochs: int = 2
+    teacher_epochs: int = 3
     teacher_fraction: float = 0.5
     student_epochs: int = 6
     student_fraction: float = 0.05
@@ -80,7 +80,8 @@ def ensure_fashion_mnist() -> None:
 def _config(name: str, arch: str, epochs: int, fraction: float, plan: DemoPlan,
             method: dict[str, Any] | None = None, teacher: dict[str, Any] | None = None
             ) -> dict[str, Any]:
-    milestones = [max(1, round(epochs * f)) for f in (0.6, 0.8)] if epochs >= 3 else []
+    # lr x0.1 after 60% and 80% of the epochs (the CRD schedule's shape), at least once
+    milestones = [max(1, round(epochs * f)) for f in (0.6, 0.8)] if epochs >= 2 else []
     cfg: dict[str, Any] = {
         "name": name,
         "seed": 0,
