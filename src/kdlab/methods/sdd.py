@@ -149,6 +149,17 @@ class _SDDBase(Distiller):
             consistent_weight=p.consistent_weight,
         )
 
+    def forward(
+        self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
+    ) -> dict[str, Tensor]:
+        """``{"ce": ..., "sdd": min(epoch / warmup, 1) * L_SDD}`` (SD-DKD, SD-NKD; SD-KD
+        overrides it with a fixed ``kd_weight``)."""
+        p: Any = self.params
+        return {
+            "ce": ce_term(out_s, batch, p.ce_weight),
+            "sdd": warmup_factor(epoch, p.warmup) * self.local_loss(out_s, out_t, batch),
+        }
+
 
 @register_method
 class SDDKD(_SDDBase):
@@ -192,16 +203,6 @@ class SDDDKD(_SDDBase):
         p: Any = self.params
         return {"alpha": p.alpha, "beta": p.beta, "temperature": p.temperature}
 
-    def forward(
-        self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
-    ) -> dict[str, Tensor]:
-        """``{"ce": ..., "sdd": warmup * L_SDD}``."""
-        p: Any = self.params
-        return {
-            "ce": ce_term(out_s, batch, p.ce_weight),
-            "sdd": warmup_factor(epoch, p.warmup) * self.local_loss(out_s, out_t, batch),
-        }
-
 
 @register_method
 class SDDNKD(_SDDBase):
@@ -218,13 +219,3 @@ class SDDNKD(_SDDBase):
         """NKD's temperature, gamma and legacy switch."""
         p: Any = self.params
         return {"temperature": p.temperature, "gamma": p.gamma, "legacy": p.legacy}
-
-    def forward(
-        self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
-    ) -> dict[str, Tensor]:
-        """``{"ce": ..., "sdd": warmup * L_SDD}``."""
-        p: Any = self.params
-        return {
-            "ce": ce_term(out_s, batch, p.ce_weight),
-            "sdd": warmup_factor(epoch, p.warmup) * self.local_loss(out_s, out_t, batch),
-        }
