@@ -67,3 +67,21 @@ def test_code_carrying_pickle_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError):
         load_latest(p)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_flipped_bits_that_still_load_are_detected(tmp_path: Path, caplog) -> None:
+    """A bit flip inside tensor data keeps the file loadable; the stored sha256 catches it."""
+    p = tmp_path / "last.pt"
+    save_atomic({"epoch": 1, "w": torch.zeros(1000)}, p)
+    save_atomic({"epoch": 2, "w": torch.ones(1000)}, p)
+    data = bytearray(p.read_bytes())
+    marker = torch.ones(1000).numpy().tobytes()[:16]
+    at = bytes(data).find(marker)
+    assert at > 0
+    data[at + 3] ^= 0x01
+    p.write_bytes(bytes(data))
+    assert torch.load(p, weights_only=True)["epoch"] == 2  # still loads
+    state, used = load_latest(p)
+    assert state["epoch"] == 1 and used.name == "last.pt.prev"
+    assert "sha256" in caplog.text
+    assert "integrity_sha256" not in state

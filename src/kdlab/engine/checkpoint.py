@@ -9,6 +9,7 @@ the latest file is truncated or corrupt.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -35,6 +36,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+INTEGRITY_KEY = "integrity_sha256"
+
+
+def state_digest(obj: Any) -> str:
+    """sha256 over a checkpoint's content: every tensor's dtype, shape and bytes, every scalar.
+
+    Stored in the checkpoint by :func:`save_atomic` and checked by :func:`load_latest`, so a
+    file whose bits changed on disk is detected even when it still unpickles.
+    """
+    h = hashlib.sha256()
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=str):
+                h.update(repr(k).encode())
+                visit(x[k])
+            h.update(b"}")
+        elif isinstance(x, list | tuple):
+            h.update(b"[")
+            for v in x:
+                visit(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    visit(obj)
+    return h.hexdigest()
+
+
 def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = True) -> None:
     """Write ``state`` to ``path`` atomically (temp file, fsync, rename), keeping ``path.prev``.
 
@@ -44,6 +79,7 @@ def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = T
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    state = {**state, INTEGRITY_KEY: state_digest(state)}
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -63,7 +99,8 @@ def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = T
 def load_latest(path: str | Path) -> tuple[dict[str, Any], Path] | None:
     """Read ``path``, or ``path.prev`` if ``path`` is missing or unreadable. None if neither is.
 
-    A corrupt latest file is reported with a warning and skipped, never deleted.
+    A corrupt latest file (unreadable, or failing the sha256 stored in it) is reported with a
+    warning and skipped, never deleted.
     """
     path = Path(path)
     candidates = [path, path.with_name(path.name + ".prev")]
@@ -72,7 +109,12 @@ def load_latest(path: str | Path) -> tuple[dict[str, Any], Path] | None:
         if not cand.exists():
             continue
         try:
-            return read_checkpoint(cand), cand
+            state = read_checkpoint(cand)
+            stored = state.pop(INTEGRITY_KEY, None)
+            if stored is not None and stored != state_digest(state):
+                raise CheckpointError(f"checkpoint {cand} fails its sha256 check (changed on "
+                                      "disk after it was written)")
+            return state, cand
         except CheckpointError as e:
             log.warning("checkpoint %s is unreadable (%s); trying the previous one", cand, e)
             errors.append(str(e))
