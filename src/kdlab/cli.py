@@ -124,7 +124,11 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    """Validate every YAML config under a folder (method hyperparameters included)."""
+    """Validate every YAML config under a folder (method hyperparameters included).
+
+    Files named ``*.sweep.yaml`` are sweep specs and are validated as such; files whose name
+    starts with ``_`` are bases, checked through the configs that inherit from them.
+    """
     from kdlab.config import load_config
     from kdlab.methods.compose import build_params
     from kdlab.methods.registry import get_method
@@ -135,6 +139,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     bad = 0
     for f in files:
         try:
+            if f.name.endswith(".sweep.yaml"):
+                from kdlab.sweep import plan_sweep
+
+                plan_sweep(f)  # validates the spec and every run's config
+                continue
             cfg = load_config(f)
             build_params(cfg.method.name, cfg.method.params, "method.params")
             for i, p in enumerate(cfg.method.partners):

@@ -323,3 +323,16 @@ def test_every_config_name_is_unique_and_matches_its_path():
         else:
             assert cfg.name == f"{folder}/{f.stem}"
         assert cfg.output_dir == "runs/cifar100"
+
+
+def test_config_check_validates_sweep_specs(tmp_path, capsys):
+    """`*.sweep.yaml` files are checked as sweep specs, not as experiment configs."""
+    from kdlab.cli import main
+
+    (tmp_path / "exp.yaml").write_text("student: {arch: resnet8}\n")
+    (tmp_path / "ok.sweep.yaml").write_text("name: s\nconfigs: [exp.yaml]\nseeds: [0, 1]\n")
+    assert main(["config", "check", str(tmp_path)]) == 0
+    (tmp_path / "bad.sweep.yaml").write_text("name: s\nconfigs: [exp.yaml]\nseedz: [0]\n")
+    assert main(["config", "check", str(tmp_path)]) == 1
+    assert "seedz" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
