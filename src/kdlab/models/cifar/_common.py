@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch.nn.functional as F
@@ -20,6 +21,23 @@ def global_avg_pool(x: Tensor) -> Tensor:
     input size.
     """
     return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+def init_he_fan_out(model: nn.Module) -> None:
+    """The CRD VGG/MobileNetV2 initialisation: convs ``N(0, sqrt(2 / fan_out))`` (He et al.,
+    2015), BatchNorm weight 1 and bias 0, linear layers ``N(0, 0.01)`` with zero bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
 
 
 def run_stage(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:

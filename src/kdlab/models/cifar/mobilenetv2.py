@@ -9,11 +9,9 @@ and the forward pass follow those definitions, so their checkpoints load unchang
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
-from kdlab.models.cifar._common import AliasedHeadModel, global_avg_pool
+from kdlab.models.cifar._common import AliasedHeadModel, global_avg_pool, init_he_fan_out
 from kdlab.models.output import ModelOutput
 from kdlab.models.registry import register_model
 
@@ -101,18 +99,7 @@ class MobileNetV2(AliasedHeadModel):
         self.conv2 = _conv_bn_relu(channels, last_channels, 1, 1)
         self.add_module("classifier", nn.Sequential(nn.Linear(last_channels, num_classes)))
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_he_fan_out(self)
 
     def forward(self, x: Tensor) -> ModelOutput:
         f0 = self.conv1(x)

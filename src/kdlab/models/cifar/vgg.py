@@ -9,12 +9,10 @@ definitions, so their published checkpoints load unchanged and give identical lo
 
 from __future__ import annotations
 
-import math
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlab.models.cifar._common import global_avg_pool
+from kdlab.models.cifar._common import global_avg_pool, init_he_fan_out
 from kdlab.models.output import KdModel, ModelOutput
 from kdlab.models.registry import register_model
 
@@ -64,18 +62,7 @@ class VGG(KdModel):
         self.block4 = _make_block(cfg[4], cfg[3][-1])
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_he_fan_out(self)
 
     def forward(self, x: Tensor) -> ModelOutput:
         pool_before_block4 = x.shape[2] == 64
