@@ -5,9 +5,10 @@ Three parts (each can be skipped):
 * ``grid``: step time of one pair over batch sizes x input sizes, each configuration in its own
   ``kdlab bench`` process (so each peak RSS is clean);
 * ``memory``: peak RSS (or CUDA peak) of the largest pair, ResNet50 -> MobileNetV2, batch 64;
-* ``sdd``: KD vs SD-KD and DKD vs SD-DKD on resnet32x4 -> resnet8x4, interleaved in one
-  process (rounds of ``--steps``; medians). Target: SDD adds at most 5 % to the step. Above
-  that, the SD step is profiled with ``torch.profiler`` and the top operators are printed.
+* ``sdd``: KD vs SD-KD and DKD vs SD-DKD on the pair (default resnet32x4 -> resnet8x4),
+  interleaved in one process (rounds of ``--steps``; medians). Target: SDD adds at most 5 %
+  to the step. Above that, the SD step is profiled with ``torch.profiler`` and the top
+  operators are printed.
 
     .venv/bin/python benchmarks/scaling.py --amp off [--parts grid memory sdd]
 """
@@ -80,7 +81,8 @@ def sdd_overhead(args: argparse.Namespace) -> dict[str, Any]:
     methods = [m for pair in SDD_PAIRS for m in pair]
     over = [f"method.params.scales={json.dumps(args.scales)}"]
     benches = {m: TrainBench(BenchSettings(
-        method=m, overrides=over if m.startswith("sd_") else [], device=args.device,
+        teacher=args.teacher, student=args.student, method=m,
+        overrides=over if m.startswith("sd_") else [], device=args.device,
         amp=args.amp, threads=args.threads, steps=args.steps, warmup=1, eval_size=0,
         flops=False)) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -159,7 +161,8 @@ def main() -> None:
         print("largest pair:")
         out["memory"] = memory(args)
     if "sdd" in args.parts:
-        print(f"SDD overhead, resnet32x4->resnet8x4, scales {args.scales}, amp {args.amp}:")
+        print(f"SDD overhead, {args.teacher}->{args.student}, scales {args.scales}, "
+              f"amp {args.amp}:")
         out["sdd"] = sdd_overhead(args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

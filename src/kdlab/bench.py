@@ -179,7 +179,8 @@ class BenchSettings:
     device: str = "cpu"
     amp: str = "auto"
     channels_last: bool = True
-    compile: bool = False
+    #: torch.compile mode ("default", "reduce-overhead", ...); None: eager.
+    compile: str | None = None
     threads: int | None = None
     steps: int = 20
     warmup: int = 5
@@ -214,7 +215,9 @@ class BenchSettings:
             "method": {"name": self.method},
             "optim": {"epochs": 1_000_000, "milestones": []},
             "runtime": {"device": self.device, "amp": self.amp,
-                        "channels_last": self.channels_last, "compile": self.compile,
+                        "channels_last": self.channels_last,
+                        "compile": self.compile is not None,
+                        "compile_mode": self.compile or "default",
                         "threads": self.threads, "log_every": 1_000_000},
         }
         return apply_overrides(cfg, self.overrides)
@@ -435,7 +438,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"kdlab bench: {c['teacher']} -> {c['student']}, {c['method']}, batch {c['batch_size']},"
         f" {c['input_size']}x{c['input_size']}, {c['resolved_device']}, amp {c['amp']} "
         f"({c['amp_dtype'] or 'fp32'}), channels_last {c['channels_last']}, "
-        f"compile {c['compile']}",
+        f"compile {c['compile'] or 'off'}",
         f"machine: {m['cpu_model']} ({m['cpu_count']} cpus, {m['torch_threads']} threads)"
         + (f", GPU {m['gpu']}" if m["gpu"] else "")
         + f", torch {m['torch']}, {m['date']}",

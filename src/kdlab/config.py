@@ -157,7 +157,12 @@ class RuntimeConfig(_Strict):
     #: "auto": bf16 autocast where the hardware supports it (CUDA, CPUs with AVX512-BF16/AMX).
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = True
+    #: torch.compile the student's and the teacher's forward (the student's backward with it).
     compile: bool = False
+    #: torch.compile mode: "reduce-overhead" captures CUDA graphs (pays on GPUs for small models
+    #: whose step is launch bound), "max-autotune" also autotunes GEMMs/convolutions.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
     threads: int | None = Field(None, ge=1)
     #: bit-reproducible kernels (torch.use_deterministic_algorithms); slower on GPU.
     deterministic: bool = False
@@ -193,7 +198,8 @@ class ExperimentConfig(_Strict):
         d = self.to_dict()
         # speed knobs and the non-finite policy (which the NaN error suggests switching before
         # --resume) do not define the run
-        for k in ("device", "threads", "log_every", "compile", "non_finite", "max_skipped_steps"):
+        for k in ("device", "threads", "log_every", "compile", "compile_mode", "non_finite",
+                  "max_skipped_steps"):
             d["runtime"].pop(k, None)
         d.pop("output_dir", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

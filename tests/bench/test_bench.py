@@ -95,3 +95,14 @@ def test_fast_path_loss_matches_plain(method: str) -> None:
     assert math.isfinite(plain) and math.isfinite(fast)
     assert abs(fast - plain) <= ATOL + RTOL * abs(plain)
     assert r["fp32_channels_last"]["max_rel"] < 1e-4  # the layout alone changes ~nothing
+
+
+def test_bench_compile_flag_takes_an_optional_mode() -> None:
+    from kdlab.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["bench"]).compile is None
+    assert parse(["bench", "--compile"]).compile == "default"
+    assert parse(["bench", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    with pytest.raises(SystemExit):
+        parse(["bench", "--compile", "cudagraphs"])

@@ -88,7 +88,17 @@ def test_fingerprint_ignores_speed_knobs_only(tmp_path: Path) -> None:
     f = write(tmp_path / "e.yaml", "student: {arch: resnet8}\n")
     base = load_config(f).fingerprint()
     assert load_config(f, ["runtime.threads=1", "runtime.log_every=7"]).fingerprint() == base
+    assert load_config(f, ["runtime.compile=true", "runtime.compile_mode=reduce-overhead"]
+                       ).fingerprint() == base
     assert load_config(f, ["optim.lr=0.2"]).fingerprint() != base
+
+
+def test_compile_mode_is_validated(tmp_path: Path) -> None:
+    f = write(tmp_path / "e.yaml", "student: {arch: resnet8}\n")
+    assert load_config(f, ["runtime.compile_mode=max-autotune"]).runtime.compile_mode == (
+        "max-autotune")
+    with pytest.raises(ConfigError, match="compile_mode"):
+        load_config(f, ["runtime.compile_mode=cudagraph"])
 
 
 def test_non_finite_policy_can_change_on_resume(tmp_path: Path) -> None:

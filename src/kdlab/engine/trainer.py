@@ -270,9 +270,10 @@ class Trainer:
                 self.distiller_fwd = DistributedDataParallel(
                     self.distiller, device_ids=ids, broadcast_buffers=False)
         if cfg.runtime.compile:
-            self.student_fwd = torch.compile(self.student_fwd)
+            mode = cfg.runtime.compile_mode
+            self.student_fwd = torch.compile(self.student_fwd, mode=mode)
             if self.teacher is not None:
-                self.teacher_fwd = torch.compile(self.teacher)
+                self.teacher_fwd = torch.compile(self.teacher, mode=mode)
 
         self.state = TrainState()
         if mode == "resume":
