@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlab.models.output import KdModel
+from kdlab.models.output import KdModel, ModelOutput
 
 
 def global_avg_pool(x: Tensor) -> Tensor:
@@ -46,6 +47,31 @@ def run_stage(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
     for block in stage:
         x, pre = block(x)
     return x, pre
+
+
+def staged_output(
+    stem: Tensor,
+    stages: Sequence[nn.Sequential],
+    head: nn.Module,
+    final: Callable[[Tensor], Tensor] | None = None,
+) -> ModelOutput:
+    """The forward pass shared by the staged models (ResNets, ShuffleNets).
+
+    ``stem`` is the stem's output ``f0``; each stage runs through :func:`run_stage` on the
+    previous output. ``features`` are ``[f0, f1, ..., fn]`` and ``preact_features``
+    ``[f0, pre_1, ..., pre_n]``; ``feature_map`` is ``final(fn)`` (``fn`` when ``final`` is None),
+    globally pooled into ``embedding`` and classified by ``head``.
+    """
+    features, preact = [stem], [stem]
+    out = stem
+    for stage in stages:
+        out, pre = run_stage(stage, out)
+        features.append(out)
+        preact.append(pre)
+    feature_map = out if final is None else final(out)
+    embedding = global_avg_pool(feature_map)
+    return ModelOutput(logits=head(embedding), feature_map=feature_map, features=features,
+                       embedding=embedding, preact_features=preact)
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:

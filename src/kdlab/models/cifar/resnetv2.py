@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlab.models.cifar._common import AliasedHeadModel, global_avg_pool, run_stage
+from kdlab.models.cifar._common import AliasedHeadModel, staged_output
 from kdlab.models.output import ModelOutput
 from kdlab.models.registry import register_model
 
@@ -114,18 +114,7 @@ class ResNetV2(AliasedHeadModel):
 
     def forward(self, x: Tensor) -> ModelOutput:
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1, f1_pre = run_stage(self.layer1, f0)
-        f2, f2_pre = run_stage(self.layer2, f1)
-        f3, f3_pre = run_stage(self.layer3, f2)
-        f4, f4_pre = run_stage(self.layer4, f3)
-        embedding = global_avg_pool(f4)
-        return ModelOutput(
-            logits=self.linear(embedding),
-            feature_map=f4,
-            features=[f0, f1, f2, f3, f4],
-            embedding=embedding,
-            preact_features=[f0, f1_pre, f2_pre, f3_pre, f4_pre],
-        )
+        return staged_output(f0, [self.layer1, self.layer2, self.layer3, self.layer4], self.linear)
 
 
 @register_model("ResNet18")

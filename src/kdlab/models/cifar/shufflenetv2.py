@@ -16,8 +16,7 @@ from torch import Tensor, nn
 from kdlab.models.cifar._common import (
     AliasedHeadModel,
     channel_shuffle,
-    global_avg_pool,
-    run_stage,
+    staged_output,
 )
 from kdlab.models.output import ModelOutput
 from kdlab.models.registry import register_model
@@ -122,18 +121,8 @@ class ShuffleNetV2(AliasedHeadModel):
 
     def forward(self, x: Tensor) -> ModelOutput:
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1, f1_pre = run_stage(self.layer1, f0)
-        f2, f2_pre = run_stage(self.layer2, f1)
-        f3, f3_pre = run_stage(self.layer3, f2)
-        feature_map = F.relu(self.bn2(self.conv2(f3)))
-        embedding = global_avg_pool(feature_map)
-        return ModelOutput(
-            logits=self.linear(embedding),
-            feature_map=feature_map,
-            features=[f0, f1, f2, f3],
-            embedding=embedding,
-            preact_features=[f0, f1_pre, f2_pre, f3_pre],
-        )
+        return staged_output(f0, [self.layer1, self.layer2, self.layer3], self.linear,
+                             final=lambda f3: F.relu(self.bn2(self.conv2(f3))))
 
 
 @register_model("ShuffleV2")

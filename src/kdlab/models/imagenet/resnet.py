@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlab.models.cifar._common import AliasedHeadModel, global_avg_pool, run_stage
+from kdlab.models.cifar._common import AliasedHeadModel, staged_output
 from kdlab.models.output import ModelOutput
 from kdlab.models.registry import register_model
 
@@ -153,18 +153,7 @@ class ImageNetResNet(AliasedHeadModel):
 
     def forward(self, x: Tensor) -> ModelOutput:
         f0 = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        f1, p1 = run_stage(self.layer1, f0)
-        f2, p2 = run_stage(self.layer2, f1)
-        f3, p3 = run_stage(self.layer3, f2)
-        f4, p4 = run_stage(self.layer4, f3)
-        embedding = global_avg_pool(f4)
-        return ModelOutput(
-            logits=self.fc(embedding),
-            feature_map=f4,
-            features=[f0, f1, f2, f3, f4],
-            embedding=embedding,
-            preact_features=[f0, p1, p2, p3, p4],
-        )
+        return staged_output(f0, [self.layer1, self.layer2, self.layer3, self.layer4], self.fc)
 
 
 @register_model("resnet18_imagenet")
