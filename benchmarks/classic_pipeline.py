@@ -98,10 +98,8 @@ class ClassicPipeline:
         torch.manual_seed(seed)
         self.teacher = create_model(teacher, num_classes=num_classes).to(self.device).eval()
         self.student = create_model(student, num_classes=num_classes).to(self.device).train()
-        ctx = DistillContext(
-            student=self.student, teacher=self.teacher,
-            student_probe=self.student.probe(input_size),
-            teacher_probe=self.teacher.probe(input_size), num_classes=num_classes,
+        ctx = DistillContext.from_models(
+            self.student, self.teacher, num_classes=num_classes,
             train_labels=torch.from_numpy(labels).to(self.device), input_size=input_size)
         self.distiller = build_method(MethodConfig(name=method, params=params or {}),
                                       ctx).to(self.device)

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 __all__ = [
     "BF16_DENSE_PEAK_TFLOPS",
@@ -249,7 +248,7 @@ class TrainBench:
         self.batch_size = settings.batch_size
         self.steps = len(self.trainer.train_loader)
         self._epoch = 0
-        self._batches: Iterator[tuple[Tensor, Tensor, Tensor]] | None = None
+        self._batches: Iterator[Any] | None = None
 
     def __enter__(self) -> TrainBench:
         return self
@@ -266,13 +265,13 @@ class TrainBench:
         self._epoch += 1
         return self._epoch
 
-    def _endless(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def _endless(self) -> Iterator[Any]:
         loader = self.trainer.train_loader
         while True:
             loader.set_epoch(self._next_epoch())
             yield from loader
 
-    def next_batch(self) -> tuple[Tensor, Tensor, Tensor]:
+    def next_batch(self) -> Any:
         """The next training batch (gathered and augmented on the device), cycling epochs."""
         if self._batches is None:
             self._batches = self._endless()
@@ -284,13 +283,10 @@ class TrainBench:
 
     # ---------------------------------------------------------------- passes
     def warmup(self, steps: int) -> None:
-        """``steps`` untimed training steps (the same operations as the timed pass)."""
-        t = self.trainer
+        """``steps`` untimed training steps (:meth:`Trainer.step`, as in the timed pass)."""
         self._train_mode()
         for _ in range(steps):
-            images, labels, index = self.next_batch()
-            terms, _ = t.forward_terms(images, labels, index, self._epoch)
-            t.backward_step(torch.stack([v.float() for v in terms.values()]).sum())
+            self.trainer.step(self.next_batch(), self._epoch)
         synchronize(self.device)
 
     def timed_pass(self) -> float:
@@ -307,55 +303,37 @@ class TrainBench:
     def part_pass(self, steps: int) -> dict[str, float]:
         """Mean seconds per step of each part, synchronising the device between the parts.
 
-        Mirrors :meth:`Trainer.forward_terms` + :meth:`Trainer.backward_step` split at the
-        part boundaries. Keys: :data:`PART_NAMES`.
+        Runs :meth:`Trainer.step` itself; its ``mark`` callback synchronises the device and
+        reads the clock at each part boundary. Keys: :data:`PART_NAMES`.
         """
-        from kdlab.engine.runtime import autocast
-        from kdlab.methods.base import Batch
-
-        t = self.trainer
         dev = self.device
         self._train_mode()
         sums = dict.fromkeys(PART_NAMES, 0.0)
         for _ in range(steps):
             synchronize(dev)
-            t0 = time.perf_counter()
-            images, labels, index = self.next_batch()
-            synchronize(dev)
-            t1 = time.perf_counter()
-            with autocast(dev, self.amp_dtype):
-                out_t = None
-                if t.teacher_fwd is not None:
-                    with torch.no_grad():
-                        out_t = t.teacher_fwd(images)
+            last = time.perf_counter()
+            batch = self.next_batch()
+
+            def mark(part: str) -> None:
+                nonlocal last
                 synchronize(dev)
-                t2 = time.perf_counter()
-                out_s = t.student_fwd(images)
-                synchronize(dev)
-                t3 = time.perf_counter()
-            terms = t.distiller(out_s, out_t, Batch(images, labels, index), self._epoch)
-            loss = torch.stack([v.float() for v in terms.values()]).sum()
-            synchronize(dev)
-            t4 = time.perf_counter()
-            t.backward_step(loss)
-            synchronize(dev)
-            t5 = time.perf_counter()
-            for name, dt in zip(PART_NAMES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4),
-                                strict=True):
-                sums[name] += dt
+                now = time.perf_counter()
+                sums[part] += now - last
+                last = now
+
+            mark("data")
+            self.trainer.step(batch, self._epoch, mark=mark)
         return {k: v / max(steps, 1) for k, v in sums.items()}
 
     def count_flops(self) -> int:
-        """FLOPs of one step: teacher forward + student forward + loss + backward (no update)."""
+        """FLOPs of one :meth:`Trainer.step`: teacher forward + student forward + loss +
+        backward (matmuls and convolutions; the optimizer's element-wise update counts none)."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        t = self.trainer
         self._train_mode()
-        images, labels, index = self.next_batch()
+        batch = self.next_batch()
         with FlopCounterMode(display=False) as counter:
-            terms, _ = t.forward_terms(images, labels, index, self._epoch)
-            torch.stack([v.float() for v in terms.values()]).sum().backward()
-        t.optimizer.zero_grad(set_to_none=True)
+            self.trainer.step(batch, self._epoch)
         return int(counter.get_total_flops())
 
     def eval_pass(self, size: int, batch_size: int) -> dict[str, float]:
@@ -507,10 +485,8 @@ def check_losses(
                                 seed=seed)
     loader = DeviceLoader(ds, batch_size=batch_size, device=dev, seed=seed)
     images, labels, index = next(iter(loader))
-    ctx = DistillContext(student=s_model, teacher=t_model,
-                         student_probe=s_model.probe(input_size),
-                         teacher_probe=t_model.probe(input_size), num_classes=num_classes,
-                         train_labels=ds.labels.to(dev), input_size=input_size)
+    ctx = DistillContext.from_models(s_model, t_model, num_classes=num_classes,
+                                     train_labels=ds.labels.to(dev), input_size=input_size)
     distiller = build_method(MethodConfig(name=method, params=params or {}), ctx).to(dev)
     s_state = {k: v.clone() for k, v in s_model.state_dict().items()}
 

@@ -22,7 +22,7 @@ log = logging.getLogger("kdlab")
 def _load_cfg(args: argparse.Namespace) -> Any:
     from kdlab.config import load_config
 
-    return load_config(args.config, args.set)
+    return load_config(args.config, args.set, plugins=args.plugin)
 
 
 def _run_dir_for(cfg: Any, args: argparse.Namespace) -> Path:
@@ -58,13 +58,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint (or a run's best weights) on the configured test set."""
-    from kdlab.config import validate_config
-    from kdlab.engine.evaluate import evaluate
+    from kdlab.config import validate_config_with_plugins
+    from kdlab.engine.build import build_model
     from kdlab.engine.rundir import RunDir
     from kdlab.engine.runtime import resolve_amp, resolve_device
-    from kdlab.engine.trainer import build_data
     from kdlab.errors import ConfigError
-    from kdlab.models import create_model, load_checkpoint
+    from kdlab.tasks import get_task
 
     if args.target and Path(args.target).is_dir():
         rd = RunDir(args.target)
@@ -72,40 +71,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.target} is not a kdlab run directory (no config.yaml)")
         from kdlab.config import apply_overrides
 
-        cfg = validate_config(apply_overrides(rd.load_config_dict(), args.set),
-                              str(rd.config_path))
+        cfg = validate_config_with_plugins(apply_overrides(rd.load_config_dict(), args.set),
+                                           str(rd.config_path), plugins=args.plugin)
         checkpoint = args.checkpoint or str(rd.best_checkpoint)
     else:
         from kdlab.config import load_config
 
-        cfg = load_config(args.target, args.set)
+        cfg = load_config(args.target, args.set, plugins=args.plugin)
         checkpoint = args.checkpoint or cfg.student.checkpoint
         if not checkpoint:
             raise ConfigError("no checkpoint to evaluate: pass --checkpoint or set "
                               "student.checkpoint")
     device = resolve_device(cfg.runtime.device)
-    data = build_data(cfg, device)
-    model = create_model(cfg.student.arch, num_classes=data.num_classes,
-                         in_channels=data.in_channels).to(device)
-    load_checkpoint(model, checkpoint)
-    res = evaluate(model, data.test_loader, device, resolve_amp(cfg.runtime.amp, device))
-    sys.stdout.write(f"{cfg.student.arch} {checkpoint}: top-1 {res['top1']:.2f}  "
-                     f"top-5 {res['top5']:.2f}  loss {res['loss']:.4f}  ({res['count']} images)\n")
+    task = get_task(cfg.task)
+    data = task.build_data(cfg.data, seed=cfg.seed, device=device,
+                           channels_last=cfg.runtime.channels_last, rank=0, world_size=1)
+    model = build_model(task, cfg.student.model_copy(update={"checkpoint": checkpoint}), data,
+                        device)
+    res = task.evaluate(model, data.test_loader, device, resolve_amp(cfg.runtime.amp, device))
+    shown = "  ".join(f"{_METRIC_LABELS.get(k, k)} {v:.4f}" if k == "loss" else
+                      f"{_METRIC_LABELS.get(k, k)} {v:.2f}" for k, v in res.items() if k != "count")
+    sys.stdout.write(f"{cfg.student.arch} {checkpoint}: {shown}  ({res['count']} images)\n")
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    """List the model zoo."""
-    from kdlab.models import list_models
+#: how ``kdlab eval`` names the metrics of a task's evaluation.
+_METRIC_LABELS = {"top1": "top-1", "top5": "top-5"}
 
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the model zoo (and the models of ``--plugin`` modules)."""
+    from kdlab.models import list_models
+    from kdlab.plugins import import_plugins
+
+    import_plugins(args.plugin)
     sys.stdout.write("\n".join(list_models()) + "\n")
     return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    """List the registered methods with their default hyperparameters."""
+    """List the registered methods (and those of ``--plugin`` modules) with their defaults."""
     from kdlab.methods.registry import get_method, list_methods
+    from kdlab.plugins import import_plugins
 
+    import_plugins(args.plugin)
     for kind in ("logit", "partner"):
         sys.stdout.write(f"{kind} methods:\n")
         for name in list_methods(kind):
@@ -142,9 +151,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             if f.name.endswith(".sweep.yaml"):
                 from kdlab.sweep import plan_sweep
 
-                plan_sweep(f)  # validates the spec and every run's config
+                plan_sweep(f, plugins=args.plugin)  # validates the spec and every run's config
                 continue
-            cfg = load_config(f)
+            cfg = load_config(f, plugins=args.plugin)
             build_params(cfg.method.name, cfg.method.params, "method.params")
             for i, p in enumerate(cfg.method.partners):
                 if get_method(p.name).kind != "partner":
@@ -191,7 +200,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         with logging_redirect_tqdm(loggers=[logging.getLogger()]):
             result = run_sweep(args.spec, jobs=args.jobs, retry_failed=args.retry_failed,
-                               dry_run=args.dry_run, progress=progress)
+                               dry_run=args.dry_run, progress=progress, plugins=args.plugin)
     finally:
         progress.close()
     if args.dry_run:
@@ -244,10 +253,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+def _add_plugin_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import this module (dotted name, or a .py file) first, so that it can "
+                        "register methods, models and datasets (repeatable)")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted key (repeatable)")
+    _add_plugin_arg(p)
     p.add_argument("--run-dir", help="run directory (default: OUTPUT_DIR/NAME/seedSEED)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its last complete checkpoint")
@@ -275,16 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="run directory, or experiment YAML file")
     p.add_argument("--checkpoint", help="weights to evaluate (default: the run's best.pt)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    add("models", cmd_models, "list the model zoo")
-    add("methods", cmd_methods, "list methods and their default hyperparameters")
+    _add_plugin_arg(p)
+    _add_plugin_arg(add("models", cmd_models, "list the model zoo"))
+    _add_plugin_arg(add("methods", cmd_methods, "list methods and their default hyperparameters"))
     p = add("config", lambda a: 2, "show or check configs")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print the resolved config")
     show.add_argument("config")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_plugin_arg(show)
     show.set_defaults(fn=cmd_config_show)
     check = csub.add_parser("check", help="validate every config under a folder")
     check.add_argument("path")
+    _add_plugin_arg(check)
     check.set_defaults(fn=cmd_config_check)
     p = add("demo", cmd_demo, "the main job on real Fashion-MNIST (about 10 minutes on 2 cores)")
     p.add_argument("--out", default="runs/demo", help="where the demo's runs go")
@@ -296,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", metavar="CSV", help="published numbers (default: the packaged CSV)")
     p = add("sweep", cmd_sweep, "run configs x seeds in worker processes (resumable)")
     p.add_argument("spec", help="sweep spec YAML (name, output_dir, configs, seeds, ...)")
+    _add_plugin_arg(p)
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs at a time")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     p.add_argument("--dry-run", action="store_true", help="show the runs, start nothing")

@@ -59,8 +59,8 @@ class DataConfig(_Strict):
     through ``num_workers`` DataLoader workers with their protocol's transforms.
     """
 
-    name: Literal["cifar10", "cifar100", "fashion_mnist", "synthetic",
-                  "imagenet", "cub200", "folder"] = "cifar100"
+    #: a registered dataset (``kdlab.data.registry``, plugins included) or a streamed one.
+    name: str = "cifar100"
     root: str | None = None
     download: bool = False
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
@@ -76,6 +76,17 @@ class DataConfig(_Strict):
     image_size: int = Field(224, ge=8)
     resize: int = Field(256, ge=8)
     on_error: Literal["skip", "stop"] = "skip"
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from kdlab.data.registry import dataset_names
+        from kdlab.registry import unknown_name_message
+
+        known = [*dataset_names(), *STREAMED_DATASETS]
+        if v not in known:
+            raise ValueError(unknown_name_message("dataset", v, known))
+        return v
 
     @model_validator(mode="after")
     def _stream_rules(self) -> DataConfig:
@@ -119,15 +130,36 @@ class MethodConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    """SGD with momentum and a multi-step schedule (the CRD protocol by default)."""
+    """Optimizer and learning-rate schedule: SGD with momentum and a multi-step schedule (the CRD
+    protocol) by default.
 
+    ``name`` picks a registered optimizer (:mod:`kdlab.engine.optimizers`: ``sgd``, ``adamw``)
+    and ``scheduler`` a registered schedule (:mod:`kdlab.engine.schedules`: ``multistep``,
+    ``cosine``), applied per step after an optional linear warm-up of ``warmup_epochs``. A key
+    that only another optimizer or schedule reads (``betas`` with SGD, ``milestones`` with
+    cosine) is an error when set.
+    """
+
+    name: str = "sgd"
     lr: float = Field(0.05, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
+    #: sgd: momentum factor and Nesterov momentum.
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
+    #: adamw: moment decay rates and the denominator's epsilon.
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    #: extra arguments of a registered optimizer, validated against its ``Args`` schema.
+    args: dict[str, Any] = Field(default_factory=dict)
     epochs: int = Field(240, ge=1)
+    scheduler: str = "multistep"
+    #: multistep: epochs after which the learning rate is multiplied by ``gamma``.
     milestones: list[int] = Field(default_factory=lambda: [150, 180, 210])
     gamma: float = Field(0.1, gt=0.0, le=1.0)
+    #: cosine: the final learning rate.
+    min_lr: float = Field(0.0, ge=0.0)
+    #: linear learning-rate warm-up over this many epochs (fractions allowed), applied per step.
+    warmup_epochs: float = Field(0.0, ge=0.0)
     #: learning-rate rule for the global batch (``data.batch_size``): "none" keeps ``lr``;
     #: "linear"/"sqrt" scale it by (the square root of) batch_size / base_batch_size.
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
@@ -148,6 +180,45 @@ class OptimConfig(_Strict):
         if isinstance(v, float) and v <= 0:
             raise ValueError("clip_grad_norm must be > 0, 'auto' or null")
         return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("betas must be two numbers in [0, 1)")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        from kdlab.engine.optimizers import get_optimizer
+
+        get_optimizer(v)
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_schedule(cls, v: str) -> str:
+        from kdlab.engine.schedules import get_schedule
+
+        get_schedule(v)
+        return v
+
+    @model_validator(mode="after")
+    def _keys_of_the_chosen_optimizer(self) -> OptimConfig:
+        from kdlab.engine.optimizers import check_optimizer_keys
+        from kdlab.engine.schedules import check_schedule_keys
+
+        # keys given a non-default value (a resolved config file lists every key)
+        changed = {k for k in self.model_fields_set
+                   if getattr(self, k) != type(self).model_fields[k].get_default(
+                       call_default_factory=True)}
+        check_optimizer_keys(self.name, changed, self.args)
+        check_schedule_keys(self.scheduler, changed)
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs "
+                             f"({self.epochs})")
+        return self
 
 
 class RuntimeConfig(_Strict):
@@ -182,20 +253,36 @@ class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 0
     output_dir: str = "runs"
+    #: plugin modules (dotted names or .py paths) imported before the config is validated.
+    plugins: list[str] = Field(default_factory=list)
     data: DataConfig = Field(default_factory=DataConfig)
     student: ModelConfig
     teacher: ModelConfig | None = None
     method: MethodConfig = Field(default_factory=MethodConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    #: the task type (:mod:`kdlab.tasks`): what a batch, a model output and a metric are.
+    task: str = "classification"
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from kdlab.tasks import get_task
+
+        get_task(v)
+        return v
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON/YAML-serialisable dict of the resolved config."""
         return self.model_dump(mode="json")
 
     def fingerprint(self) -> str:
-        """sha256 of the settings that define the run's numbers (runtime speed knobs excluded)."""
-        d = self.to_dict()
+        """sha256 of the settings that define the run's numbers (runtime speed knobs excluded).
+
+        Computed on the v1 canonical form (:func:`_v1_canonical`), so a run made before a key
+        was added or renamed keeps its fingerprint and still resumes.
+        """
+        d = _v1_canonical(self.to_dict())
         # speed knobs and the non-finite policy (which the NaN error suggests switching before
         # --resume) do not define the run
         for k in ("device", "threads", "log_every", "compile", "compile_mode", "non_finite",
@@ -203,6 +290,43 @@ class ExperimentConfig(_Strict):
             d["runtime"].pop(k, None)
         d.pop("output_dir", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+#: keys added after v1 (0.1.0) with the value that reproduces v1 behaviour: left out of the
+#: fingerprint at that value (see docs/decisions.md, "fingerprints across versions").
+_ADDED_AFTER_V1: dict[tuple[str, ...], Any] = {
+    ("task",): "classification",
+    ("plugins",): [],
+    ("optim", "name"): "sgd",
+    ("optim", "scheduler"): "multistep",
+    ("optim", "warmup_epochs"): 0.0,
+    ("optim", "min_lr"): 0.0,
+    ("optim", "betas"): [0.9, 0.999],
+    ("optim", "eps"): 1e-8,
+    ("optim", "args"): {},
+}
+#: method parameters renamed after v1: new name -> v1 name (the v1 name stays accepted).
+_RENAMED_METHOD_PARAMS = {"warmup_epochs": "warmup"}
+#: methods whose v1 parameter had the old name (ReviewKD always said ``warmup_epochs``).
+_V1_WARMUP_METHODS = frozenset({"dkd", "nkd", "dckd", "sd_dkd", "sd_nkd"})
+
+
+def _v1_canonical(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` (a resolved config dict) as kdlab 0.1.0 wrote it, for fingerprints."""
+    d = copy.deepcopy(d)
+    for path, neutral in _ADDED_AFTER_V1.items():
+        node = d
+        for key in path[:-1]:
+            node = node.get(key, {})
+        if path[-1] in node and node[path[-1]] == neutral:
+            del node[path[-1]]
+    method = d.get("method", {})
+    if method.get("name") in _V1_WARMUP_METHODS:
+        params = method.get("params", {})
+        for new, old in _RENAMED_METHOD_PARAMS.items():
+            if new in params and old not in params:
+                params[old] = params.pop(new)
+    return d
 
 
 # --------------------------------------------------------------------------- loading
@@ -326,11 +450,34 @@ def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentC
         raise ConfigError(f"{source}: {format_validation_error(e, ExperimentConfig)}") from e
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a YAML config (with ``_base_`` inheritance), apply dotted overrides, validate."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                plugins: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config (with ``_base_`` inheritance), apply dotted overrides, import the
+    plugins (the config's ``plugins`` followed by ``plugins``), validate."""
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
-    return validate_config(data, str(path) if path is not None else "command line")
+    return validate_config_with_plugins(data, str(path) if path is not None else "command line",
+                                        plugins)
+
+
+def validate_config_with_plugins(data: dict[str, Any], source: str = "config",
+                                 plugins: list[str] | None = None) -> ExperimentConfig:
+    """Merge ``data["plugins"]`` with ``plugins`` (order kept, duplicates dropped), store the
+    merged list in ``data``, import those modules (:mod:`kdlab.plugins`), then validate."""
+    from kdlab.plugins import import_plugins
+
+    raw = data.get("plugins")
+    if raw is None:
+        raw = []
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+        raise ConfigError(f"{source}: config key 'plugins' must be a list of module names or "
+                          f".py paths (got {raw!r})")
+    merged = list(dict.fromkeys([*raw, *(plugins or [])]))
+    data = {**data, "plugins": merged}
+    import_plugins(merged)
+    return validate_config(data, source)
 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:

@@ -34,6 +34,10 @@ class MethodError(KdlabError):
     """An unknown distillation method or hyperparameters that cannot work with the given models."""
 
 
+class PluginError(KdlabError):
+    """A plugin module (``--plugin`` or the config's ``plugins:``) cannot be found or imported."""
+
+
 class RunError(KdlabError):
     """A run directory is unusable (holds a different run, cannot be written, ...)."""
 

@@ -39,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
@@ -47,6 +47,7 @@ from typing import IO, Any, Literal, Protocol
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kdlab.atomic import atomic_write
 from kdlab.config import format_validation_error, load_config, parse_override
 from kdlab.errors import ConfigError, RunError
 
@@ -204,8 +205,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def plan_sweep(spec_path: str | Path, jobs: int = 1) -> Sweep:
-    """Validate the spec and every run's config; return the runs with their commands."""
+def plan_sweep(spec_path: str | Path, jobs: int = 1, plugins: Sequence[str] = ()) -> Sweep:
+    """Validate the spec and every run's config; return the runs with their commands.
+
+    ``plugins`` (``kdlab sweep --plugin``) are imported here and passed on to every worker
+    (``--plugin``), whose ``load_config`` adds them to the run's config ``plugins``.
+    """
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
     spec_path = Path(spec_path)
@@ -228,7 +233,7 @@ def plan_sweep(spec_path: str | Path, jobs: int = 1) -> Sweep:
             for seed in spec.seeds:
                 all_sets = [*sets, f"seed={seed}"]
                 try:
-                    cfg = load_config(cfg_path, all_sets)
+                    cfg = load_config(cfg_path, all_sets, plugins=list(plugins))
                 except ConfigError as e:
                     raise ConfigError(f"sweep {spec.name}: {e}") from e
                 parts = cfg.name.split("/")
@@ -246,6 +251,8 @@ def plan_sweep(spec_path: str | Path, jobs: int = 1) -> Sweep:
                            "--run-dir", str(run_dir), "--resume", "--no-progress"]
                 for s in all_sets:
                     command += ["--set", s]
+                for plugin in plugins:
+                    command += ["--plugin", plugin]
                 runs.append(PlannedRun(rel.as_posix(), cfg_path, seed, point, run_dir, command))
     return Sweep(spec, spec_path, sweep_dir, runs, jobs, threads)
 
@@ -253,18 +260,7 @@ def plan_sweep(spec_path: str | Path, jobs: int = 1) -> Sweep:
 # --------------------------------------------------------------------------- state
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a temp file, fsync and rename (and fsync the folder)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -569,9 +565,10 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def run_sweep(spec_path: str | Path, jobs: int = 1, retry_failed: bool = False,
-              dry_run: bool = False, progress: SweepProgress | None = None) -> SweepResult:
+              dry_run: bool = False, progress: SweepProgress | None = None,
+              plugins: Sequence[str] = ()) -> SweepResult:
     """Plan and run a sweep (or, with ``dry_run``, only report what would run)."""
-    sweep = plan_sweep(spec_path, jobs)
+    sweep = plan_sweep(spec_path, jobs, plugins)
     if dry_run:
         states = initial_states(sweep, retry_failed)
         return SweepResult(sweep.sweep_dir, sweep.state_path, states, dry_run=True)

@@ -164,11 +164,13 @@ def check_method(cfg: ExperimentConfig, method: str, pair: tuple[str, str]) -> N
         assert (p.temperature, p.ce_weight, p.kd_weight) == (4.0, 0.1, 0.9)
     elif method == "dkd":
         assert cfg.method.name == "dkd"
-        assert (p.alpha, p.beta, p.temperature, p.warmup, p.ce_weight) == (1.0, beta, 4.0, 20, 1.0)
+        assert (p.alpha, p.beta, p.temperature, p.warmup_epochs, p.ce_weight) == (
+            1.0, beta, 4.0, 20, 1.0
+        )
     elif method == "nkd":
         # the SDD official NKD baseline: T 1, gamma 1.5, warm-up 20, legacy mask
         assert cfg.method.name == "nkd"
-        assert (p.temperature, p.gamma, p.warmup, p.ce_weight, p.legacy) == (
+        assert (p.temperature, p.gamma, p.warmup_epochs, p.ce_weight, p.legacy) == (
             1.0, 1.5, 20, 1.0, True)
     elif method in ("sd_kd", "sd_dkd", "sd_nkd"):
         assert cfg.method.name == method
@@ -179,10 +181,10 @@ def check_method(cfg: ExperimentConfig, method: str, pair: tuple[str, str]) -> N
         if method == "sd_kd":
             assert (p.temperature, p.ce_weight, p.kd_weight) == (4.0, 0.1, 0.9)
         elif method == "sd_dkd":
-            assert (p.alpha, p.beta, p.temperature, p.warmup, p.ce_weight) == (
+            assert (p.alpha, p.beta, p.temperature, p.warmup_epochs, p.ce_weight) == (
                 1.0, beta, 4.0, 20, 1.0)
         else:
-            assert (p.legacy, p.temperature, p.gamma, p.warmup, p.ce_weight) == (
+            assert (p.legacy, p.temperature, p.gamma, p.warmup_epochs, p.ce_weight) == (
                 True, 4.0, beta, 20, 1.0)
     elif method in PARTNER:
         assert cfg.method.name == method
@@ -295,7 +297,7 @@ def test_dckd_configs(teacher, student):
         check_teacher(cfg, teacher)
         assert cfg.method.name == "dckd"
         p = resolved(cfg)
-        assert (p.alpha, p.beta, p.temperature, p.warmup, p.ce_weight) == (
+        assert (p.alpha, p.beta, p.temperature, p.warmup_epochs, p.ce_weight) == (
             1.0, DKD_BETA[pair], 4.0, 20, 1.0)
         assert (p.target_rule, p.nontarget_source) == ("max", "teacher")
         if partner is None:

@@ -131,9 +131,11 @@ def check_imagenet_method(cfg: ExperimentConfig, method: str, pair: tuple[str, s
     if method == "kd":  # methods.md: ImageNet KD T 1, CE 0.5, KD 0.5
         assert (p.temperature, p.ce_weight, p.kd_weight) == (1.0, 0.5, 0.5)
     elif method == "dkd":  # methods.md: ImageNet T 1, warm-up 1, beta per pair
-        assert (p.alpha, p.beta, p.temperature, p.warmup, p.ce_weight) == (1.0, beta, 1.0, 1, 1.0)
+        assert (p.alpha, p.beta, p.temperature, p.warmup_epochs, p.ce_weight) == (
+            1.0, beta, 1.0, 1, 1.0
+        )
     elif method == "nkd":  # official NKD: T 1, gamma 1.5, CE/warm-up from DKD block (1, 1)
-        assert (p.temperature, p.gamma, p.warmup, p.ce_weight, p.legacy) == (
+        assert (p.temperature, p.gamma, p.warmup_epochs, p.ce_weight, p.legacy) == (
             1.0, 1.5, 1, 1.0, True)
     else:
         check_sdd(p, method)
@@ -142,10 +144,10 @@ def check_imagenet_method(cfg: ExperimentConfig, method: str, pair: tuple[str, s
         if method == "sd_kd":  # methods.md SD-KD (no ImageNet override; official code same)
             assert (p.temperature, p.ce_weight, p.kd_weight) == (4.0, 0.1, 0.9)
         elif method == "sd_dkd":  # ImageNet DKD values, warm-up 1
-            assert (p.alpha, p.beta, p.temperature, p.warmup, p.ce_weight) == (
+            assert (p.alpha, p.beta, p.temperature, p.warmup_epochs, p.ce_weight) == (
                 1.0, beta, 1.0, 1, 1.0)
         else:  # sd_nkd: legacy NKD with T, gamma, warm-up of the DKD block
-            assert (p.legacy, p.temperature, p.gamma, p.warmup, p.ce_weight) == (
+            assert (p.legacy, p.temperature, p.gamma, p.warmup_epochs, p.ce_weight) == (
                 True, 1.0, beta, 1, 1.0)
 
 
@@ -157,9 +159,11 @@ def check_cub_method(cfg: ExperimentConfig, method: str, pair: tuple[str, str]) 
     if method == "kd":
         assert (p.temperature, p.ce_weight, p.kd_weight) == (4.0, 0.1, 0.9)
     elif method == "dkd":
-        assert (p.alpha, p.beta, p.temperature, p.warmup, p.ce_weight) == (1.0, beta, 4.0, 20, 1.0)
+        assert (p.alpha, p.beta, p.temperature, p.warmup_epochs, p.ce_weight) == (
+            1.0, beta, 4.0, 20, 1.0
+        )
     elif method == "nkd":
-        assert (p.temperature, p.gamma, p.warmup, p.ce_weight, p.legacy) == (
+        assert (p.temperature, p.gamma, p.warmup_epochs, p.ce_weight, p.legacy) == (
             1.0, 1.5, 20, 1.0, True)
     elif method in ("sd_kd", "sd_dkd", "sd_nkd"):
         check_sdd(p, method)
@@ -167,10 +171,10 @@ def check_cub_method(cfg: ExperimentConfig, method: str, pair: tuple[str, str]) 
         if method == "sd_kd":
             assert (p.temperature, p.ce_weight, p.kd_weight) == (4.0, 0.1, 0.9)
         elif method == "sd_dkd":
-            assert (p.alpha, p.beta, p.temperature, p.warmup, p.ce_weight) == (
+            assert (p.alpha, p.beta, p.temperature, p.warmup_epochs, p.ce_weight) == (
                 1.0, beta, 4.0, 20, 1.0)
         else:
-            assert (p.legacy, p.temperature, p.gamma, p.warmup, p.ce_weight) == (
+            assert (p.legacy, p.temperature, p.gamma, p.warmup_epochs, p.ce_weight) == (
                 True, 4.0, beta, 20, 1.0)
     elif method in PARTNER:
         assert {k: getattr(p, k) for k in PARTNER[method]} == PARTNER[method]
@@ -259,7 +263,7 @@ def test_imagenet_dckd_configs(teacher, student):
         assert cfg.method.name == "dckd"
         p = resolved(cfg)
         # DKD's ImageNet values (methods.md: DCKD uses DKD's defaults and warm-up)
-        assert (p.alpha, p.beta, p.temperature, p.warmup, p.ce_weight) == (
+        assert (p.alpha, p.beta, p.temperature, p.warmup_epochs, p.ce_weight) == (
             1.0, IN_DKD_BETA[pair], 1.0, 1, 1.0)
         assert (p.target_rule, p.nontarget_source) == ("max", "teacher")
         if partner is None:

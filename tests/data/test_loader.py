@@ -190,8 +190,11 @@ def test_subset_stratified(ds: ImageTensorDataset) -> None:
 
 
 def test_registry_errors() -> None:
-    with pytest.raises(DatasetError, match="valid names: cifar10, cifar100, fashion_mnist"):
+    with pytest.raises(DatasetError, match="unknown dataset 'imagenette'; known datasets: cifar10, "
+                                           "cifar100, fashion_mnist"):
         load_dataset("imagenette")
+    with pytest.raises(DatasetError, match=r"unknown dataset 'cifar_100'; did you mean cifar100"):
+        load_dataset("cifar_100")
     with pytest.raises(DatasetError, match="unknown synthetic option"):
         load_dataset("synthetic", bogus=1)
 

@@ -30,7 +30,7 @@ def _trainer(tmp_path, teacher_ckpt, compile_: bool, name: str) -> Trainer:
                  "synthetic": {"n_train": 16, "n_test": 16, "num_classes": 10, "size": 16}},
         "student": {"arch": "resnet8"},
         "teacher": {"arch": "resnet14", "checkpoint": str(teacher_ckpt)},
-        "method": {"name": "sd_dkd", "params": {"scales": [1, 2], "warmup": 1}},
+        "method": {"name": "sd_dkd", "params": {"scales": [1, 2], "warmup_epochs": 1}},
         "optim": {"epochs": 2, "milestones": [], "lr": 0.05},
         "runtime": {"device": "cpu", "threads": 2, "amp": "off", "compile": compile_},
     }, "test")
@@ -43,10 +43,9 @@ def _two_steps(trainer: Trainer) -> list[dict[str, float]]:
     losses = []
     trainer.student.train()
     trainer.train_loader.set_epoch(1)
-    for images, labels, index in trainer.train_loader:
-        terms, _ = trainer.forward_terms(images, labels, index, epoch=1)
-        trainer.backward_step(sum(terms.values()))
-        losses.append({k: float(v.detach()) for k, v in terms.items()})
+    for batch in trainer.train_loader:
+        result = trainer.step(batch, epoch=1)
+        losses.append({k: float(v.detach()) for k, v in result.terms.items()})
     return losses
 
 

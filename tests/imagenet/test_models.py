@@ -15,6 +15,15 @@ IMAGENET = {
 }  # fmt: skip
 
 
+def test_every_224px_model_is_checked_here() -> None:
+    """A newly registered ImageNet/CUB model must get its expected feature width here."""
+    from kdlab.models.registry import MODELS
+
+    registered = {n for n in list_models()
+                  if MODELS.get(n).__module__.startswith("kdlab.models.imagenet.")}
+    assert registered == set(IMAGENET) | set(CUB), sorted(registered ^ (set(IMAGENET) | set(CUB)))
+
+
 @pytest.mark.parametrize("name", sorted(IMAGENET))
 def test_imagenet_shapes(name: str) -> None:
     torch.manual_seed(0)

@@ -20,14 +20,13 @@ def setup():
     torch.manual_seed(0)
     teacher = create_model("resnet14", num_classes=10).eval()
     student = create_model("resnet8", num_classes=10)
-    ctx = DistillContext(student=student, teacher=teacher, student_probe=student.probe(32),
-                         teacher_probe=teacher.probe(32), num_classes=10,
-                         train_labels=torch.arange(64) % 10, input_size=32)
+    ctx = DistillContext.from_models(student, teacher, num_classes=10,
+                                     train_labels=torch.arange(64) % 10, input_size=32)
     return teacher, student, ctx
 
 
 @pytest.mark.filterwarnings("ignore:crd")
-@pytest.mark.parametrize("name", [m for m in list_methods() if m != "vanilla"])
+@pytest.mark.parametrize("name", list_methods())
 def test_method_under_bf16_autocast(setup, name: str) -> None:
     teacher, student, ctx = setup
     distiller = build_method(MethodConfig(name=name), ctx)

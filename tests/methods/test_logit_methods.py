@@ -18,11 +18,12 @@ from kdlab.losses.dckd import dckd_loss
 from kdlab.losses.logit import dkd_loss, kd_loss, nkd_loss
 from kdlab.losses.sdd import multiscale_logits, sdd_loss
 from kdlab.methods.base import Batch, DistillContext
-from kdlab.methods.registry import get_method
+from kdlab.methods.logit import DKDParams
+from kdlab.methods.registry import get_method, list_methods
 from kdlab.models.output import KdModel, ModelOutput
 
 K = 5
-NAMES = ["vanilla", "kd", "dkd", "nkd", "dckd", "sd_kd", "sd_dkd", "sd_nkd"]
+NAMES = list_methods("logit")  # every registered logit method, at collection time
 SDD_NAMES = ["sd_kd", "sd_dkd", "sd_nkd"]
 
 
@@ -45,13 +46,8 @@ class TinyNet(KdModel):
 
 def _setup(s_side: int = 8, t_side: int = 8, b: int = 4):
     student, teacher = TinyNet(6, s_side, 0), TinyNet(10, t_side, 1)
-    ctx = DistillContext(
-        student=student,
-        teacher=teacher,
-        student_probe=student.probe(),
-        teacher_probe=teacher.probe(),
-        num_classes=K,
-        train_labels=torch.randint(0, K, (20,)),
+    ctx = DistillContext.from_models(
+        student, teacher, num_classes=K, train_labels=torch.randint(0, K, (20,)), input_size=32
     )
     g = torch.Generator().manual_seed(2)
     images = torch.randn(b, 3, 32, 32, generator=g)
@@ -109,7 +105,7 @@ def test_warmup_scaling(name: str) -> None:
     for epoch, factor in ((1, 0.05), (10, 0.5), (20, 1.0), (40, 1.0)):
         terms = method(out_s, out_t, batch, epoch)
         torch.testing.assert_close(terms[key], factor * full)
-    no_warmup = _build(name, ctx, warmup=0)
+    no_warmup = _build(name, ctx, warmup_epochs=0)
     torch.testing.assert_close(no_warmup(out_s, out_t, batch, 1)[key], full)
 
 
@@ -187,6 +183,7 @@ def test_sdd_nested_grid_must_cover_scales() -> None:
         ("kd", {"kd_weight": -0.5}),
         ("kd", {"T": 4.0}),
         ("dkd", {"warmup": -1}),
+        ("dkd", {"warmup_epochs": -1}),
         ("dkd", {"beta": -8.0}),
         ("nkd", {"gamma": -1.0}),
         ("nkd", {"temperature": -1.0}),
@@ -212,9 +209,11 @@ def test_params_defaults() -> None:
     kd = get_method("kd").Params()
     assert (kd.temperature, kd.ce_weight, kd.kd_weight) == (4.0, 0.1, 0.9)
     dkd = get_method("dkd").Params()
-    assert (dkd.alpha, dkd.beta, dkd.temperature, dkd.warmup, dkd.ce_weight) == (1, 8, 4, 20, 1)
+    assert (dkd.alpha, dkd.beta, dkd.temperature, dkd.warmup_epochs, dkd.ce_weight) == (
+        1, 8, 4, 20, 1
+    )
     nkd = get_method("nkd").Params()
-    assert (nkd.temperature, nkd.gamma, nkd.legacy, nkd.warmup, nkd.ce_weight) == (
+    assert (nkd.temperature, nkd.gamma, nkd.legacy, nkd.warmup_epochs, nkd.ce_weight) == (
         1.0, 1.5, False, 20, 1.0
     )
     dckd = get_method("dckd").Params()
@@ -227,3 +226,19 @@ def test_params_defaults() -> None:
     assert get_method("sd_kd").Params().scales == [1, 2, 4]
     with pytest.raises(ValidationError):  # frozen
         kd.temperature = 2.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["dkd", "nkd", "dckd", "sd_dkd", "sd_nkd"])
+def test_warmup_epochs_accepts_former_key(name: str) -> None:
+    # Configs written before the rename say `warmup`; the field is `warmup_epochs`.
+    params_cls = get_method(name).Params
+    assert params_cls(warmup=5).warmup_epochs == 5
+    assert params_cls.model_validate({"warmup": 5}) == params_cls(warmup_epochs=5)
+    dumped = params_cls(warmup=5).model_dump()
+    assert dumped["warmup_epochs"] == 5 and "warmup" not in dumped
+    with pytest.raises(ValidationError):  # unknown keys are still errors
+        params_cls.model_validate({"warmup_epoch": 5})
+
+
+def test_dkd_params_former_warmup_key() -> None:
+    assert DKDParams(warmup=5).warmup_epochs == 5

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from kdlab.models import create_model, list_models, load_checkpoint
-from kdlab.models.registry import _MODELS
+from kdlab.models.registry import MODELS
 
 HERE = Path(__file__).parent
 GOLDEN_DIR = HERE / "golden"
@@ -68,8 +68,12 @@ def synthetic_input(in_channels: int = 3, size: int = 32) -> torch.Tensor:
 def test_golden_covers_the_cifar_zoo() -> None:
     assert set(STATE_DICTS) == set(SYNTHETIC)
     assert set(STATE_DICTS) <= set(list_models())
-    factories = {name: _MODELS[name] for name in STATE_DICTS}
+    factories = {name: MODELS.get(name) for name in STATE_DICTS}
     assert {f.__module__.rsplit(".", 1)[0] for f in factories.values()} == {"kdlab.models.cifar"}
+    # the other way round: a newly registered CIFAR model must bring its golden entry
+    registered = {n for n in list_models()
+                  if MODELS.get(n).__module__.startswith("kdlab.models.cifar.")}
+    assert registered == set(STATE_DICTS), sorted(registered ^ set(STATE_DICTS))
 
 
 @pytest.mark.parametrize("name", sorted(STATE_DICTS))

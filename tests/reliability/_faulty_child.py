@@ -38,11 +38,11 @@ def install(fault: str) -> None:
         n = int(rest)
         real_step = trainer.Trainer.backward_step
 
-        def step(self: Any, loss: Any) -> None:
+        def step(self: Any, *args: Any) -> None:
             calls["n"] += 1
             if calls["n"] == n:
                 _die()
-            real_step(self, loss)
+            real_step(self, *args)
 
         trainer.Trainer.backward_step = step  # type: ignore[method-assign]
     elif kind == "replace":
@@ -58,7 +58,8 @@ def install(fault: str) -> None:
                     _die()
             real_replace(src, dst, *a, **k)
 
-        checkpoint.os.replace = replace  # type: ignore[assignment]
+        # kdlab.atomic.atomic_write looks os.replace up at call time: patch it process-wide.
+        os.replace = replace  # type: ignore[assignment]
     elif kind == "partial-save":
         name, _, count = rest.rpartition(":")
         n = int(count)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import importlib.resources
 import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,15 @@ from kdlab.report.aggregate import strip_seed
 from kdlab.report.build import Report, build_report
 from kdlab.report.paper import load_paper_results, paper_method, parse_paper_csv
 
-PAPER_CSV = Path("/work/shared/reference/paper_results.csv")
+#: Optional: an external reference copy of the paper table to compare the packaged CSV with
+#: (e.g. the project's reference folder). Unset on a plain clone: that comparison is skipped.
+REFERENCE_CSV_ENV = "KDLAB_PAPER_REFERENCE_CSV"
+
+
+def _packaged_paper_csv() -> str:
+    """The paper CSV shipped as package data (``kdlab/report/paper_results.csv``)."""
+    return importlib.resources.files("kdlab.report").joinpath("paper_results.csv").read_text(
+        encoding="utf-8")
 
 PAPER_TEXT = """source,dataset,teacher,student,method,metric,value
 DKD-CVPR2022 / CRD-ICLR2020 READMEs,cifar100,resnet32x4,resnet8x4,teacher,top1,79.42
@@ -177,8 +187,9 @@ def test_paper_matching_and_difference(report: Report) -> None:
 
 
 def test_paper_csv_rules() -> None:
-    table = load_paper_results(PAPER_CSV)
+    table = parse_paper_csv(_packaged_paper_csv(), "kdlab/report/paper_results.csv")
     assert len(table) > 250
+    assert len(load_paper_results()) == len(table)  # the default is the packaged copy
     v = table.lookup("cifar100", "resnet32x4", "resnet8x4", "kd")
     assert v is not None and v.value == 73.33 and v.statistic == "last" and len(v.sources) == 2
     v = table.lookup("cifar100", "resnet32x4", "resnet8x4", "dkd")
@@ -194,6 +205,14 @@ def test_paper_csv_rules() -> None:
     assert strip_seed("kd_seed2") == "kd"
     with pytest.raises(Exception, match="not a number"):
         parse_paper_csv("source,dataset,teacher,student,method,metric,value\na,b,c,d,e,f,x\n")
+
+
+def test_packaged_paper_csv_equals_reference_copy() -> None:
+    ref = os.environ.get(REFERENCE_CSV_ENV)
+    if not ref or not Path(ref).is_file():
+        pytest.skip(f"no external reference paper CSV (set {REFERENCE_CSV_ENV} to compare the "
+                    "packaged copy with it)")
+    assert _packaged_paper_csv() == Path(ref).read_text(encoding="utf-8")
 
 
 def test_packaged_paper_csv_missing_is_graceful(monkeypatch: pytest.MonkeyPatch,

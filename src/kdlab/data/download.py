@@ -15,7 +15,9 @@ import tarfile
 import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
+from kdlab.atomic import atomic_write
 from kdlab.errors import DatasetError
 
 __all__ = ["download_and_extract", "download_file", "file_md5", "safe_extract_tar"]
@@ -44,27 +46,31 @@ def download_file(
     if dest.is_file() and (md5 is None or file_md5(dest) == md5):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    digest = hashlib.md5(usedforsecurity=False)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
-            for chunk in iter(lambda: response.read(_CHUNK), b""):
-                digest.update(chunk)
-                out.write(chunk)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        part.unlink(missing_ok=True)
-        reason = getattr(exc, "reason", exc)
-        raise DatasetError(
-            f"could not download {url} ({reason}); download it on a machine with internet "
-            f"and copy it to {dest}"
-        ) from exc
-    if md5 is not None and digest.hexdigest() != md5:
-        part.unlink(missing_ok=True)
-        raise DatasetError(
-            f"md5 mismatch for {url}: got {digest.hexdigest()}, expected {md5} "
-            f"(corrupt or tampered download; try again or fetch it manually into {dest.parent})"
-        )
-    os.replace(part, dest)
+
+    def fetch(out: BinaryIO) -> None:
+        digest = hashlib.md5(usedforsecurity=False)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                for chunk in iter(lambda: response.read(_CHUNK), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+            out.flush()
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise DatasetError(
+                f"could not download {url} ({reason}); download it on a machine with internet "
+                f"and copy it to {dest}"
+            ) from exc
+        if md5 is not None and digest.hexdigest() != md5:
+            raise DatasetError(
+                f"md5 mismatch for {url}: got {digest.hexdigest()}, expected {md5} "
+                f"(corrupt or tampered download; try again or fetch it manually into "
+                f"{dest.parent})"
+            )
+
+    # The .part file is removed on any failure (network, disk, md5) and renamed into place only
+    # after the md5 matched. Not fsynced (an archive is re-checked against its md5 when used).
+    atomic_write(dest, fetch, fsync=False, tmp_suffix=".part")
     return dest
 
 

@@ -24,19 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdlab.data.batch import Batch
 from kdlab.data.dataset import ImageTensorDataset
 from kdlab.errors import DatasetError
 
 __all__ = ["Batch", "DeviceLoader", "EpochPlan", "epoch_seed"]
-
-
-class Batch(NamedTuple):
-    """One batch: normalised ``images`` (B x C x H x W), ``labels`` (B, int64) and ``index`` (B,
-    int64, each sample's position in the dataset)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    index: torch.Tensor
 
 
 class EpochPlan(NamedTuple):

@@ -1,7 +1,8 @@
 """Dataset names -> loader functions.
 
 ``load_dataset("cifar100", root, train=True)`` is how the rest of kdlab (configs, CLI, engine)
-obtains a split. New small datasets register with :func:`register_dataset`.
+obtains a split. New small datasets register with :func:`register_dataset` (from any module of
+:mod:`kdlab.data`, found automatically, or from a plugin module).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from kdlab.data.dataset import ImageTensorDataset
 from kdlab.data.fashion_mnist import load_fashion_mnist
 from kdlab.data.synthetic import make_synthetic_dataset
 from kdlab.errors import DatasetError
+from kdlab.registry import Registry
 
-__all__ = ["DatasetLoader", "dataset_names", "load_dataset", "register_dataset"]
+__all__ = ["DATASETS", "DatasetLoader", "dataset_names", "load_dataset", "register_dataset"]
 
 PathLike = str | os.PathLike[str] | None
 
@@ -29,24 +31,18 @@ class DatasetLoader(Protocol):
     ) -> ImageTensorDataset: ...
 
 
-_REGISTRY: dict[str, DatasetLoader] = {}
+#: every registered loader, by dataset name (the device-resident datasets).
+DATASETS: Registry[DatasetLoader] = Registry("dataset", DatasetError, packages=("kdlab.data",))
 
 
 def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
     """Decorator registering a loader under ``name`` (an error if the name is taken)."""
-
-    def wrap(fn: DatasetLoader) -> DatasetLoader:
-        if name in _REGISTRY:
-            raise DatasetError(f"dataset {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
+    return DATASETS.decorator(name)
 
 
 def dataset_names() -> list[str]:
     """The registered dataset names, sorted."""
-    return sorted(_REGISTRY)
+    return DATASETS.names()
 
 
 def _no_options(name: str, options: dict[str, Any]) -> None:
@@ -114,7 +110,5 @@ def load_dataset(
     ``options`` are dataset specific (e.g. ``synthetic``: ``n_train=..., num_classes=...``).
     """
     key = name.lower().replace("-", "_")
-    loader = _REGISTRY.get(key)
-    if loader is None:
-        raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(dataset_names())}")
+    loader = DATASETS.get(key if key in DATASETS else name)
     return loader(root, train, download, **options)

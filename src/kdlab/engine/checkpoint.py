@@ -11,30 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kdlab.atomic import atomic_write
 from kdlab.errors import CheckpointError
 from kdlab.models.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 INTEGRITY_KEY = "integrity_sha256"
 
@@ -73,27 +59,18 @@ def state_digest(obj: Any) -> str:
 def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = True) -> None:
     """Write ``state`` to ``path`` atomically (temp file, fsync, rename), keeping ``path.prev``.
 
-    On any write failure (e.g. disk full) the temporary file is removed, the existing checkpoint
-    is untouched, and :class:`CheckpointError` is raised.
+    Uses :func:`kdlab.atomic.atomic_write`. On any write failure (e.g. disk full) the temporary
+    file is removed, the existing checkpoint is untouched, and :class:`CheckpointError` is
+    raised.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {**state, INTEGRITY_KEY: state_digest(state)}
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        atomic_write(path, lambda f: torch.save(state, f), keep_previous=keep_previous)
     except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {path}: {e}; "
                               "the previous checkpoint is kept") from e
-    if keep_previous and path.exists():
-        prev = path.with_name(path.name + ".prev")
-        os.replace(path, prev)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def load_latest(path: str | Path) -> tuple[dict[str, Any], Path] | None:

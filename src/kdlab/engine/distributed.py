@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kdlab.errors import ConfigError
-
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -60,11 +58,11 @@ def init_distributed(device_name: str) -> DistInfo:
 
 
 def per_rank_batch(global_batch: int, info: DistInfo, key: str = "data.batch_size") -> int:
-    """The per-rank batch for a global batch; it must divide evenly."""
-    if global_batch % info.world_size:
-        raise ConfigError(f"config key {key!r}: the global batch {global_batch} must be a "
-                          f"multiple of the number of processes ({info.world_size})")
-    return global_batch // info.world_size
+    """The per-rank batch for a global batch; it must divide evenly (see
+    :func:`kdlab.data.build.per_rank_batch`)."""
+    from kdlab.data.build import per_rank_batch as split
+
+    return split(global_batch, info.world_size, key)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -27,17 +27,9 @@ from typing import Any
 import torch
 import yaml
 
+from kdlab.atomic import atomic_write
 from kdlab.config import ExperimentConfig, dump_yaml
 from kdlab.errors import RunError
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunDir:
@@ -120,15 +112,15 @@ class RunDir:
             (self.path / "checkpoints").mkdir(exist_ok=True)
         except OSError as e:
             raise RunError(f"cannot create run directory {self.path}: {e.strerror}") from e
-        _write_text_atomic(self.config_path, dump_yaml(cfg))
-        _write_text_atomic(self.path / "run.json",
-                           json.dumps({"fingerprint": fp, "created": time.time()}, indent=2))
+        atomic_write(self.config_path, dump_yaml(cfg))
+        atomic_write(self.path / "run.json",
+                     json.dumps({"fingerprint": fp, "created": time.time()}, indent=2))
         self.write_json("env.json", environment_info())
         return "new"
 
     def write_json(self, name: str, obj: Any) -> None:
         """Write ``obj`` as JSON into the run directory atomically."""
-        _write_text_atomic(self.inside(name), json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        atomic_write(self.inside(name), json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
     def read_json(self, name: str) -> Any:
         return json.loads(self.inside(name).read_text())
@@ -158,8 +150,8 @@ class RunDir:
     def truncate_metrics(self, last_epoch: int) -> None:
         """Keep only the records of epochs <= ``last_epoch`` (used on resume)."""
         kept = [r for r in self.read_metrics() if r.get("epoch", 0) <= last_epoch]
-        _write_text_atomic(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n"
-                                                      for r in kept))
+        atomic_write(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                                for r in kept))
 
     def load_config_dict(self) -> dict[str, Any]:
         return yaml.safe_load(self.config_path.read_text())

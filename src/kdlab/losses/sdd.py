@@ -3,15 +3,16 @@
 Two pure functions: :func:`multiscale_logits` turns a model's final feature map and its linear
 classifier into local logits ``B x K x N`` (one column per region), and :func:`sdd_loss` applies a
 base logit loss (KD, DKD or NKD, from :mod:`kdlab.losses.logit`) to every region with
-teacher-derived consistent/complementary weights.
+teacher-derived consistent/complementary weights. :func:`sdd_pooling_grids` is the one check of
+SDD's scale rules (used by :func:`multiscale_logits`, the SDD params and the SDD distillers).
 
-Scales larger than the feature map (kdlab's rule, checked by :func:`check_scales`): an ``m x m``
-grid is accepted on an ``H x W`` map when, along each side, ``m <= H`` (ordinary, possibly
-overlapping, adaptive average pooling) or ``m`` is a multiple of ``H`` (adaptive pooling then
-repeats every location exactly ``m / H`` times: the MobileNetV2 student on CIFAR has a 2x2 map
-whose 4x4 cells are copies of its 4 locations, which the official code trains with). Any other
-``m > H`` (say 4 cells on a side of 3) would make cells that mix unequal shares of locations, and
-raises :class:`~kdlab.errors.MethodError`.
+Scales larger than the feature map (kdlab's rule, checked by :func:`sdd_pooling_grids`): an
+``m x m`` grid is accepted on an ``H x W`` map when, along each side, ``m <= H`` (ordinary,
+possibly overlapping, adaptive average pooling) or ``m`` is a multiple of ``H`` (adaptive pooling
+then repeats every location exactly ``m / H`` times: the MobileNetV2 student on CIFAR has a 2x2
+map whose 4x4 cells are copies of its 4 locations, which the official code trains with). Any
+other ``m > H`` (say 4 cells on a side of 3) would make cells that mix unequal shares of
+locations, and raises :class:`~kdlab.errors.MethodError`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor
 from kdlab.errors import MethodError
 from kdlab.losses.logit import dkd_loss, kd_loss, nkd_loss
 
-__all__ = ["check_scales", "multiscale_logits", "normalize_scales", "sdd_loss"]
+__all__ = ["multiscale_logits", "sdd_loss", "sdd_pooling_grids"]
 
 Pooling = Literal["nested", "direct"]
 Base = Literal["kd", "dkd", "nkd"]
@@ -35,39 +36,62 @@ Criterion = Literal["correctness", "class"]
 _BASES: dict[str, Callable[..., Tensor]] = {"kd": kd_loss, "dkd": dkd_loss, "nkd": nkd_loss}
 
 
-def normalize_scales(scales: Iterable[int]) -> tuple[int, ...]:
-    """The scales sorted increasingly; they must be distinct positive integers including 1.
-
-    Region 0 (the global 1x1 region) is what SDD compares every local prediction with, so the
-    scale 1 is required.
-    """
-    out = tuple(sorted(int(m) for m in scales))
-    if not out or out[0] < 1 or len(set(out)) != len(out) or out[0] != 1:
-        raise MethodError(
-            f"SDD scales must be distinct positive integers including 1 (the global region), "
-            f"got {list(scales)}; e.g. [1, 2] or [1, 2, 4]"
-        )
-    return out
-
-
 def _fits(m: int, side: int) -> bool:
     return m <= side or m % side == 0
 
 
-def check_scales(
-    scales: Sequence[int], height: int, width: int, what: str = "feature map"
-) -> None:
-    """Raise :class:`MethodError` unless every ``m x m`` grid can pool an ``height x width`` map.
+def sdd_pooling_grids(
+    scales: Iterable[int],
+    pooling: str = "nested",
+    nested_grid: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    what: str = "feature map",
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Check SDD's scale rules once; return ``(scales, grids pooled directly from the map)``.
 
-    Rule: along each side, ``m <= side`` or ``m`` is a multiple of ``side`` (see module doc).
+    The one place SDD's scale rules are checked (the params validator, the distillers when they
+    are built and :func:`multiscale_logits` all call it):
+
+    * ``scales`` must be distinct positive integers including 1 (region 0, the global 1x1
+      region, is what SDD compares every local prediction with); they are returned sorted;
+    * ``pooling`` is ``"direct"`` (every scale is pooled from the map, so the grids are the
+      scales) or ``"nested"`` (the map is pooled once to ``g x g``, ``g = nested_grid`` or the
+      largest scale, which must be at least the largest scale);
+    * when ``height`` and ``width`` are given, every grid pooled from the map must fit it:
+      along each side, ``m <= side`` or ``m`` is a multiple of ``side`` (see the module doc);
+      ``what`` names the map in that error.
+
+    Raises:
+        MethodError: any rule broken.
     """
-    for m in scales:
-        if not (_fits(m, height) and _fits(m, width)):
+    given = list(scales)
+    sc = tuple(sorted(int(m) for m in given))
+    if not sc or sc[0] != 1 or len(set(sc)) != len(sc):
+        raise MethodError(
+            f"SDD scales must be distinct positive integers including 1 (the global region), "
+            f"got {given}; e.g. [1, 2] or [1, 2, 4]"
+        )
+    if pooling == "direct":
+        grids = sc
+    elif pooling == "nested":
+        g = sc[-1] if nested_grid is None else int(nested_grid)
+        if g < sc[-1]:
             raise MethodError(
-                f"SDD scale {m} does not fit the {height}x{width} {what}: a scale must be at most "
-                f"the map's side or a multiple of it; use smaller scales (e.g. [1, 2]) for this "
-                "model"
+                f"nested_grid ({g}) must be at least the largest SDD scale ({sc[-1]})"
             )
+        grids = (g,)
+    else:
+        raise MethodError(f"SDD pooling must be 'nested' or 'direct', got {pooling!r}")
+    if height is not None and width is not None:
+        for m in grids:
+            if not (_fits(m, height) and _fits(m, width)):
+                raise MethodError(
+                    f"SDD scale {m} does not fit the {height}x{width} {what}: a scale must be at "
+                    "most the map's side or a multiple of it; use smaller scales (e.g. [1, 2]) "
+                    "for this model"
+                )
+    return sc, grids
 
 
 def multiscale_logits(
@@ -96,7 +120,7 @@ def multiscale_logits(
     Args:
         feature_map: ``B x C x H x W`` final map (after the last activation, before pooling).
         classifier: the model's linear head, callable on ``(..., C)``.
-        scales: grid sizes; must contain 1 (see :func:`normalize_scales`).
+        scales: grid sizes; must contain 1 (see :func:`sdd_pooling_grids`).
         pooling: ``"nested"`` or ``"direct"``.
         nested_grid: the intermediate grid of nested pooling (``None``: the largest scale; 4
             reproduces the official code for every ``M`` it supports).
@@ -105,29 +129,21 @@ def multiscale_logits(
         ``B x K x N`` local logits.
 
     Raises:
-        MethodError: bad scales, a scale that does not fit the map (see :func:`check_scales`),
-            an unknown ``pooling``.
+        MethodError: bad scales, a scale that does not fit the map, an unknown ``pooling``
+            (see :func:`sdd_pooling_grids`).
     """
     if feature_map.dim() != 4:
         raise MethodError(
             f"SDD needs a B x C x H x W feature map, got shape {tuple(feature_map.shape)}"
         )
-    sc = normalize_scales(scales)
     h, w = feature_map.shape[-2:]
+    sc, from_map = sdd_pooling_grids(scales, pooling, nested_grid, int(h), int(w))
     if pooling == "direct":
-        check_scales(sc, h, w)
-        grids = [F.adaptive_avg_pool2d(feature_map, m) for m in sc]
-    elif pooling == "nested":
-        g = sc[-1] if nested_grid is None else int(nested_grid)
-        if g < sc[-1]:
-            raise MethodError(
-                f"nested_grid ({g}) must be at least the largest SDD scale ({sc[-1]})"
-            )
-        check_scales((g,), h, w)
+        grids = [F.adaptive_avg_pool2d(feature_map, m) for m in from_map]
+    else:
+        g = from_map[0]
         base = F.adaptive_avg_pool2d(feature_map, g)
         grids = [base if m == g else F.adaptive_avg_pool2d(base, m) for m in sc]
-    else:
-        raise MethodError(f"SDD pooling must be 'nested' or 'direct', got {pooling!r}")
     cells = torch.cat([grid.flatten(2) for grid in grids], dim=2)  # B x C x N
     # Under autocast the map may be bf16/fp16 while the head is float32: SDD's losses are
     # computed in float32 (spec), so the cells are classified at the head's precision.

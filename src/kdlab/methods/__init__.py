@@ -1,10 +1,10 @@
 """Distillation methods: registered distillers and their composition.
 
 Logit methods: vanilla, kd, dkd, nkd, sd_kd, sd_dkd, sd_nkd, dckd. Partners: fitnet, at, rkd,
-sp, pkt, crd, reviewkd. See :mod:`kdlab.methods.base` for the contract.
+sp, pkt, crd, reviewkd. See :mod:`kdlab.methods.base` for the contract. Every module of this
+package is imported on the first registry lookup (:mod:`kdlab.registry`), which registers it.
 """
 
-from kdlab.methods import crd, feature, logit, reviewkd, sdd  # noqa: F401  (registration)
 from kdlab.methods.base import Batch, DistillContext, Distiller, MethodParams, warmup_factor
 from kdlab.methods.compose import CompositeDistiller, build_method
 from kdlab.methods.registry import get_method, list_methods, register_method

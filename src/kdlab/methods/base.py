@@ -3,8 +3,9 @@
 Architecture contract 3: a distiller owns its typed hyperparameters (a pydantic ``Params`` model)
 and any trainable helper modules (regressors, embeddings, memory banks), and maps
 ``(student output, teacher output, batch, epoch)`` to a dict of named, already-weighted loss terms.
-The total loss is the sum of the dict's values. Composite methods (SD-DKD + CRD, DCKD + FitNet)
-are compositions of registered distillers (:mod:`kdlab.methods.compose`), not copies.
+The total loss is the sum of the dict's values, computed only by :func:`total_loss`. Composite
+methods (SD-DKD + CRD, DCKD + FitNet) are compositions of registered distillers
+(:mod:`kdlab.methods.compose`), not copies.
 
 There are two kinds:
 
@@ -18,12 +19,24 @@ There are two kinds:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar, get_args, get_origin
 
+import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from kdlab.data.batch import Batch
+from kdlab.errors import MethodError
 from kdlab.models.output import KdModel, ModelOutput
+
+__all__ = [
+    "Batch",
+    "DistillContext",
+    "Distiller",
+    "MethodParams",
+    "total_loss",
+    "warmup_factor",
+]
 
 
 class MethodParams(BaseModel):
@@ -32,16 +45,8 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@dataclass
-class Batch:
-    """One training batch as the distillers see it.
-
-    ``index`` holds each sample's position in the training set (CRD's memory bank uses it).
-    """
-
-    images: Tensor
-    labels: Tensor
-    index: Tensor
+#: A distiller's parameter class (``Distiller[KDParams]`` reads ``self.params`` as KDParams).
+P = TypeVar("P", bound=MethodParams)
 
 
 @dataclass
@@ -53,7 +58,7 @@ class DistillContext:
     index order (CRD samples its negatives with them). The models themselves are referenced, not
     owned: a distiller must not register them as submodules (the SDD methods call their
     classifiers on pooled regions). ``teacher`` is None only for teacher/baseline training
-    (``kdlab train``), where the method is ``vanilla``.
+    (``kdlab train``), where the method is ``vanilla``. Build it with :meth:`from_models`.
     """
 
     student: KdModel
@@ -64,13 +69,61 @@ class DistillContext:
     train_labels: Tensor
     input_size: int = 32
 
+    @classmethod
+    def from_models(
+        cls,
+        student: KdModel,
+        teacher: KdModel | None,
+        *,
+        num_classes: int,
+        train_labels: Tensor,
+        input_size: int,
+    ) -> DistillContext:
+        """The context of ``student`` and ``teacher``, probed with one ``input_size`` batch each
+        (the student first; no teacher probe without a teacher)."""
+        return cls(
+            student=student,
+            teacher=teacher,
+            student_probe=student.probe(input_size),
+            teacher_probe=None if teacher is None else teacher.probe(input_size),
+            num_classes=num_classes,
+            train_labels=train_labels,
+            input_size=input_size,
+        )
 
-class Distiller(nn.Module):
-    """Base distiller. Subclasses set ``name``, ``kind``, ``Params`` and implement ``forward``.
+    def require_teacher_probe(self, method: str) -> ModelOutput:
+        """The teacher's probe, or :class:`MethodError` naming ``method`` when there is no
+        teacher (``build_method`` refuses such contexts first; this guards direct use)."""
+        if self.teacher_probe is None:
+            raise MethodError(f"method {method!r} needs a teacher")
+        return self.teacher_probe
 
+
+def _params_of_generic_bases(cls: type) -> type[MethodParams] | None:
+    """The parameter class bound in the nearest generic ``Distiller`` base of ``cls``.
+
+    Walks the MRO, so ``SDDKD(_SDDBase[SDDKDParams])`` with ``_SDDBase(Distiller[SP],
+    Generic[SP])`` gives ``SDDKDParams``; bases still parameterised by a type variable are skipped.
+    """
+    for klass in cls.__mro__:
+        for base in klass.__dict__.get("__orig_bases__", ()):
+            origin = get_origin(base)
+            if not (isinstance(origin, type) and issubclass(origin, Distiller)):
+                continue
+            for arg in get_args(base):
+                if isinstance(arg, type) and issubclass(arg, MethodParams):
+                    return arg
+    return None
+
+
+class Distiller(nn.Module, Generic[P]):
+    """Base distiller, generic over its parameter class.
+
+    Subclasses derive from ``Distiller[XParams]``, set ``name`` and ``kind`` and implement
+    ``forward``; ``Params`` is inferred from the generic argument (a subclass may still set it).
     ``forward(out_s, out_t, batch, epoch)`` returns ``{term_name: weighted scalar tensor}``;
-    ``epoch`` counts from 1 (loss warm-ups use ``min(epoch / warmup, 1)``). Losses are computed
-    in float32 whatever the autocast state.
+    ``epoch`` counts from 1 (loss warm-ups use ``min(epoch / warmup_epochs, 1)``). Losses are
+    computed in float32 whatever the autocast state.
     """
 
     name: ClassVar[str]
@@ -82,7 +135,17 @@ class Distiller(nn.Module):
     #: pass when no part of the method does).
     uses_teacher: ClassVar[bool] = True
 
-    def __init__(self, params: MethodParams, ctx: DistillContext) -> None:
+    params: P
+    ctx: DistillContext
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Params" not in cls.__dict__:
+            params_cls = _params_of_generic_bases(cls)
+            if params_cls is not None:
+                cls.Params = params_cls
+
+    def __init__(self, params: P, ctx: DistillContext) -> None:
         super().__init__()
         self.params = params
         # A plain attribute: the context holds the models, which must not become submodules.
@@ -98,11 +161,20 @@ class Distiller(nn.Module):
         return {"name": self.name, "params": self.params.model_dump()}
 
 
-def warmup_factor(epoch: int, warmup: int) -> float:
-    """Linear loss warm-up ``min(epoch / warmup, 1)`` with epochs counted from 1 (DKD, CVPR 2022).
+def total_loss(terms: dict[str, Tensor]) -> Tensor:
+    """The total loss: the sum of the named, already-weighted loss terms (architecture contract 3).
 
-    ``warmup <= 0`` means no warm-up (factor 1).
+    The one place the sum is computed, in float32 (every term is cast first).
     """
-    if warmup <= 0:
+    return torch.stack([v.float() for v in terms.values()]).sum()
+
+
+def warmup_factor(epoch: int, warmup_epochs: int) -> float:
+    """Linear loss warm-up ``min(epoch / warmup_epochs, 1)`` with epochs counted from 1 (DKD,
+    CVPR 2022).
+
+    ``warmup_epochs <= 0`` means no warm-up (factor 1).
+    """
+    if warmup_epochs <= 0:
         return 1.0
-    return min(epoch / warmup, 1.0)
+    return min(epoch / warmup_epochs, 1.0)

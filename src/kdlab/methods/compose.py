@@ -2,12 +2,13 @@
 
 ``L = L_logit(CE + output distillation) + sum_j lambda_j * L_partner_j`` (the DCKD paper's
 merge of output-based with feature- or relation-based distillation, Wang et al., PLOS ONE 2025;
-equally SDD + CRD etc.). Each part is a registered distiller; this class only sums their terms.
+equally SDD + CRD etc.). Each part is a registered distiller; this module only collects their
+terms.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 from torch import Tensor, nn
@@ -19,39 +20,50 @@ from kdlab.methods.registry import get_method, list_methods
 from kdlab.models.output import ModelOutput
 
 
-class CompositeDistiller(Distiller):
+class CompositeDistiller(nn.Module):
     """A logit distiller and zero or more partner distillers whose loss terms are summed.
 
-    Term names are the parts' own names; a partner term whose name is already taken is prefixed
-    with the partner's method name.
+    A plain module holding its parts (not itself a registered distiller): ``logit`` (the one
+    logit method, which owns cross-entropy) and ``partners``. Term names are the parts' own names;
+    a partner term whose name is already taken is prefixed with the partner's method name. The
+    total loss is :func:`kdlab.methods.base.total_loss` of the terms.
+
+    Attributes:
+        uses_teacher: whether any part reads the teacher's output.
+        default_clip_grad_norm: the logit method's published gradient-norm clip, or None.
     """
 
-    name = "composite"
-    kind = "logit"
-    Params = MethodParams
+    logit: Distiller[Any]
+    partners: nn.ModuleList
 
-    def __init__(self, logit: Distiller, partners: list[Distiller], ctx: DistillContext) -> None:
-        super().__init__(MethodParams(), ctx)
+    def __init__(self, logit: Distiller[Any], partners: list[Distiller[Any]]) -> None:
+        super().__init__()
         self.logit = logit
         self.partners = nn.ModuleList(partners)
-        self.default_clip_grad_norm = logit.default_clip_grad_norm  # type: ignore[misc]
-        self.uses_teacher = logit.uses_teacher or any(  # type: ignore[misc]
-            p.uses_teacher for p in partners)
+        self.uses_teacher: bool = logit.uses_teacher or any(p.uses_teacher for p in partners)
+        self.default_clip_grad_norm: float | None = logit.default_clip_grad_norm
+
+    def _partner_list(self) -> list[Distiller[Any]]:
+        """The partners, typed (``nn.ModuleList`` iterates as plain modules)."""
+        return [cast("Distiller[Any]", p) for p in self.partners]
 
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
+        """``{term_name: weighted scalar tensor}`` of every part, logit method first."""
         terms = dict(self.logit(out_s, out_t, batch, epoch))
-        for partner in self.partners:
+        for partner in self._partner_list():
             for key, value in partner(out_s, out_t, batch, epoch).items():
                 terms[key if key not in terms else f"{partner.name}.{key}"] = value
         return terms
 
     def describe(self) -> dict[str, Any]:
+        """The composite's name (``logit+partner+...``) and each part's description."""
+        partners = self._partner_list()
         return {
-            "name": "+".join([self.logit.name, *(p.name for p in self.partners)]),
+            "name": "+".join([self.logit.name, *(p.name for p in partners)]),
             "logit": self.logit.describe(),
-            "partners": [p.describe() for p in self.partners],
+            "partners": [p.describe() for p in partners],
         }
 
 
@@ -91,11 +103,11 @@ def build_method(cfg: MethodConfig, ctx: DistillContext) -> CompositeDistiller:
         raise MethodError(f"{logit_name!r} is not a logit method; use one of "
                           f"{', '.join(list_methods('logit'))}")
     logit = logit_cls(build_params(logit_name, logit_params, "method.params"), ctx)
-    partners = []
+    partners: list[Distiller[Any]] = []
     for name, params, key in partner_cfgs:
         cls = get_method(name)
         if cls.kind != "partner":
             raise MethodError(f"partner {name!r} is a logit method; partners are "
                               f"{', '.join(list_methods('partner'))}")
         partners.append(cls(build_params(name, params, key), ctx))
-    return CompositeDistiller(logit, partners, ctx)
+    return CompositeDistiller(logit, partners)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ class Embed(nn.Module):
 
 
 @register_method
-class CRD(Distiller):
+class CRD(Distiller[CRDParams]):
     """Contrastive representation distillation on the pooled embeddings.
 
     Helper state: two trainable heads ``embed_s``/``embed_t`` (student / teacher embedding ->
@@ -88,14 +88,22 @@ class CRD(Distiller):
     (``with_replacement``) keeps ``nce_k``.
     """
 
-    name: ClassVar[str] = "crd"
+    name = "crd"
     kind = "partner"
-    Params: ClassVar[type[MethodParams]] = CRDParams
 
-    def __init__(self, params: MethodParams, ctx: DistillContext) -> None:
+    # buffers (registered in __init__), declared for the type checker
+    memory_s: Tensor
+    memory_t: Tensor
+    z_s: Tensor
+    z_t: Tensor
+    train_labels: Tensor
+    _order: Tensor
+    _counts: Tensor
+    _starts: Tensor
+
+    def __init__(self, params: CRDParams, ctx: DistillContext) -> None:
         super().__init__(params, ctx)
         p = self.params
-        assert isinstance(p, CRDParams)
         labels = ctx.train_labels.detach().flatten().long().cpu()
         n = int(labels.numel())
         if n == 0:
@@ -121,7 +129,7 @@ class CRD(Distiller):
         self.n_data = n
 
         dim_s = pooled_embedding(ctx.student_probe).shape[1]
-        dim_t = pooled_embedding(ctx.teacher_probe).shape[1]
+        dim_t = pooled_embedding(ctx.require_teacher_probe(self.name)).shape[1]
         self.embed_s = Embed(dim_s, p.feat_dim)
         self.embed_t = Embed(dim_t, p.feat_dim)
 
@@ -167,7 +175,6 @@ class CRD(Distiller):
     def draw_negatives(self, index: Tensor) -> Tensor:
         """``B x nce_k`` negative indices for the samples at ``index`` (other classes only)."""
         p = self.params
-        assert isinstance(p, CRDParams)
         labels = self.train_labels
         anchors = labels[index.to(labels.device)]
         g = self._generator(labels.device)
@@ -188,7 +195,6 @@ class CRD(Distiller):
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
         p = self.params
-        assert isinstance(p, CRDParams)
         index = batch.index.to(self.memory_s.device).long()
         e_s = self.embed_s(pooled_embedding(out_s).float())
         # The teacher's feature is frozen; its embedding head is trained by this loss.

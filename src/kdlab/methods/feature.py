@@ -8,8 +8,6 @@ See ``docs/methods/partners.md`` for the equations, defaults and the features ea
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -119,19 +117,17 @@ class FitNetParams(MethodParams):
 
 
 @register_method
-class FitNet(Distiller):
+class FitNet(Distiller[FitNetParams]):
     """FitNets (Romero et al., ICLR 2015), single-stage as in RepDistiller/mdistiller: the hint
     loss on ``features[hint_layer]`` through a trainable :class:`ConvRegressor`."""
 
-    name: ClassVar[str] = "fitnet"
+    name = "fitnet"
     kind = "partner"
-    Params: ClassVar[type[MethodParams]] = FitNetParams
 
-    def __init__(self, params: MethodParams, ctx: DistillContext) -> None:
+    def __init__(self, params: FitNetParams, ctx: DistillContext) -> None:
         super().__init__(params, ctx)
         p = self.params
-        assert isinstance(p, FitNetParams)
-        fs, ft = ctx.student_probe.features, ctx.teacher_probe.features
+        fs, ft = ctx.student_probe.features, ctx.require_teacher_probe(self.name).features
         h = p.hint_layer
         if h >= len(fs) or h >= len(ft):
             raise MethodError(
@@ -147,7 +143,6 @@ class FitNet(Distiller):
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
         p = self.params
-        assert isinstance(p, FitNetParams)
         h = p.hint_layer
         loss = fitnet_loss(self.regressor(out_s.features[h]), out_t.features[h])
         return {"fitnet": p.weight * loss}
@@ -164,7 +159,7 @@ class ATParams(MethodParams):
 
 
 @register_method
-class AT(Distiller):
+class AT(Distiller[ATParams]):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) on every stage output
     ``features[1:]`` (RepDistiller's ``feat[1:-1]``: stem and pooled vector excluded).
 
@@ -172,21 +167,19 @@ class AT(Distiller):
     different stage counts the deepest stages of the longer one are left out.
     """
 
-    name: ClassVar[str] = "at"
+    name = "at"
     kind = "partner"
-    Params: ClassVar[type[MethodParams]] = ATParams
 
-    def __init__(self, params: MethodParams, ctx: DistillContext) -> None:
+    def __init__(self, params: ATParams, ctx: DistillContext) -> None:
         super().__init__(params, ctx)
         s = _stages(ctx.student_probe, "student", self.name)
-        t = _stages(ctx.teacher_probe, "teacher", self.name)
+        t = _stages(ctx.require_teacher_probe(self.name), "teacher", self.name)
         self.num_pairs = min(len(s), len(t))
 
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
         p = self.params
-        assert isinstance(p, ATParams)
         n = self.num_pairs
         loss = at_loss(out_s.features[1 : 1 + n], out_t.features[1 : 1 + n], p=p.p)
         return {"at": p.weight * loss}
@@ -205,21 +198,19 @@ class RKDParams(MethodParams):
 
 
 @register_method
-class RKD(Distiller):
+class RKD(Distiller[RKDParams]):
     """Relational KD (Park et al., CVPR 2019), distance + angle, on the pooled embeddings.
 
     Returns two terms, ``rkd_distance`` and ``rkd_angle``, each already weighted.
     """
 
-    name: ClassVar[str] = "rkd"
+    name = "rkd"
     kind = "partner"
-    Params: ClassVar[type[MethodParams]] = RKDParams
 
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
         p = self.params
-        assert isinstance(p, RKDParams)
         e_s, e_t = pooled_embedding(out_s), pooled_embedding(out_t)
         return {
             "rkd_distance": p.weight * p.distance_weight * rkd_distance_loss(e_s, e_t, p.eps),
@@ -237,26 +228,24 @@ class SPParams(MethodParams):
 
 
 @register_method
-class SP(Distiller):
+class SP(Distiller[SPParams]):
     """Similarity-preserving KD (Tung & Mori, ICCV 2019) on the LAST stage output
     ``features[-1]`` (RepDistiller's ``feat[-2]``, mdistiller's ``feats[-1]``): the output of the
     last residual group, which is ``feature_map`` for ResNet/WRN but precedes the final 1x1
     convolution for MobileNetV2."""
 
-    name: ClassVar[str] = "sp"
+    name = "sp"
     kind = "partner"
-    Params: ClassVar[type[MethodParams]] = SPParams
 
-    def __init__(self, params: MethodParams, ctx: DistillContext) -> None:
+    def __init__(self, params: SPParams, ctx: DistillContext) -> None:
         super().__init__(params, ctx)
         _stages(ctx.student_probe, "student", self.name)
-        _stages(ctx.teacher_probe, "teacher", self.name)
+        _stages(ctx.require_teacher_probe(self.name), "teacher", self.name)
 
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
         p = self.params
-        assert isinstance(p, SPParams)
         return {"sp": p.weight * sp_loss(out_s.features[-1], out_t.features[-1])}
 
 
@@ -271,18 +260,16 @@ class PKTParams(MethodParams):
 
 
 @register_method
-class PKT(Distiller):
+class PKT(Distiller[PKTParams]):
     """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018) on the pooled embeddings,
     with the cosine kernel of the authors' code."""
 
-    name: ClassVar[str] = "pkt"
+    name = "pkt"
     kind = "partner"
-    Params: ClassVar[type[MethodParams]] = PKTParams
 
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
         p = self.params
-        assert isinstance(p, PKTParams)
         loss = pkt_loss(pooled_embedding(out_s), pooled_embedding(out_t), eps=p.eps)
         return {"pkt": p.weight * loss}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from torch import Tensor
 
 from kdlab.losses.dckd import dckd_loss
@@ -54,17 +54,28 @@ class KDParams(MethodParams):
 
 
 class DKDParams(MethodParams):
-    """DKD (Zhao et al., CVPR 2022). CIFAR defaults: alpha 1, beta 8, T 4, warmup 20, ce 1."""
+    """DKD (Zhao et al., CVPR 2022). CIFAR defaults: alpha 1, beta 8, T 4, warmup_epochs 20, ce 1.
+
+    ``warmup_epochs`` is also accepted under its former key ``warmup`` (old configs).
+    """
 
     ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term")
     alpha: float = Field(1.0, ge=0, description="weight of TCKD (target class term)")
     beta: float = Field(8.0, ge=0, description="weight of NCKD (non-target class term)")
     temperature: float = Field(4.0, gt=0, description="softmax temperature T")
-    warmup: int = Field(20, ge=0, description="epochs of linear loss warm-up (0: none)")
+    warmup_epochs: int = Field(
+        20,
+        ge=0,
+        validation_alias=AliasChoices("warmup_epochs", "warmup"),
+        description="epochs of linear loss warm-up (0: none); former key: warmup",
+    )
 
 
 class NKDParams(MethodParams):
-    """NKD (Yang et al., ICCV 2023). Defaults: T 1, gamma 1.5, warmup 20, ce 1, correct NKD."""
+    """NKD (Yang et al., ICCV 2023). Defaults: T 1, gamma 1.5, warmup_epochs 20, ce 1, correct NKD.
+
+    ``warmup_epochs`` is also accepted under its former key ``warmup`` (old configs).
+    """
 
     ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term")
     temperature: float = Field(1.0, gt=0, description="temperature T of the non-target term")
@@ -73,7 +84,12 @@ class NKDParams(MethodParams):
         False,
         description="SDD official code's variant whose non-target sum includes the target class",
     )
-    warmup: int = Field(20, ge=0, description="epochs of linear loss warm-up (0: none)")
+    warmup_epochs: int = Field(
+        20,
+        ge=0,
+        validation_alias=AliasChoices("warmup_epochs", "warmup"),
+        description="epochs of linear loss warm-up (0: none); former key: warmup",
+    )
 
 
 class DCKDParams(DKDParams):
@@ -88,12 +104,11 @@ class DCKDParams(DKDParams):
 
 
 @register_method
-class Vanilla(Distiller):
+class Vanilla(Distiller[VanillaParams]):
     """No distillation: ``L = ce_weight * CE(z_s, y)``. Needs no teacher."""
 
     name = "vanilla"
     kind = "logit"
-    Params = VanillaParams
     uses_teacher = False
 
     def forward(
@@ -104,7 +119,7 @@ class Vanilla(Distiller):
 
 
 @register_method
-class KD(Distiller):
+class KD(Distiller[KDParams]):
     """KD: ``L = ce_weight * CE + kd_weight * T^2 * KL(p_t || p_s)``.
 
     Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", arXiv:1503.02531, 2015.
@@ -112,7 +127,6 @@ class KD(Distiller):
 
     name = "kd"
     kind = "logit"
-    Params = KDParams
 
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
@@ -126,31 +140,30 @@ class KD(Distiller):
 
 
 @register_method
-class DKD(Distiller):
-    """DKD: ``L = ce_weight * CE + min(epoch / warmup, 1) * (alpha * TCKD + beta * NCKD)``.
+class DKD(Distiller[DKDParams]):
+    """DKD: ``L = ce_weight * CE + min(epoch / warmup_epochs, 1) * (alpha * TCKD + beta * NCKD)``.
 
     Zhao, Cui, Song, Qiu, Liang, "Decoupled Knowledge Distillation", CVPR 2022.
     """
 
     name = "dkd"
     kind = "logit"
-    Params = DKDParams
 
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
-        """``{"ce": ..., "dkd": warmup * L_DKD}``."""
+        """``{"ce": ..., "dkd": warmup_factor * L_DKD}``."""
         p = self.params
         loss = dkd_loss(out_s.logits, out_t.logits, batch.labels, p.alpha, p.beta, p.temperature)
         return {
             "ce": ce_term(out_s, batch, p.ce_weight),
-            "dkd": warmup_factor(epoch, p.warmup) * loss,
+            "dkd": warmup_factor(epoch, p.warmup_epochs) * loss,
         }
 
 
 @register_method
-class NKD(Distiller):
-    """NKD: ``L = ce_weight * CE + min(epoch / warmup, 1) * L_NKD``.
+class NKD(Distiller[NKDParams]):
+    """NKD: ``L = ce_weight * CE + min(epoch / warmup_epochs, 1) * L_NKD``.
 
     Yang, Zeng, Li, Zhang, Yuan, Li, "From Knowledge Distillation to Self-Knowledge
     Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels", ICCV 2023.
@@ -158,27 +171,26 @@ class NKD(Distiller):
 
     name = "nkd"
     kind = "logit"
-    Params = NKDParams
 
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
-        """``{"ce": ..., "nkd": warmup * L_NKD}``."""
+        """``{"ce": ..., "nkd": warmup_factor * L_NKD}``."""
         p = self.params
         loss = nkd_loss(
             out_s.logits, out_t.logits, batch.labels, p.temperature, p.gamma, legacy=p.legacy
         )
         return {
             "ce": ce_term(out_s, batch, p.ce_weight),
-            "nkd": warmup_factor(epoch, p.warmup) * loss,
+            "nkd": warmup_factor(epoch, p.warmup_epochs) * loss,
         }
 
 
 @register_method
-class DCKD(Distiller):
+class DCKD(Distiller[DCKDParams]):
     """DCKD (kdlab's reconstruction from the abstract; the paper's equations were not available).
 
-    ``L = ce_weight * CE + min(epoch / warmup, 1) * T^2 * (alpha KL(b* || b_s) +
+    ``L = ce_weight * CE + min(epoch / warmup_epochs, 1) * T^2 * (alpha KL(b* || b_s) +
     beta KL(q_src || q_s))``; see :func:`kdlab.losses.dckd.dckd_loss`. Wang, Dong, Zhu, Li,
     "Decoupled Classifier Knowledge Distillation", PLOS ONE 2025. Meant to be merged with a
     feature/relation partner (``method.partners``).
@@ -186,12 +198,11 @@ class DCKD(Distiller):
 
     name = "dckd"
     kind = "logit"
-    Params = DCKDParams
 
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
-        """``{"ce": ..., "dckd": warmup * L_DCKD}``."""
+        """``{"ce": ..., "dckd": warmup_factor * L_DCKD}``."""
         p = self.params
         loss = dckd_loss(
             out_s.logits,
@@ -205,5 +216,5 @@ class DCKD(Distiller):
         )
         return {
             "ce": ce_term(out_s, batch, p.ce_weight),
-            "dckd": warmup_factor(epoch, p.warmup) * loss,
+            "dckd": warmup_factor(epoch, p.warmup_epochs) * loss,
         }

@@ -1,4 +1,8 @@
-"""Registry of distillation methods by name."""
+"""Registry of distillation methods by name.
+
+Every module of :mod:`kdlab.methods` is imported the first time a method is looked up, so each
+method module registers itself; user methods register the same way from a plugin module.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +10,30 @@ from typing import TypeVar
 
 from kdlab.errors import MethodError
 from kdlab.methods.base import Distiller
+from kdlab.registry import Registry
 
-_METHODS: dict[str, type[Distiller]] = {}
+#: every registered distiller class, by ``cls.name``.
+METHODS: Registry[type[Distiller]] = Registry(
+    "method", MethodError, packages=("kdlab.methods",), list_hint="kdlab methods")
 
 D = TypeVar("D", bound=type[Distiller])
 
 
 def register_method(cls: D) -> D:
     """Class decorator registering a :class:`Distiller` subclass under ``cls.name``."""
-    if cls.name in _METHODS:
-        raise MethodError(f"method {cls.name!r} registered twice")
-    _METHODS[cls.name] = cls
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise MethodError(f"method class {cls.__qualname__} needs a class attribute "
+                          "`name = \"...\"` to be registered")
+    METHODS.register(name, cls)
     return cls
 
 
 def get_method(name: str) -> type[Distiller]:
     """The distiller class registered as ``name``."""
-    _ensure_loaded()
-    if name not in _METHODS:
-        raise MethodError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
-    return _METHODS[name]
+    return METHODS.get(name)
 
 
 def list_methods(kind: str | None = None) -> list[str]:
     """Registered method names, optionally only those of one kind ("logit" or "partner")."""
-    _ensure_loaded()
-    return sorted(n for n, c in _METHODS.items() if kind is None or c.kind == kind)
-
-
-def _ensure_loaded() -> None:
-    # Importing the package imports every method module, which runs their decorators.
-    import kdlab.methods  # noqa: F401
+    return [n for n, c in METHODS.items() if kind is None or c.kind == kind]

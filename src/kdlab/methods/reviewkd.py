@@ -10,7 +10,7 @@ themselves at run time (spatial sizes), so any student/teacher pair works.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -60,29 +60,25 @@ class ABF(nn.Module):
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool) -> None:
         super().__init__()
-        self.conv1 = nn.Sequential(
-            nn.Conv2d(in_channels, mid_channels, kernel_size=1, bias=False),
-            nn.BatchNorm2d(mid_channels),
-        )
-        self.conv2 = nn.Sequential(
-            nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-        )
+        conv1 = nn.Conv2d(in_channels, mid_channels, kernel_size=1, bias=False)
+        self.conv1 = nn.Sequential(conv1, nn.BatchNorm2d(mid_channels))
+        conv2 = nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.conv2 = nn.Sequential(conv2, nn.BatchNorm2d(out_channels))
         self.att_conv: nn.Module | None = None
         if fuse:
             self.att_conv = nn.Sequential(
                 nn.Conv2d(2 * mid_channels, 2, kernel_size=1), nn.Sigmoid()
             )
         # The reference initialisation.
-        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
-        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+        nn.init.kaiming_uniform_(conv1.weight, a=1)
+        nn.init.kaiming_uniform_(conv2.weight, a=1)
 
     def forward(
         self, x: Tensor, residual: Tensor | None, out_size: tuple[int, int]
     ) -> tuple[Tensor, Tensor]:
         """Returns ``(output at the teacher's shape, residual for the next level)``."""
         # Helper layers run in their own (float32) precision: distillers run outside autocast.
-        x = self.conv1(x.to(self.conv1[0].weight.dtype))
+        x = self.conv1(x.to(cast(nn.Conv2d, self.conv1[0]).weight.dtype))
         if residual is not None:
             residual = residual.to(x.dtype)
         if self.att_conv is not None:
@@ -106,7 +102,7 @@ def review_levels(out: ModelOutput, preact: bool) -> list[Tensor]:
 
 
 @register_method
-class ReviewKD(Distiller):
+class ReviewKD(Distiller[ReviewKDParams]):
     """ReviewKD with ABF modules sized from the probes and the HCL loss, linear warm-up.
 
     Levels (shallow to deep) are ``features[1:] + [embedding]`` on both sides; the student's are
@@ -116,16 +112,14 @@ class ReviewKD(Distiller):
     vectors and the last stages together); the shallowest extra stages are unused.
     """
 
-    name: ClassVar[str] = "reviewkd"
+    name = "reviewkd"
     kind = "partner"
-    Params: ClassVar[type[MethodParams]] = ReviewKDParams
 
-    def __init__(self, params: MethodParams, ctx: DistillContext) -> None:
+    def __init__(self, params: ReviewKDParams, ctx: DistillContext) -> None:
         super().__init__(params, ctx)
         p = self.params
-        assert isinstance(p, ReviewKDParams)
         s_levels = review_levels(ctx.student_probe, p.student_preact)
-        t_levels = review_levels(ctx.teacher_probe, p.teacher_preact)
+        t_levels = review_levels(ctx.require_teacher_probe(self.name), p.teacher_preact)
         for who, levels in (("student", s_levels), ("teacher", t_levels)):
             if len(levels) < 2:
                 raise MethodError(
@@ -151,7 +145,6 @@ class ReviewKD(Distiller):
     def review(self, out_s: ModelOutput, teacher_sizes: list[tuple[int, int]]) -> list[Tensor]:
         """The student's reviewed maps, shallow to deep, each at the teacher level's size."""
         p = self.params
-        assert isinstance(p, ReviewKDParams)
         levels = review_levels(out_s, p.student_preact)[-self.num_levels :]
         results: list[Tensor] = []
         residual: Tensor | None = None
@@ -164,7 +157,6 @@ class ReviewKD(Distiller):
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
         p = self.params
-        assert isinstance(p, ReviewKDParams)
         t_levels = review_levels(out_t, p.teacher_preact)[-self.num_levels :]
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in t_levels]
         loss = hcl_loss(self.review(out_s, sizes), t_levels)

@@ -20,18 +20,18 @@ official trainer's gradient-norm clip at 40 is exposed as ``default_clip_grad_no
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 from pydantic import Field, PositiveInt, field_validator
 from torch import Tensor
 
 from kdlab.errors import MethodError
-from kdlab.losses.sdd import check_scales, multiscale_logits, normalize_scales, sdd_loss
+from kdlab.losses.sdd import multiscale_logits, sdd_loss, sdd_pooling_grids
 from kdlab.methods.base import Batch, DistillContext, Distiller, MethodParams, warmup_factor
 from kdlab.methods.logit import DKDParams, KDParams, NKDParams, ce_term
 from kdlab.methods.registry import register_method
-from kdlab.models.output import ModelOutput
+from kdlab.models.output import KdModel, ModelOutput
 
 __all__ = ["SDDKD", "SDDKDParams", "SDDDKD", "SDDDKDParams", "SDDNKD", "SDDNKDParams", "SDDParams"]
 
@@ -68,8 +68,10 @@ class SDDParams(MethodParams):
     @field_validator("scales")
     @classmethod
     def _scales(cls, v: list[int]) -> list[int]:
+        # Only the scales here: pooling and nested_grid are checked with the feature maps when
+        # the distiller is built (the same function, given the maps' sizes).
         try:
-            return list(normalize_scales(v))
+            return list(sdd_pooling_grids(v)[0])
         except MethodError as e:
             raise ValueError(str(e)) from e
 
@@ -79,33 +81,42 @@ class SDDKDParams(KDParams, SDDParams):
 
 
 class SDDDKDParams(DKDParams, SDDParams):
-    """SD-DKD: DKD's parameters (alpha 1, beta 8, T 4, warmup 20, ce 1) plus SDD's."""
+    """SD-DKD: DKD's parameters (alpha 1, beta 8, T 4, warmup_epochs 20, ce 1) plus SDD's."""
 
 
 class SDDNKDParams(NKDParams, SDDParams):
-    """SD-NKD: NKD's parameters (T 1, gamma 1.5, warmup 20, ce 1, legacy False) plus SDD's.
+    """SD-NKD: NKD's parameters (T 1, gamma 1.5, warmup_epochs 20, ce 1, legacy False) plus SDD's.
 
     The published SD-NKD numbers used ``legacy: true``, ``temperature: 4`` and ``gamma`` = the
     pair's DKD beta (the official code reads them from its DKD block).
     """
 
 
-class _SDDBase(Distiller):
-    """Shared machinery: local logits of both models and the weighted per-region loss."""
+#: The parameter class of an SDD distiller (SDD's parameters plus its base loss's).
+SP = TypeVar("SP", bound=SDDParams)
+#: The parameter class of an SDD distiller whose loss has a warm-up (SD-DKD, SD-NKD).
+WP = TypeVar("WP", SDDDKDParams, SDDNKDParams)
+
+
+class _SDDBase(Distiller[SP], Generic[SP]):
+    """Shared machinery: local logits of both models and the weighted per-region loss.
+
+    Subclasses set ``name`` and ``base`` and implement ``base_kwargs`` and ``forward``.
+    """
 
     kind = "logit"
     default_clip_grad_norm: ClassVar[float | None] = 40.0
     base: ClassVar[Literal["kd", "dkd", "nkd"]]
     term: ClassVar[str] = "sdd"
 
-    def __init__(self, params: MethodParams, ctx: DistillContext) -> None:
+    def __init__(self, params: SP, ctx: DistillContext) -> None:
         super().__init__(params, ctx)
-        p: Any = params
+        p = params
         for who, model, probe in (
             ("student", ctx.student, ctx.student_probe),
             ("teacher", ctx.teacher, ctx.teacher_probe),
         ):
-            if model is None:
+            if model is None or probe is None:
                 raise MethodError(f"method {self.name!r} needs a teacher")
             fmap = probe.feature_map
             if fmap.dim() != 4:
@@ -113,13 +124,14 @@ class _SDDBase(Distiller):
                     f"SDD needs the {who}'s B x C x H x W feature map, got shape "
                     f"{tuple(fmap.shape)}"
                 )
-            grid = p.scales if p.pooling == "direct" else [p.nested_grid or max(p.scales)]
-            if p.pooling == "nested" and grid[0] < max(p.scales):
-                raise MethodError(
-                    f"nested_grid ({grid[0]}) must be at least the largest scale "
-                    f"({max(p.scales)})"
-                )
-            check_scales(grid, fmap.shape[-2], fmap.shape[-1], what=f"{who} feature map")
+            sdd_pooling_grids(
+                p.scales,
+                p.pooling,
+                p.nested_grid,
+                fmap.shape[-2],
+                fmap.shape[-1],
+                what=f"{who} feature map",
+            )
             in_features = getattr(model.classifier, "in_features", fmap.shape[1])
             if in_features != fmap.shape[1]:
                 raise MethodError(
@@ -127,16 +139,26 @@ class _SDDBase(Distiller):
                     f"has {fmap.shape[1]} channels; SDD needs the map fed to the classifier"
                 )
 
+    def _teacher(self) -> KdModel:
+        """The teacher (always set: ``__init__`` refuses a context without one)."""
+        teacher = self.ctx.teacher
+        if teacher is None:  # pragma: no cover - checked in __init__
+            raise MethodError(f"method {self.name!r} needs a teacher")
+        return teacher
+
     def base_kwargs(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def local_loss(self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch) -> Tensor:
         """``L_SDD`` of the batch (unweighted by warm-up / method weight)."""
-        p: Any = self.params
-        pool = {"scales": p.scales, "pooling": p.pooling, "nested_grid": p.nested_grid}
-        local_s = multiscale_logits(out_s.feature_map, self.ctx.student.classifier, **pool)
+        p = self.params
+        local_s = multiscale_logits(
+            out_s.feature_map, self.ctx.student.classifier, p.scales, p.pooling, p.nested_grid
+        )
         with torch.no_grad():
-            local_t = multiscale_logits(out_t.feature_map, self.ctx.teacher.classifier, **pool)
+            local_t = multiscale_logits(
+                out_t.feature_map, self._teacher().classifier, p.scales, p.pooling, p.nested_grid
+            )
         return sdd_loss(
             local_s,
             local_t,
@@ -149,38 +171,40 @@ class _SDDBase(Distiller):
             consistent_weight=p.consistent_weight,
         )
 
+
+class _WarmupSDDBase(_SDDBase[WP], Generic[WP]):
+    """SD-DKD and SD-NKD: the SDD loss under the base method's linear warm-up."""
+
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
-        """``{"ce": ..., "sdd": min(epoch / warmup, 1) * L_SDD}`` (SD-DKD, SD-NKD; SD-KD
-        overrides it with a fixed ``kd_weight``)."""
-        p: Any = self.params
+        """``{"ce": ..., "sdd": min(epoch / warmup_epochs, 1) * L_SDD}``."""
+        p = self.params
         return {
             "ce": ce_term(out_s, batch, p.ce_weight),
-            "sdd": warmup_factor(epoch, p.warmup) * self.local_loss(out_s, out_t, batch),
+            "sdd": warmup_factor(epoch, p.warmup_epochs) * self.local_loss(out_s, out_t, batch),
         }
 
 
 @register_method
-class SDDKD(_SDDBase):
+class SDDKD(_SDDBase[SDDKDParams]):
     """SD-KD: ``L = ce_weight * CE + kd_weight * L_SDD(KD, T)`` (no warm-up).
 
     Wei, Luo, Luo, "Scale Decoupled Distillation", CVPR 2024; KD: Hinton et al., 2015.
     """
 
     name = "sd_kd"
-    Params = SDDKDParams
     base = "kd"
 
     def base_kwargs(self) -> dict[str, Any]:
         """KD's temperature."""
-        return {"temperature": self.params.temperature}  # type: ignore[attr-defined]
+        return {"temperature": self.params.temperature}
 
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
         """``{"ce": ..., "sdd": kd_weight * L_SDD}``."""
-        p: Any = self.params
+        p = self.params
         return {
             "ce": ce_term(out_s, batch, p.ce_weight),
             "sdd": p.kd_weight * self.local_loss(out_s, out_t, batch),
@@ -188,34 +212,32 @@ class SDDKD(_SDDBase):
 
 
 @register_method
-class SDDDKD(_SDDBase):
-    """SD-DKD: ``L = ce_weight * CE + min(epoch / warmup, 1) * L_SDD(DKD, alpha, beta, T)``.
+class SDDDKD(_WarmupSDDBase[SDDDKDParams]):
+    """SD-DKD: ``L = ce_weight * CE + min(epoch / warmup_epochs, 1) * L_SDD(DKD, alpha, beta, T)``.
 
     Wei, Luo, Luo, "Scale Decoupled Distillation", CVPR 2024; DKD: Zhao et al., CVPR 2022.
     """
 
     name = "sd_dkd"
-    Params = SDDDKDParams
     base = "dkd"
 
     def base_kwargs(self) -> dict[str, Any]:
         """DKD's alpha, beta and temperature."""
-        p: Any = self.params
+        p = self.params
         return {"alpha": p.alpha, "beta": p.beta, "temperature": p.temperature}
 
 
 @register_method
-class SDDNKD(_SDDBase):
-    """SD-NKD: ``L = ce_weight * CE + min(epoch / warmup, 1) * L_SDD(NKD, T, gamma)``.
+class SDDNKD(_WarmupSDDBase[SDDNKDParams]):
+    """SD-NKD: ``L = ce_weight * CE + min(epoch / warmup_epochs, 1) * L_SDD(NKD, T, gamma)``.
 
     Wei, Luo, Luo, "Scale Decoupled Distillation", CVPR 2024; NKD: Yang et al., ICCV 2023.
     """
 
     name = "sd_nkd"
-    Params = SDDNKDParams
     base = "nkd"
 
     def base_kwargs(self) -> dict[str, Any]:
         """NKD's temperature, gamma and legacy switch."""
-        p: Any = self.params
+        p = self.params
         return {"temperature": p.temperature, "gamma": p.gamma, "legacy": p.legacy}

@@ -1,4 +1,9 @@
-"""Model registry: ``create_model(name, num_classes, in_channels)`` and ``list_models()``."""
+"""Model registry: ``create_model(name, num_classes, in_channels)`` and ``list_models()``.
+
+Every module of :mod:`kdlab.models` (the CIFAR and 224-px zoos included) is imported the first
+time a model is looked up, so each zoo module registers its models itself; user models register
+the same way from a plugin module.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,11 @@ from typing import TypeVar
 
 from kdlab.errors import ModelError
 from kdlab.models.output import KdModel
+from kdlab.registry import Registry
 
-_MODELS: dict[str, Callable[..., KdModel]] = {}
+#: every registered model factory ``f(num_classes, in_channels) -> KdModel``, by name.
+MODELS: Registry[Callable[..., KdModel]] = Registry(
+    "model", ModelError, packages=("kdlab.models",), list_hint="kdlab models")
 
 F = TypeVar("F", bound=Callable[..., KdModel])
 
@@ -17,9 +25,7 @@ def register_model(name: str) -> Callable[[F], F]:
     """Decorator registering a model factory ``f(num_classes, in_channels) -> KdModel``."""
 
     def deco(fn: F) -> F:
-        if name in _MODELS:
-            raise ModelError(f"model name {name!r} registered twice")
-        _MODELS[name] = fn
+        MODELS.register(name, fn)
         return fn
 
     return deco
@@ -27,27 +33,18 @@ def register_model(name: str) -> Callable[[F], F]:
 
 def list_models() -> list[str]:
     """Names of every registered model, sorted."""
-    _ensure_loaded()
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def create_model(name: str, num_classes: int = 100, in_channels: int = 3) -> KdModel:
     """Build a registered model by its community name (e.g. ``"resnet32x4"``, ``"ShuffleV1"``)."""
-    _ensure_loaded()
-    if name not in _MODELS:
-        raise ModelError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
+    factory = MODELS.get(name)
     if num_classes < 1:
         raise ModelError(f"num_classes must be >= 1, got {num_classes}")
     if in_channels < 1:
         raise ModelError(f"in_channels must be >= 1, got {in_channels}")
-    model = _MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    model = factory(num_classes=num_classes, in_channels=in_channels)
     model.num_classes = num_classes
     model.in_channels = in_channels
     model.arch = name
     return model
-
-
-def _ensure_loaded() -> None:
-    # Importing the zoo modules runs their @register_model decorators.
-    import kdlab.models.cifar  # noqa: F401
-    import kdlab.models.imagenet  # noqa: F401

@@ -18,13 +18,13 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdlab.atomic import atomic_write
 from kdlab.errors import RunError
 from kdlab.report.aggregate import Group, UnfinishedRun, aggregate, newest_time, scan_runs
 from kdlab.report.html import describe_unfinished, render_html
@@ -160,12 +160,7 @@ def _write(path: Path, data: bytes) -> None:
     """Write ``data`` atomically, leaving the file untouched when it already holds it."""
     if path.is_file() and path.read_bytes() == data:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def build_report(runs_dir: str | Path, out_dir: str | Path | None = None,

@@ -1,14 +1,5 @@
 """CIFAR model zoo (CRD / mdistiller definitions, parameter names identical).
 
-Importing this package registers every model with :func:`kdlab.models.registry.register_model`.
+Every module of this package registers its models with
+:func:`kdlab.models.registry.register_model`; the registry imports them all on its first lookup.
 """
-
-from kdlab.models.cifar import (  # noqa: F401
-    mobilenetv2,
-    resnet,
-    resnetv2,
-    shufflenetv1,
-    shufflenetv2,
-    vgg,
-    wrn,
-)

@@ -1,0 +1,121 @@
+"""Tasks: what differs between classification and other tasks (detection), and nothing else.
+
+A :class:`Task` owns how a batch is formed (its loaders), what the models are and what they
+return (its forward pass), the training-time metric, the evaluation metrics and which of them
+decides the "best" epoch. The trainer, checkpointing, resume, DDP, sweeps and reports are shared
+by every task and never look inside a batch or a model output themselves.
+
+Tasks are registered by name (``task: classification`` in a config) with :func:`register_task`;
+kdlab's own task modules in :mod:`kdlab.tasks` are discovered automatically.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import torch
+from torch import nn
+
+from kdlab.config import DataConfig
+from kdlab.engine.distributed import DistInfo
+from kdlab.errors import ConfigError
+from kdlab.methods.base import DistillContext
+from kdlab.models.output import KdModel
+from kdlab.registry import Registry
+
+__all__ = ["Mark", "Task", "TrainMeter", "get_task", "list_tasks", "register_task"]
+
+#: A callback the training step calls with the name of each part it finishes ("teacher_fwd",
+#: "student_fwd", "loss", "backward_step"); ``kdlab bench`` times the parts through it.
+Mark = Callable[[str], None]
+
+D = TypeVar("D")  # the task's data bundle
+B = TypeVar("B")  # the task's batch
+O = TypeVar("O")  # what the task's models return
+
+
+class TrainMeter(Protocol[B, O]):
+    """The task's training-time metric of one epoch, accumulated on the device."""
+
+    def update(self, output: O, batch: B) -> None:
+        """Add one step (no host synchronisation)."""
+
+    def reduce(self, dist: DistInfo) -> None:
+        """Sum the per-rank counts over the ranks (distributed runs)."""
+
+    @property
+    def samples(self) -> int:
+        """Samples seen so far (for images/s)."""
+
+    def progress(self) -> dict[str, float]:
+        """Short figures for the progress bar (synchronises the host)."""
+
+    def summary(self) -> dict[str, float]:
+        """The epoch's record entries, e.g. ``{"train_top1": ...}``."""
+
+
+class Task(ABC, Generic[D, B, O]):
+    """What one task type defines; the engine does the rest. See the module docstring."""
+
+    name: ClassVar[str]
+    #: the evaluation metric (a key of :meth:`evaluate`'s result) that decides "best".
+    best_metric: ClassVar[str]
+    higher_is_better: ClassVar[bool] = True
+
+    @abstractmethod
+    def build_data(self, cfg: DataConfig, *, seed: int, device: torch.device,
+                   channels_last: bool, rank: int, world_size: int) -> D:
+        """The run's loaders; their batches are this task's batch type, on ``device``."""
+
+    @abstractmethod
+    def create_model(self, arch: str, data: D) -> KdModel:
+        """A fresh (randomly initialised) network ``arch`` sized for ``data``."""
+
+    @abstractmethod
+    def distill_context(self, student: KdModel, teacher: KdModel | None, data: D
+                        ) -> DistillContext:
+        """What the methods may need to build their helper modules (one factory for all)."""
+
+    @abstractmethod
+    def forward(self, student: nn.Module, teacher: nn.Module | None, batch: B,
+                mark: Mark | None = None) -> tuple[O, O | None]:
+        """Student output (with gradients) and teacher output (no gradients; None when
+        ``teacher`` is None). Called under the run's autocast."""
+
+    @abstractmethod
+    def train_meter(self, device: torch.device) -> TrainMeter[B, O]:
+        """A fresh training-metric accumulator for one epoch."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batches: Iterable[B], device: torch.device,
+                 amp_dtype: torch.dtype | None, dist: DistInfo | None = None
+                 ) -> dict[str, float]:
+        """Evaluation metrics of ``model`` over ``batches`` (global over ranks); must hold
+        :attr:`best_metric`. Every key but ``count`` is recorded as ``test_<key>``."""
+
+    def is_better(self, value: float, best: float | None) -> bool:
+        """Whether ``value`` of :attr:`best_metric` beats ``best`` (None: nothing yet)."""
+        if best is None:
+            return True
+        return value > best if self.higher_is_better else value < best
+
+
+TASKS: Registry[type[Task[Any, Any, Any]]] = Registry(
+    "task", ConfigError, packages=("kdlab.tasks",))
+
+
+def register_task(cls: type[Task[Any, Any, Any]]) -> type[Task[Any, Any, Any]]:
+    """Class decorator registering a :class:`Task` subclass under ``cls.name``."""
+    return TASKS.register(cls.name, cls)
+
+
+def get_task(name: str) -> Task[Any, Any, Any]:
+    """A new instance of the task registered as ``name``."""
+    return TASKS.get(name)()
+
+
+def list_tasks() -> list[str]:
+    """Registered task names."""
+    return TASKS.names()
