@@ -7,6 +7,6 @@ partner methods, a CIFAR model zoo, data pipelines, a resumable trainer and a CL
 
 from kdlab.errors import KdlabError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["KdlabError", "__version__"]

@@ -7,13 +7,16 @@ stderr and a non-zero exit code; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, RunInterrupted
 
 log = logging.getLogger("kdlab")
 
@@ -26,9 +29,31 @@ def _load_cfg(args: argparse.Namespace) -> Any:
 
 
 def _run_dir_for(cfg: Any, args: argparse.Namespace) -> Path:
+    """``--run-dir`` as given, else ``output_dir/name/seedSEED``; a ``name`` that would leave
+    ``output_dir`` (absolute, ``..``) is a :class:`~kdlab.errors.ConfigError`."""
+    from kdlab.engine.rundir import run_folder
+
     if getattr(args, "run_dir", None):
         return Path(args.run_dir)
-    return Path(cfg.output_dir) / cfg.name / f"seed{cfg.seed}"
+    return run_folder(cfg.output_dir, cfg.name, f"seed{cfg.seed}")
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While a run trains, SIGTERM raises :class:`RunInterrupted`: the run ends "interrupted",
+    like Ctrl-C, and can be continued with ``--resume``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise RunInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train(args: argparse.Namespace, require_teacher: bool) -> int:
@@ -37,10 +62,12 @@ def _train(args: argparse.Namespace, require_teacher: bool) -> int:
 
     cfg = _load_cfg(args)
     run_dir = _run_dir_for(cfg, args)
-    trainer = Trainer(cfg, run_dir, resume=args.resume,
+    trainer = Trainer(cfg, run_dir, resume="required" if args.resume else False,
                       progress=TqdmProgress(enabled=not args.no_progress),
-                      require_teacher=require_teacher, stop_after=args.stop_after)
-    summary = trainer.run()
+                      require_teacher=require_teacher, stop_after=args.stop_after,
+                      allow_teacher_change=args.allow_teacher_change)
+    with _sigterm_interrupts():
+        summary = trainer.run()
     log.info("run %s: best top-1 %.2f (epoch %d), last top-1 %.2f", run_dir,
              summary["best_top1"], summary["best_epoch"], summary["last_top1"])
     return 0
@@ -132,6 +159,14 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    """Print the config reference (every key, type, default, allowed values) as markdown."""
+    from kdlab.config_reference import config_reference
+
+    sys.stdout.write(config_reference())
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Validate every YAML config under a folder (method hyperparameters included).
 
@@ -168,12 +203,14 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: real Fashion-MNIST, a teacher, and distillation with the main methods."""
-    from kdlab.demo import results_markdown, run_demo
+    from kdlab.demo import default_out, results_markdown, run_demo
 
-    out = Path(args.out)
-    table = results_markdown(run_demo(out, quick=args.quick, progress=not args.no_progress))
+    out = Path(args.out) if args.out else default_out(args.quick)
+    table = results_markdown(run_demo(out, quick=args.quick, progress=not args.no_progress),
+                             quick=args.quick)
     (out / "results.md").write_text(table)
-    sys.stdout.write("\nFashion-MNIST demo results (" + str(out / "results.md") + "):\n\n")
+    title = "quick demo (smoke test)" if args.quick else "demo results"
+    sys.stdout.write(f"\nFashion-MNIST {title} ({out / 'results.md'}):\n\n")
     sys.stdout.write(table)
     return 0
 
@@ -266,10 +303,15 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_plugin_arg(p)
     p.add_argument("--run-dir", help="run directory (default: OUTPUT_DIR/NAME/seedSEED)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir from its last complete checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="continue the run in --run-dir from its last complete checkpoint (it "
+                        "must hold one); with a larger optim.epochs, extend a multistep run")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a log line every runtime.log_every steps instead")
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
                    help="stop after this epoch (continue later with --resume)")
+    p.add_argument("--allow-teacher-change", action="store_true",
+                   help="--resume even though the teacher checkpoint's sha256 differs from the "
+                        "one recorded at the start (the change is recorded in teacher.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_arg(p)
     _add_plugin_arg(add("models", cmd_models, "list the model zoo"))
     _add_plugin_arg(add("methods", cmd_methods, "list methods and their default hyperparameters"))
-    p = add("config", lambda a: 2, "show or check configs")
+    p = add("config", lambda a: 2, "show, check or document configs")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print the resolved config")
     show.add_argument("config")
@@ -305,10 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     _add_plugin_arg(check)
     check.set_defaults(fn=cmd_config_check)
+    reference = csub.add_parser("reference", help="print the reference of every config key "
+                                                  "(markdown: docs/config-reference.md)")
+    reference.set_defaults(fn=cmd_config_reference)
     p = add("demo", cmd_demo, "the main job on real Fashion-MNIST (about 10 minutes on 2 cores)")
-    p.add_argument("--out", default="runs/demo", help="where the demo's runs go")
-    p.add_argument("--quick", action="store_true", help="a much shorter demo (smoke test)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", help="where the demo's runs go (default: runs/demo, or "
+                                 "runs/demo-quick with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="a much shorter demo: a smoke test, its numbers are not results")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a log line every 20 steps instead")
     p = add("report", cmd_report, "aggregate finished runs into tables and plots")
     p.add_argument("runs_dir", help="folder searched recursively for run directories")
     p.add_argument("--out", help="report folder (default: RUNS_DIR/report)")
@@ -369,10 +417,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         sys.stderr.write(f"kdlab: error: {e}\n")
         return e.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("kdlab: interrupted; a run continues from its last checkpoint "
+    except KeyboardInterrupt as e:  # Ctrl-C, or RunInterrupted (SIGTERM during a run)
+        signum = int(getattr(e, "signum", signal.SIGINT))
+        how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        sys.stderr.write(f"kdlab: interrupted{how}; a run continues from its last checkpoint "
                          "with --resume\n")
-        return 130
+        return 128 + signum
     except OSError as e:
         if args.debug:
             raise

@@ -245,6 +245,9 @@ class RuntimeConfig(_Strict):
     #: steps between host synchronisations (progress bar, non-finite check).
     log_every: int = Field(50, ge=1)
     eval_every: int = Field(1, ge=1)
+    #: also checkpoint every this many steps inside an epoch (0: only at epoch ends), and on
+    #: SIGTERM/SIGINT, so that ``--resume`` continues mid-epoch (single-process runs).
+    checkpoint_every_steps: int = Field(0, ge=0)
 
 
 class ExperimentConfig(_Strict):
@@ -282,14 +285,7 @@ class ExperimentConfig(_Strict):
         Computed on the v1 canonical form (:func:`_v1_canonical`), so a run made before a key
         was added or renamed keeps its fingerprint and still resumes.
         """
-        d = _v1_canonical(self.to_dict())
-        # speed knobs and the non-finite policy (which the NaN error suggests switching before
-        # --resume) do not define the run
-        for k in ("device", "threads", "log_every", "compile", "compile_mode", "non_finite",
-                  "max_skipped_steps"):
-            d["runtime"].pop(k, None)
-        d.pop("output_dir", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        return dict_fingerprint(self.to_dict())
 
 
 #: keys added after v1 (0.1.0) with the value that reproduces v1 behaviour: left out of the
@@ -329,6 +325,28 @@ def _v1_canonical(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def fingerprint_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """The canonical form of a resolved config dict that the fingerprint hashes: the v1 form
+    (:func:`_v1_canonical`) without ``output_dir`` and the runtime keys that do not define the
+    run's numbers. Two configs differ as runs exactly where these dicts differ."""
+    d = _v1_canonical(d)
+    # speed knobs and the non-finite policy (which the NaN error suggests switching before
+    # --resume) do not define the run
+    runtime = d.get("runtime")
+    if isinstance(runtime, dict):
+        for k in ("device", "threads", "log_every", "compile", "compile_mode", "non_finite",
+                  "max_skipped_steps", "checkpoint_every_steps"):
+            runtime.pop(k, None)
+    d.pop("output_dir", None)
+    return d
+
+
+def dict_fingerprint(d: dict[str, Any]) -> str:
+    """sha256 of :func:`fingerprint_dict` of a resolved config dict (what
+    :meth:`ExperimentConfig.fingerprint` returns for its ``to_dict()``)."""
+    return hashlib.sha256(json.dumps(fingerprint_dict(d), sort_keys=True).encode()).hexdigest()
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -342,28 +360,181 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping holds the same key twice (raised by :class:`ConfigLoader`)."""
+
+    def __init__(self, key: Any, line: int, first_line: int, mark: yaml.Mark) -> None:
+        super().__init__(None, None, f"duplicate key {key!r} (first at line {first_line})", mark)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping holding the same key twice is an error.
+
+    The plain ``SafeLoader`` silently keeps the last of two equal keys, so a config that sets
+    ``lr`` twice would train with whichever came last. Here :class:`DuplicateKeyError` names the
+    key and both lines, at any nesting level. Keys brought in by a merge key (``<<: *anchor``)
+    may still be overridden by the mapping's own keys, as YAML intends. Every YAML file kdlab
+    reads as config (experiment configs and their ``_base_`` files, sweep specs, ``--set``
+    values) goes through this loader (:func:`load_yaml_text`, :func:`read_yaml_file`).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    seen_at = first.get(key)
+                except TypeError:  # an unhashable key: SafeLoader reports it below
+                    continue
+                line = key_node.start_mark.line + 1
+                if seen_at is not None:
+                    raise DuplicateKeyError(key, line, seen_at, key_node.start_mark)
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    """One YAML document parsed with :class:`ConfigLoader` (raises ``yaml.YAMLError``)."""
+    loader = ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> tuple[int | None, str]:
+    """The line (1-based, if known) and a one-line description of a YAML error."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        line = e.problem_mark.line + 1 if e.problem_mark is not None else None
+        problem = " ".join((e.problem or "syntax error").split())
+        if e.context:
+            where = f" at line {e.context_mark.line + 1}" if e.context_mark is not None else ""
+            context = " ".join(e.context.split()) + where
+            # "expected a single document ..., but found another document" reads in that order
+            problem = (f"{context}, {problem}" if problem.startswith("but ")
+                       else f"{problem} ({context})")
+        return line, problem
+    if isinstance(e, yaml.reader.ReaderError):
+        line = text[: e.position].count("\n") + 1 if isinstance(e.position, int) else None
+        char = e.character if isinstance(e.character, int) else ord(str(e.character)[:1] or " ")
+        return line, f"unacceptable character #x{char:04x}: {e.reason}"
+    return None, " ".join(str(e).split())
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """Parse one YAML document with :class:`ConfigLoader`.
+
+    Raises:
+        ConfigError: one line starting with ``source`` (e.g. ``config file F``): ``F line 12:
+            duplicate key 'lr' (first at line 9)`` or ``F line 3 is not valid YAML: ...``.
+    """
+    try:
+        return _parse_yaml(text)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{source} line {e.line}: {e.problem}") from e
+    except yaml.YAMLError as e:
+        line, problem = _yaml_problem(e, text)
+        where = f" line {line}" if line is not None else ""
+        raise ConfigError(f"{source}{where} is not valid YAML: {problem}") from e
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """The YAML document in ``path`` (None for an empty file), read with :class:`ConfigLoader`.
+
+    Raises:
+        ConfigError: one line naming ``what`` and the file: missing, a directory, unreadable,
+            not UTF-8, not valid YAML, or a mapping with a duplicate key.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; give the path of a YAML file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {path} line {line} is not UTF-8 text (byte "
+                          f"0x{raw[e.start]:02x}); save the file as UTF-8") from e
+    return load_yaml_text(text, f"{what} {path}")
+
+
+def _kind(value: Any) -> str:
+    """``value``'s YAML kind in words (for error messages)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _found(value: Any) -> str:
+    """``value``'s kind and a shortened repr, e.g. ``a number (3)``."""
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return _kind(value) if value is None else f"{_kind(value)} ({shown})"
+
+
+def _base_files(path: Path, bases: Any) -> list[Path]:
+    """The files named by config file ``path``'s ``_base_`` (a path or a list of paths,
+    relative to ``path``'s folder), each checked to be an existing file."""
+    rule = "_base_ must be a path or a list of paths (strings)"
+    items = [bases] if isinstance(bases, str) else bases
+    if not isinstance(items, list):
+        raise ConfigError(f"config file {path}: {rule}, found {_found(bases)}")
+    for i, b in enumerate(items):
+        if not isinstance(b, str) or not b.strip():
+            what = "an empty string" if isinstance(b, str) else _found(b)
+            at = f" as item {i} of the list" if isinstance(bases, list) else ""
+            raise ConfigError(f"config file {path}: {rule}, found {what}{at}")
+    files = []
+    for b in items:
+        target = (path.parent / b).resolve()
+        if not target.exists():
+            raise ConfigError(f"config file {path}: _base_ {b!r} not found (looked for {target})")
+        if target.is_dir():
+            raise ConfigError(f"config file {path}: _base_ {b!r} is a directory ({target}); "
+                              "give the path of a YAML file")
+        files.append(target)
+    return files
+
+
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a config file, resolving ``_base_`` inheritance (paths relative to the file)."""
+    """Read a config file, resolving ``_base_`` inheritance (paths relative to the file).
+
+    The file is parsed by :func:`read_yaml_file` (duplicate keys are errors); an empty file is
+    an empty mapping. ``_base_`` must be a path or a list of paths.
+    """
     path = Path(path).resolve()
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise ConfigError(f"config inheritance loops: {chain}")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path}{where} is not valid YAML: {e}") from e
+    data = read_yaml_file(path)
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
-    bases = data.pop("_base_", [])
-    if isinstance(bases, str):
-        bases = [bases]
+        raise ConfigError(f"config file {path} must hold a mapping of config keys (key: value "
+                          f"lines), found {_kind(data)}")
     merged: dict[str, Any] = {}
-    for b in bases:
-        merged = _deep_merge(merged, read_yaml(path.parent / b, (*_seen, path)))
+    for base in _base_files(path, data.pop("_base_", [])):
+        merged = _deep_merge(merged, read_yaml(base, (*_seen, path)))
     return _deep_merge(merged, data)
 
 
@@ -376,9 +547,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _parse_yaml(raw) if raw.strip() else None
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {text!r}: duplicate key {e.key!r} in the value") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML") from e
+        raise ConfigError(f"override {text!r}: value is not valid YAML "
+                          f"({_yaml_problem(e, raw)[1]})") from e
     return parts, value
 
 

@@ -2,8 +2,10 @@
 KD, DKD, SD-DKD and DCKD and compared with the student trained alone.
 
 The student sees only a stratified fraction of the training set, a regime where a teacher's
-knowledge matters. Runs go to ``OUT/``; running the demo again skips finished runs and resumes
-interrupted ones. Sized for about 10 minutes on 2 CPU cores (``--quick``: about one minute).
+knowledge matters. Runs go to ``OUT/`` (default ``runs/demo``; ``runs/demo-quick`` for
+``--quick``, so the two never share a folder); running the demo again skips finished runs and
+resumes interrupted ones. Sized for about 10 minutes on 2 CPU cores (``--quick``: a smoke test
+of a few minutes whose numbers are not results).
 """
 
 from __future__ import annotations
@@ -43,6 +45,15 @@ class DemoPlan:
 
 FULL = DemoPlan()
 QUICK = DemoPlan(teacher_epochs=1, teacher_fraction=0.05, student_epochs=1, student_fraction=0.02)
+
+#: default run folders of ``kdlab demo`` and ``kdlab demo --quick`` (separate: the two demos'
+#: configs differ, so one folder cannot hold both).
+DEFAULT_OUT = Path("runs/demo")
+QUICK_OUT = Path("runs/demo-quick")
+#: the line above the quick demo's table (printed and in its results.md).
+SMOKE_TEST_NOTE = ("**Smoke test (`kdlab demo --quick`): one short epoch per run. These numbers "
+                   "only show that everything runs; they are not results (`make demo` gives "
+                   "those).**")
 
 #: (label, method config) of every student run in the demo.
 STUDENT_METHODS: list[tuple[str, dict[str, Any]]] = [
@@ -98,6 +109,11 @@ def _config(name: str, arch: str, epochs: int, fraction: float, plan: DemoPlan,
     return cfg
 
 
+def default_out(quick: bool) -> Path:
+    """Where the demo's runs go without ``--out``: ``runs/demo``, or ``runs/demo-quick``."""
+    return QUICK_OUT if quick else DEFAULT_OUT
+
+
 def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:
     """Run the demo into ``out`` and return one result row per run (see module docstring)."""
     plan = QUICK if quick else FULL
@@ -137,6 +153,8 @@ RESULT_COLUMNS = [
 ]
 
 
-def results_markdown(rows: list[dict[str, Any]]) -> str:
-    """The demo's results table as markdown."""
-    return markdown_table(rows, RESULT_COLUMNS)
+def results_markdown(rows: list[dict[str, Any]], quick: bool = False) -> str:
+    """The demo's results table as markdown (the quick demo's with :data:`SMOKE_TEST_NOTE`
+    above it)."""
+    table = markdown_table(rows, RESULT_COLUMNS)
+    return f"{SMOKE_TEST_NOTE}\n\n{table}" if quick else table

@@ -217,7 +217,9 @@ def check_datasets(found: list[dict[str, Any]]) -> Check:
     if names:
         return Check("datasets found", "ok", ", ".join(names))
     return Check("datasets found", "warn",
-                 "none of fashion_mnist, cifar10, cifar100 (set $KDLAB_DATA or use --download)")
+                 "none of fashion_mnist, cifar10, cifar100 (put them in $KDLAB_DATA or ./data, "
+                 "or let a run fetch them with `--set data.download=true`; Fashion-MNIST: "
+                 "`apt-get install dataset-fashion-mnist`)")
 
 
 def run_doctor(run_dir: str | Path | None = None, config: str | None = None,

@@ -46,3 +46,21 @@ class NonFiniteLossError(KdlabError):
     """A loss term became NaN or infinite during training."""
 
     exit_code = 3
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by a signal: SIGINT (Ctrl-C) or SIGTERM (what cluster schedulers send).
+
+    Derives from :class:`KeyboardInterrupt`, so every layer treats both signals as Ctrl-C: the
+    trainer marks the run "interrupted" (after a step checkpoint when those are enabled), and
+    the CLI prints one line and exits with ``128 + signum`` (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int = 2) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention for a process ended by signal ``signum``."""
+        return 128 + self.signum

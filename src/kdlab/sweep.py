@@ -15,8 +15,9 @@ bases, skipped). Every (config, matrix point, seed) is one run in
 ``<output_dir>/<name>/<config name>[/<matrix tag>]/seed<seed>``.
 
 Each run executes in its own worker process (``python -m kdlab train|distill CONFIG --run-dir
-DIR --resume --set ...``), so a worker that crashes or is killed cannot take the sweep down; a
-worker that exits non-zero marks its run ``failed`` with the tail of its output while the other
+DIR [--resume] --set ...``; ``--resume`` once the run has progress), so a worker that crashes or
+is killed cannot take the sweep down; the worker holds the run directory's lock. A worker that
+exits non-zero marks its run ``failed`` with the tail of its output while the other
 runs go on. ``<sweep dir>/sweep.json`` (written atomically) records every run's status
 (pending/running/finished/failed), attempts and error; worker output goes to
 ``<sweep dir>/logs/``. Restarting a sweep (even after ``kill -9`` of it and its workers) skips
@@ -44,11 +45,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kdlab.atomic import atomic_write
-from kdlab.config import format_validation_error, load_config, parse_override
+from kdlab.config import (
+    format_validation_error,
+    load_config,
+    parse_override,
+    read_yaml_file,
+)
 from kdlab.errors import ConfigError, RunError
 
 log = logging.getLogger(__name__)
@@ -113,12 +118,7 @@ class SweepSpec(BaseModel):
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep spec; any problem is a :class:`ConfigError` naming the key."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep spec not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep spec {p} is not valid YAML: {e}") from e
+    data = read_yaml_file(p, "sweep spec")  # the config loader: duplicate keys are errors
     if not isinstance(data, dict):
         raise ConfigError(f"sweep spec {p} must hold a mapping with name, configs, seeds, ...")
     try:
@@ -216,7 +216,9 @@ def plan_sweep(spec_path: str | Path, jobs: int = 1, plugins: Sequence[str] = ()
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
     spec_dir = spec_path.resolve().parent
-    sweep_dir = (Path(spec.output_dir) / spec.name).absolute()
+    from kdlab.engine.rundir import run_folder
+
+    sweep_dir = run_folder(spec.output_dir, spec.name, what="sweep spec key 'name'").absolute()
     configs = resolve_configs(spec, spec_dir)
     keys = list(spec.matrix)
     points = [dict(zip(keys, combo, strict=True))
@@ -241,7 +243,8 @@ def plan_sweep(spec_path: str | Path, jobs: int = 1, plugins: Sequence[str] = ()
                     raise ConfigError(f"{cfg_path}: config name {cfg.name!r} cannot be a folder "
                                       "path (empty, '.' or '..' parts)")
                 rel = Path(*parts, *([matrix_tag(point)] if point else []), f"seed{seed}")
-                run_dir = sweep_dir / rel
+                run_dir = run_folder(sweep_dir, *rel.parts,
+                                     what=f"{cfg_path}: config key 'name'")
                 if run_dir in seen:
                     raise ConfigError(f"configs {seen[run_dir]} and {cfg_path} both give run "
                                       f"{rel.as_posix()}: give them distinct `name`s")
@@ -255,6 +258,17 @@ def plan_sweep(spec_path: str | Path, jobs: int = 1, plugins: Sequence[str] = ()
                     command += ["--plugin", plugin]
                 runs.append(PlannedRun(rel.as_posix(), cfg_path, seed, point, run_dir, command))
     return Sweep(spec, spec_path, sweep_dir, runs, jobs, threads)
+
+
+def worker_command(run: PlannedRun) -> list[str]:
+    """The run's worker command now: with ``--resume`` only when its folder holds progress (a
+    checkpoint, metrics or a summary). ``--resume`` on a folder without a run is an error, and
+    a run that never completed an epoch starts afresh (with a corrected config, too)."""
+    from kdlab.engine.rundir import RunDir
+
+    if RunDir(run.run_dir).has_progress():
+        return run.command
+    return [a for a in run.command if a != "--resume"]
 
 
 # --------------------------------------------------------------------------- state
@@ -444,11 +458,12 @@ class SweepRunner:
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / (run.id.replace("/", "__") + ".log")
         entry["attempts"] = int(entry.get("attempts") or 0) + 1
+        command = worker_command(run)
         with open(log_path, "ab") as f:
             f.write(f"=== attempt {entry['attempts']} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                    f"{' '.join(run.command)}\n".encode())
+                    f"{' '.join(command)}\n".encode())
             offset = f.tell()
-            proc = subprocess.Popen(run.command, stdin=subprocess.DEVNULL, stdout=f,
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=f,
                                     stderr=subprocess.STDOUT, env=_worker_env(),
                                     preexec_fn=_die_with_parent_fn())
         entry.update(status="running", pid=proc.pid, started=time.time(), ended=None,

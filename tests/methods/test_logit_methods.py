@@ -155,8 +155,10 @@ def test_sdd_accepts_two_by_two_student_map() -> None:
 @pytest.mark.parametrize(("s_side", "t_side"), [(3, 8), (8, 3), (1, 8)])
 def test_sdd_rejects_scale_larger_than_map(s_side: int, t_side: int) -> None:
     ctx, *_ = _setup(s_side=s_side, t_side=t_side)
-    if s_side == 1:  # a 1x1 map: every cell is the global one (4 is a multiple of 1): allowed
-        _build("sd_kd", ctx)
+    if s_side == 1:  # a 1x1 map: every cell would be the global one, so SD-KD would be KD
+        with pytest.raises(MethodError, match="student TinyNet has a 1x1 final feature map"):
+            _build("sd_kd", ctx)
+        _build("sd_kd", ctx, scales=[1])  # no local regions asked for: the base loss, as chosen
         return
     who = "student" if s_side == 3 else "teacher"
     with pytest.raises(MethodError, match=who):

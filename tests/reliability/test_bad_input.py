@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -17,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.config import load_config
+from kdlab.config import MethodConfig, load_config
 from kdlab.data.cifar import CIFAR_SPECS
 from kdlab.engine.rundir import RunDir
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, MethodError
+from kdlab.methods import DistillContext, build_method
 from kdlab.models import create_model
 
 from .conftest import child_env, cli
@@ -165,11 +167,18 @@ def not_a_run_dir(tmp: Path, write_cfg: Callable[..., Path]) -> tuple[list[str],
     return ["distill", str(cfg), "--run-dir", str(tmp / "run")], "is not a kdlab run"
 
 
+def sdd_one_by_one_map(tmp: Path, write_cfg: Callable[..., Path]) -> tuple[list[str], str]:
+    # vgg8's last map is 1x1 on 8x8 inputs: every SDD region would be the global one
+    cfg = write_cfg(tmp, student={"arch": "vgg8"}, data={"synthetic": {"size": 8}})
+    return ["distill", str(cfg), "--run-dir", str(tmp / "run")], \
+        "sd_dkd: the student vgg8 has a 1x1 final feature map at 8 px"
+
+
 CASES: dict[str, Setup] = {f.__name__: f for f in (
     missing_dataset, cifar_wrong_pickle, cifar_truncated, idx_wrong_magic, idx_wrong_size,
     idx_gzip_truncated, unreadable_images, teacher_other_arch, teacher_other_class_count,
-    unknown_key, wrong_type, out_of_range, sdd_scales_too_large, other_run_in_dir,
-    not_a_run_dir)}
+    unknown_key, wrong_type, out_of_range, sdd_scales_too_large, sdd_one_by_one_map,
+    other_run_in_dir, not_a_run_dir)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -209,3 +218,127 @@ def test_real_process_one_line_and_debug_traceback(tmp_path: Path,
     assert debug.returncode != 0
     assert "Traceback (most recent call last)" in debug.stderr
     assert "CheckpointError" in debug.stderr
+
+
+# --------------------------------------------------------------------------- malformed config files
+#: name -> (the file's content, None for a directory given as the file; what the line says).
+MALFORMED: dict[str, tuple[str | bytes | None, str]] = {
+    "duplicate_key": ("optim:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n",
+                      "line 4: duplicate key 'lr' (first at line 2)"),
+    "duplicate_nested_key": ("method:\n  params:\n    beta: 1\n    beta: 2\n",
+                             "line 4: duplicate key 'beta' (first at line 3)"),
+    "top_level_list": ("- optim\n- lr\n", "must hold a mapping"),
+    "not_utf8": (b"name: caf\xe9\n", "line 1 is not UTF-8 text (byte 0xe9)"),
+    "invalid_yaml": ("optim: {lr: 0.1\nseed: 2\n", "is not valid YAML"),
+    "empty": ("", "config key 'student' is required"),
+    "directory": (None, "is a directory"),
+    "base_number": ("_base_: 3\n",
+                    "_base_ must be a path or a list of paths (strings), found a number (3)"),
+    "base_mapping": ("_base_: {file: a.yaml}\n", "found a mapping ({'file': 'a.yaml'})"),
+    "base_list_non_string": ("_base_: [a.yaml, 7]\n", "found a number (7) as item 1 of the list"),
+    "base_missing": ("_base_: nowhere.yaml\n", "_base_ 'nowhere.yaml' not found"),
+}
+#: what differs for a sweep spec (which has no ``_base_``)
+SWEEP_EXPECTED = {"empty": "must hold a mapping with name, configs"}
+COMMANDS = {"distill": ["distill"], "config_show": ["config", "show"], "sweep": ["sweep"]}
+
+
+def _malformed(tmp: Path, case: str) -> Path:
+    content = MALFORMED[case][0]
+    path = tmp / "bad.yaml"
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize(("command", "case"), [
+    (command, case) for command in COMMANDS for case in MALFORMED
+    if not (command == "sweep" and case.startswith("base_"))])
+def test_malformed_config_file_is_one_line(command: str, case: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Duplicate keys, a bad ``_base_``, a list at the top, non-UTF-8 bytes, an empty file, a
+    directory: ``kdlab distill``, ``kdlab config show`` and ``kdlab sweep`` each print one line
+    naming the file (the file that asked, for a missing base) and exit 2."""
+    path = _malformed(tmp_path, case)
+    expected = SWEEP_EXPECTED.get(case, MALFORMED[case][1]) if command == "sweep" \
+        else MALFORMED[case][1]
+    argv = [*COMMANDS[command], str(path)]
+    if command == "distill":
+        argv += ["--run-dir", str(tmp_path / "run")]
+    capsys.readouterr()
+    rc = cli(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdlab: error:"), err
+    assert "Traceback" not in err
+    assert expected in lines[0] and path.name in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(KdlabError, match=re.escape(expected)):
+        cli(["--debug", *argv])
+
+
+@pytest.mark.parametrize(("command", "case"), [
+    ("distill", "duplicate_key"), ("config_show", "base_number"), ("sweep", "not_utf8")])
+def test_malformed_config_file_real_process(command: str, case: str, tmp_path: Path) -> None:
+    """The same through ``python -m kdlab``: one line on stderr, exit 2."""
+    path = _malformed(tmp_path, case)
+    proc = subprocess.run([sys.executable, "-m", "kdlab", "-q", *COMMANDS[command], str(path)],
+                          capture_output=True, text=True, env=child_env(), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdlab: error:"), proc.stderr
+    assert MALFORMED[case][1] in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------- SDD on a 1x1 map
+@pytest.mark.parametrize(("student", "teacher", "who"), [("vgg8", "resnet8", "student"),
+                                                         ("resnet8", "vgg8", "teacher")])
+def test_sdd_on_a_one_by_one_map_is_a_method_error(student: str, teacher: str, who: str) -> None:
+    """vgg8's final map is 1x1 on 8 px inputs, where every SDD region is a copy of the global
+    one: building any SD-X method is a MethodError naming the model and the map, not X in
+    disguise. Scales [1] (no local regions asked for) and a larger input are fine."""
+    s, t = create_model(student, num_classes=4), create_model(teacher, num_classes=4)
+    assert tuple(create_model("vgg8", num_classes=4).probe(8).feature_map.shape[-2:]) == (1, 1)
+    assert tuple(create_model("resnet8", num_classes=4).probe(8).feature_map.shape[-2:]) == (2, 2)
+    ctx = DistillContext.from_models(s, t, num_classes=4, train_labels=torch.arange(16) % 4,
+                                     input_size=8)
+    for name, base in (("sd_kd", "kd"), ("sd_dkd", "dkd"), ("sd_nkd", "nkd")):
+        with pytest.raises(MethodError) as e:
+            build_method(MethodConfig(name=name), ctx)
+        assert str(e.value) == (
+            f"{name}: the {who} vgg8 has a 1x1 final feature map at 8 px, so every SDD region "
+            "equals the global one; use a larger input or a model with a larger final map "
+            f"(or {base})")
+    build_method(MethodConfig(name="sd_dkd", params={"scales": [1]}), ctx)
+    ctx16 = DistillContext.from_models(s, t, num_classes=4, train_labels=torch.arange(16) % 4,
+                                       input_size=16)  # vgg8: 2x2, resnet8: 4x4
+    build_method(MethodConfig(name="sd_dkd"), ctx16)
+
+
+# --------------------------------------------------------------------------- misspelt names
+@pytest.mark.parametrize(("changes", "unknown", "right"), [
+    ({"student": {"arch": "resnt8"}}, "model 'resnt8'", "resnet8"),
+    ({"method": {"name": "sd_dkdd"}}, "method 'sd_dkdd'", "sd_dkd"),
+    ({"data": {"name": "synthetc"}}, "dataset 'synthetc'", "synthetic"),
+], ids=["model", "method", "dataset"])
+def test_misspelt_name_suggests_the_right_one(changes: dict[str, Any], unknown: str, right: str,
+                                              tmp_path: Path, write_cfg: Callable[..., Path],
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelt model, method or dataset in a config given to ``kdlab distill``: one line,
+    "did you mean" with the intended name first, under 200 characters (the config is given by
+    a short relative path, as users type it)."""
+    write_cfg(tmp_path, name="c.yaml", **changes)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert cli(["distill", "c.yaml", "--run-dir", "run"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdlab: error:"), err
+    assert f"unknown {unknown}; did you mean {right}" in lines[0], lines[0]
+    assert len(lines[0]) < 200, lines[0]

@@ -162,12 +162,18 @@ class DeviceLoader:
             return self.num_samples // self.batch_size
         return -(-self.num_samples // self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch whose permutation and augmentation the next iteration uses.
 
         Like ``DistributedSampler.set_epoch``: call it at the start of every epoch (iterating
-        twice without it gives the same batches twice)."""
+        twice without it gives the same batches twice). ``start_batch``: the next iteration
+        begins at that batch of the epoch, the same batches an iteration from the start would
+        yield from there (a run resumed mid-epoch); later iterations start at 0 again."""
+        if not 0 <= start_batch <= len(self):
+            raise DatasetError(f"start_batch {start_batch} is outside the epoch's "
+                               f"{len(self)} batches")
         self.epoch = int(epoch)
+        self._start_batch = int(start_batch)
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """The random draws of ``epoch`` (default: the current one) for this rank, on the CPU.
@@ -252,7 +258,8 @@ class DeviceLoader:
             order, dy, dx, flip = plan[0], plan[1], plan[2], plan[3]
         else:
             order = self._all_index[self._start : self._stop]
-        for b in range(len(self)):
+        first, self._start_batch = getattr(self, "_start_batch", 0), 0
+        for b in range(first, len(self)):
             s, e = b * bs, min((b + 1) * bs, n)
             idx = order[s:e]
             if self.augment:

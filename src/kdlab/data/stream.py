@@ -23,6 +23,7 @@ Unreadable images (``on_error``):
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -138,6 +139,8 @@ class _EpochTagged(Sampler[tuple[int, int]]):
     def __init__(self, sampler: Sampler[int]) -> None:
         self.sampler = sampler
         self.epoch = 0
+        #: samples of the epoch the next iteration skips (a run resumed mid-epoch); one-shot.
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -146,8 +149,8 @@ class _EpochTagged(Sampler[tuple[int, int]]):
             set_inner(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        return ((int(i), epoch) for i in self.sampler)
+        epoch, skip, self.skip = self.epoch, self.skip, 0
+        return ((int(i), epoch) for i in itertools.islice(iter(self.sampler), skip, None))
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]
@@ -236,9 +239,17 @@ class StreamLoader:
         """Number of classes of the dataset."""
         return self.dataset.num_classes
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select epoch ``epoch``'s shuffle and augmentation (call before iterating)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select epoch ``epoch``'s shuffle and augmentation (call before iterating).
+
+        ``start_batch``: the next iteration begins at that batch of the epoch (a run resumed
+        mid-epoch; per-sample augmentation is seeded by (sample, epoch), so the batches are
+        those an iteration from the start would yield from there)."""
+        if not 0 <= start_batch <= len(self):
+            raise DatasetError(f"start_batch {start_batch} is outside the epoch's "
+                               f"{len(self)} batches")
         self.sampler.set_epoch(epoch)
+        self.sampler.skip = start_batch * int(self.loader.batch_size or 1)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)

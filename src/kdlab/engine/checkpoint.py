@@ -9,8 +9,11 @@ the latest file is truncated or corrupt.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +59,51 @@ def state_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+class _ByteCounter:
+    """A write-only sink that counts what ``torch.save`` writes into it (nothing is kept)."""
+
+    name = "<checkpoint size probe>"
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        pass
+
+
+def _disk_full_cause(e: BaseException) -> OSError | None:
+    """The "no space" ``OSError`` (ENOSPC, or EDQUOT: quota exceeded) behind ``e``, if any.
+
+    ``torch.save`` turns a failed write into a ``RuntimeError`` ("unexpected pos ...") whose
+    context is the ``OSError``, so the cause/context chain is searched.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _mb(n_bytes: float) -> str:
+    mb = n_bytes / 1e6
+    return f"{mb:.1f}" if mb < 10 else f"{mb:.0f}"
+
+
 def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = True) -> None:
     """Write ``state`` to ``path`` atomically (temp file, fsync, rename), keeping ``path.prev``.
 
     Uses :func:`kdlab.atomic.atomic_write`. On any write failure (e.g. disk full) the temporary
     file is removed, the existing checkpoint is untouched, and :class:`CheckpointError` is
-    raised.
+    raised. When the disk is full the message says so and gives the checkpoint's serialised
+    size (measured by serialising it again into a byte counter) and the space left on that disk.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,8 +111,24 @@ def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = T
     try:
         atomic_write(path, lambda f: torch.save(state, f), keep_previous=keep_previous)
     except (OSError, RuntimeError) as e:
-        raise CheckpointError(f"could not write checkpoint {path}: {e}; "
-                              "the previous checkpoint is kept") from e
+        kept = "the previous checkpoint is kept"
+        full = _disk_full_cause(e)
+        if full is None:
+            raise CheckpointError(f"could not write checkpoint {path}: "
+                                  f"{' '.join(str(e).split())}; {kept}") from e
+        cause = os.strerror(full.errno or errno.ENOSPC)
+        try:
+            counter = _ByteCounter()
+            torch.save(state, counter)
+            needs = f"it needs about {_mb(counter.size)} MB"
+        except Exception:  # the size is a hint: never hide the disk-full error behind it
+            needs = "it needs more space"
+        try:
+            free = f", {_mb(shutil.disk_usage(path.parent).free)} MB free on that disk"
+        except OSError:
+            free = ""
+        raise CheckpointError(f"could not write checkpoint {path}: {cause}; {needs}{free}; "
+                              f"{kept} (free some space, then --resume)") from e
 
 
 def load_latest(path: str | Path) -> tuple[dict[str, Any], Path] | None:

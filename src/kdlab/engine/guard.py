@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,6 +57,21 @@ class NonFiniteGuard:
             finite = torch.isfinite(values).tolist()
             self._raise(step, [n for n, ok in zip(terms, finite, strict=True) if not ok])
         return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch's bookkeeping so far (saved in step checkpoints)."""
+        return {"skipped": self.skipped, "total_skipped": self.total_skipped,
+                "calls": self._calls, "names": list(self._names),
+                "good_steps": self._good_steps.cpu(),
+                "first_bad": None if self._first_bad is None else self._first_bad.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.skipped, self.total_skipped = int(state["skipped"]), int(state["total_skipped"])
+        self._calls, self._names = int(state["calls"]), list(state["names"])
+        self._good_steps = state["good_steps"].to(self._device)
+        bad = state["first_bad"]
+        self._first_bad = None if bad is None else bad.to(self._device)
 
     def observe(self, terms: dict[str, Tensor], values: Tensor) -> None:
         """Record an applied step's terms (no host synchronisation)."""

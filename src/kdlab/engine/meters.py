@@ -1,6 +1,6 @@
 """Epoch meters: the training record of one epoch, accumulated on the device.
 
-Sums of every loss term and of the total loss (float64), the task's own training metric (e.g.
+Sums of every loss term (float64), the task's own training metric (e.g.
 top-1 accuracy), images seen and time; the host reads them only for the progress display and at
 the end of the epoch, where distributed runs reduce them over the ranks.
 """
@@ -20,37 +20,54 @@ __all__ = ["EpochMeter"]
 
 
 class EpochMeter:
-    """Loss terms, total loss and the task's training metric over one epoch's applied steps."""
+    """Loss terms and the task's training metric over one epoch's applied steps.
+
+    The epoch's ``train_loss`` is the sum of the terms' epoch means (float64), so that it is
+    exactly the sum of the ``train_terms`` it is recorded beside."""
 
     def __init__(self, task_meter: TrainMeter[Any, Any], device: torch.device) -> None:
         self.task_meter = task_meter
         self.device = device
         self.names: list[str] = []
         self.term_sums: Tensor | None = None
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.steps = 0
         self.t0 = time.perf_counter()
 
-    def add(self, terms: dict[str, Tensor], values: Tensor, loss: Tensor, output: Any,
-            batch: Any) -> None:
-        """One applied step: its terms (``values`` stacked in ``terms``' order), total loss,
-        the student's output and the batch."""
+    def add(self, terms: dict[str, Tensor], values: Tensor, output: Any, batch: Any) -> None:
+        """One applied step: its terms (``values`` stacked in ``terms``' order), the student's
+        output and the batch."""
         if self.term_sums is None:
             self.names = list(terms)
             self.term_sums = torch.zeros(len(self.names), dtype=torch.float64,
                                          device=self.device)
         self.term_sums += values.detach().double()
-        self.loss_sum += loss.detach().double()
         self.task_meter.update(output, batch)
         self.steps += 1
 
     def elapsed(self) -> float:
-        """Seconds since the epoch began."""
+        """Seconds since the epoch began (on resume mid-epoch, including the time before)."""
         return time.perf_counter() - self.t0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums so far (a step checkpoint, so a run resumed mid-epoch records the same)."""
+        return {"names": list(self.names),
+                "term_sums": None if self.term_sums is None else self.term_sums.cpu(),
+                "steps": self.steps,
+                "elapsed": self.elapsed(), "task": self.task_meter.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.names = list(state["names"])
+        sums = state["term_sums"]
+        self.term_sums = None if sums is None else sums.to(self.device)
+        self.steps = int(state["steps"])
+        self.t0 = time.perf_counter() - float(state["elapsed"])
+        self.task_meter.load_state_dict(state["task"])
 
     def progress(self) -> dict[str, float]:
         """Mean loss so far, the task's figures and images/s (synchronises the host)."""
-        return {"loss": float(self.loss_sum) / max(self.steps, 1),
+        total = 0.0 if self.term_sums is None else float(self.term_sums.sum())
+        return {"loss": total / max(self.steps, 1),
                 **self.task_meter.progress(),
                 "img_s": self.task_meter.samples / max(self.elapsed(), 1e-9)}
 
@@ -61,15 +78,14 @@ class EpochMeter:
         sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
         if self.term_sums is not None:
             sums = self.term_sums
-        totals = torch.cat([sums, self.loss_sum.reshape(1)])
         if dist.enabled:
-            all_reduce_sum(totals, dist).div_(dist.world_size)
+            all_reduce_sum(sums, dist).div_(dist.world_size)
         self.task_meter.reduce(dist)
         done = max(self.steps, 1)
-        values = totals.tolist()
+        values = sums.tolist()
         return {
-            "train_loss": values[-1] / done,
-            "train_terms": {n: v / done for n, v in zip(self.names, values[:-1], strict=True)},
+            "train_loss": sum(values) / done,
+            "train_terms": {n: v / done for n, v in zip(self.names, values, strict=True)},
             **self.task_meter.summary(),
             "train_img_per_s": self.task_meter.samples / max(elapsed, 1e-9),
             "train_time_s": elapsed,

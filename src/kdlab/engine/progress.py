@@ -1,4 +1,6 @@
-"""Progress display for the CLI: a tqdm bar per epoch and one log line per finished epoch."""
+"""Progress display for the CLI: a tqdm bar per epoch, or (``--no-progress``, for batch jobs
+whose output goes to a file) one log line every ``runtime.log_every`` steps; and one log line
+per finished epoch either way."""
 
 from __future__ import annotations
 
@@ -8,15 +10,47 @@ from typing import Any
 
 log = logging.getLogger("kdlab")
 
+__all__ = ["TqdmProgress", "format_figure", "format_figures"]
+
+
+def format_figure(key: str, value: float) -> str:
+    """One progress figure as text, whatever its key: losses with 4 decimals, rates
+    (keys ending in ``_s``, per second) as integers, other values of at least 1 with one
+    decimal (accuracies in %), smaller ones with 4 significant digits; anything that is not a
+    float as it is."""
+    if not isinstance(value, float):
+        return str(value)
+    if "loss" in key:
+        return f"{value:.4f}"
+    if key.endswith("_s"):
+        return f"{value:.0f}"
+    return f"{value:.1f}" if abs(value) >= 1 else f"{value:.4g}"
+
+
+def format_figures(info: dict[str, Any]) -> str:
+    """``loss 1.2345 acc 61.2 img_s 812``: every key of ``info`` in its order."""
+    return " ".join(f"{k} {format_figure(k, v)}" for k, v in info.items())
+
 
 class TqdmProgress:
-    """The trainer's progress display: epoch, loss, accuracy, img/s and ETA."""
+    """The trainer's progress display.
+
+    Enabled: a tqdm bar per epoch on stderr with the figures the trainer reports (loss, the
+    task's figures, img/s) and an ETA. Disabled (``--no-progress``): no bar, but one log line
+    per :meth:`update` (the trainer calls it every ``runtime.log_every`` steps and at the last
+    step of an epoch), e.g. ``epoch 3/240 step 150/782 loss 1.2345 acc 61.2 img_s 812``.
+    Both end each epoch with one log line.
+    """
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.bar: Any = None
+        self._epoch = 0
+        self._total_epochs = 0
+        self._steps = 0
 
     def start_epoch(self, epoch: int, total_epochs: int, steps: int) -> None:
+        self._epoch, self._total_epochs, self._steps = epoch, total_epochs, steps
         if not self.enabled:
             return
         from tqdm import tqdm
@@ -25,11 +59,14 @@ class TqdmProgress:
                         leave=False, dynamic_ncols=True, file=sys.stderr)
 
     def update(self, steps_done: int, info: dict[str, float]) -> None:
+        if not self.enabled:
+            log.info("epoch %d/%d step %d/%d %s", self._epoch, self._total_epochs, steps_done,
+                     self._steps, format_figures(info))
+            return
         if self.bar is None:
             return
         self.bar.n = steps_done
-        self.bar.set_postfix(loss=f"{info['loss']:.4f}", acc=f"{info['acc']:.1f}",
-                             img_s=f"{info['img_s']:.0f}", refresh=False)
+        self.bar.set_postfix({k: format_figure(k, v) for k, v in info.items()}, refresh=False)
         self.bar.refresh()
 
     def end_epoch(self, record: dict[str, Any]) -> None:

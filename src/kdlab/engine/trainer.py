@@ -11,11 +11,15 @@ of an epoch. Everything task-specific (batches, model outputs, metrics) lives in
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,7 +42,7 @@ from kdlab.engine.checkpoint import load_latest, save_atomic
 from kdlab.engine.distributed import broadcast_object, init_distributed, shutdown
 from kdlab.engine.guard import NonFiniteGuard
 from kdlab.engine.meters import EpochMeter
-from kdlab.engine.rundir import RunDir
+from kdlab.engine.rundir import Resume, RunDir
 from kdlab.engine.runtime import (
     autocast,
     configure_determinism,
@@ -49,7 +53,7 @@ from kdlab.engine.runtime import (
     seed_everything,
     set_rng_state,
 )
-from kdlab.errors import CheckpointError, ConfigError, KdlabError, RunError
+from kdlab.errors import CheckpointError, ConfigError, KdlabError, RunError, RunInterrupted
 from kdlab.methods.base import total_loss
 from kdlab.methods.compose import method_display_name
 from kdlab.models.checkpoint import load_state_dict_strict
@@ -119,13 +123,21 @@ class Trainer:
         self,
         cfg: ExperimentConfig,
         run_dir: str | Path,
-        resume: bool = False,
+        resume: Resume = False,
         progress: Progress | None = None,
         require_teacher: bool | None = None,
         stop_after: int | None = None,
+        allow_teacher_change: bool = False,
     ) -> None:
         self.cfg = cfg
         self.stop_after = stop_after
+        #: resume even if the teacher checkpoint's sha256 differs from the one recorded at the
+        #: start (the change is then recorded in teacher.json).
+        self.allow_teacher_change = allow_teacher_change
+        #: the signal (SIGTERM/SIGINT) that asked a run with step checkpoints to stop
+        self._stop_signal: int | None = None
+        #: where to continue inside an epoch (from a step checkpoint), or None
+        self._mid_epoch: dict[str, Any] | None = None
         self.run_dir = RunDir(run_dir)
         self.resume = resume
         self.progress = progress
@@ -180,6 +192,9 @@ class Trainer:
     def _configure_runtime(self) -> None:
         """Threads, determinism, seeds, device, autocast dtype and memory format."""
         rt = self.cfg.runtime
+        if rt.checkpoint_every_steps and self.dist.enabled:
+            raise ConfigError("config key 'runtime.checkpoint_every_steps': step checkpoints "
+                              "are for single-process runs; set it to 0 under torchrun")
         configure_threads(rt.threads)
         configure_determinism(rt.deterministic)
         seed_everything(self.cfg.seed)
@@ -230,12 +245,15 @@ class Trainer:
         return self.dist.is_main
 
     def _prepare_run_dir(self) -> str:
-        """Rank 0 prepares the run directory; its verdict (or error) reaches every rank."""
+        """Rank 0 locks and prepares the run directory; its verdict (or error) reaches every
+        rank. The lock is released by :meth:`run`."""
         if not self.dist.enabled:
+            self.run_dir.acquire_lock()
             return self.run_dir.prepare(self.cfg, self.resume)
         result: tuple[str, str | None] = ("", None)
         if self.dist.is_main:
             try:
+                self.run_dir.acquire_lock()
                 result = (self.run_dir.prepare(self.cfg, self.resume), None)
             except KdlabError as e:
                 result = ("error", str(e))
@@ -258,12 +276,19 @@ class Trainer:
         if self.is_main:
             self.run_dir.write_json("teacher.json", info)
         log.info("teacher %s: %s %.2f", tcfg.arch, metric, ev[metric])
-        if tcfg.expected_accuracy is not None and (
-                ev[metric] < tcfg.expected_accuracy - tcfg.accuracy_tolerance):
+        self._teacher_guard(ev[metric])
+
+    def _teacher_guard(self, value: float | None) -> None:
+        """Stop when the teacher is far below ``teacher.expected_accuracy``."""
+        tcfg = self.cfg.teacher
+        if tcfg is None or tcfg.expected_accuracy is None or value is None:
+            return
+        if value < tcfg.expected_accuracy - tcfg.accuracy_tolerance:
             raise RunError(
-                f"teacher {tcfg.arch} from {tcfg.checkpoint} reaches {ev[metric]:.2f}% {metric} "
-                f"on the test set, expected {tcfg.expected_accuracy:.2f}% (tolerance "
-                f"{tcfg.accuracy_tolerance}); the checkpoint does not match its claimed accuracy"
+                f"teacher {tcfg.arch} from {tcfg.checkpoint} reaches {value:.2f}% "
+                f"{self.task.best_metric} on the test set, expected "
+                f"{tcfg.expected_accuracy:.2f}% (tolerance {tcfg.accuracy_tolerance}); the "
+                "checkpoint does not match its claimed accuracy"
             )
 
     # ------------------------------------------------------------------ checkpoint
@@ -291,15 +316,31 @@ class Trainer:
             "rng": rng_state(),
         }
 
-    def _restore(self) -> None:
+    @property
+    def step_checkpoint(self) -> Path:
+        """The mid-epoch checkpoint (``runtime.checkpoint_every_steps``), beside ``last.pt``."""
+        return self.run_dir.last_checkpoint.with_name("step.pt")
+
+    def _latest_state(self) -> tuple[dict[str, Any], Path] | None:
+        """The newest training state: the step checkpoint when it is ahead of ``last.pt``."""
         found = load_latest(self.run_dir.last_checkpoint)
+        if self.step_checkpoint.exists() or self.step_checkpoint.with_name("step.pt.prev").exists():
+            step = load_latest(self.step_checkpoint)
+            last_epoch = -1 if found is None else int(found[0]["epoch"])
+            if step is not None and int(step[0]["epoch"]) >= last_epoch:
+                return step
+        return found
+
+    def _restore(self) -> None:
+        found = self._latest_state()
         if found is None:
             log.warning("no checkpoint in %s yet: starting the run from epoch 1", self.run_dir.path)
+            self._check_teacher_identity()
             return
         ckpt, path = found
         if ckpt.get("kind") != "kdlab-train-state":
             raise CheckpointError(f"{path} is not a kdlab training checkpoint")
-        if ckpt.get("fingerprint") != self.cfg.fingerprint():
+        if ckpt.get("fingerprint") not in self.run_dir.accepted_fingerprints():
             raise CheckpointError(f"{path} belongs to a run with another config")
         load_state_dict_strict(self.student, ckpt["model"], str(path))
         self.distiller.load_state_dict(ckpt["distiller"])
@@ -314,6 +355,7 @@ class Trainer:
             s.best = float(ckpt["best_top1"]) if ckpt["best_top1"] >= 0 else None
         s.best_epoch = int(ckpt["best_epoch"])
         s.skipped_steps = int(ckpt["skipped_steps"])
+        self._mid_epoch = ckpt.get("mid_epoch")
         if self.is_main:
             self.run_dir.truncate_metrics(s.epoch)
         s.history = [r for r in self.run_dir.read_metrics() if r.get("epoch", 0) <= s.epoch]
@@ -323,7 +365,43 @@ class Trainer:
             # killed after the checkpoint was written but before (or while) its metrics line was
             self.run_dir.append_metrics(record)
             s.history.append(record)
-        log.info("resumed %s from %s at epoch %d", self.run_dir.path, path.name, s.epoch)
+        where = (f"epoch {s.epoch + 1}, step {self._mid_epoch['step']}" if self._mid_epoch
+                 else f"epoch {s.epoch}")
+        log.info("resumed %s from %s at %s", self.run_dir.path, path.name, where)
+        self._check_teacher_identity()
+
+    def _check_teacher_identity(self) -> None:
+        """On resume: the teacher file must be the one the run started with (sha256), and the
+        teacher accuracy guard applies as at the start."""
+        tcfg = self.cfg.teacher
+        if tcfg is None:
+            return
+        teacher_json = self.run_dir.path / "teacher.json"
+        if not teacher_json.exists():  # stopped before the teacher was checked: check it now
+            self._check_teacher()
+            return
+        info = self.run_dir.read_json("teacher.json")
+        recorded, current = info.get("sha256"), file_sha256(tcfg.checkpoint) if tcfg.checkpoint \
+            else None
+        if recorded != current:
+            if not self.allow_teacher_change:
+                raise RunError(
+                    f"the teacher checkpoint {tcfg.checkpoint} changed since the run started "
+                    f"(sha256 {str(current)[:12]} now, {str(recorded)[:12]} recorded in "
+                    f"{teacher_json}); restore the original file, or pass "
+                    "--allow-teacher-change to continue with this one (it is recorded)")
+            log.warning("the teacher checkpoint changed since the run started; continuing "
+                        "with it as asked (--allow-teacher-change)")
+            changes = [*info.get("changes", []), {"from_sha256": recorded, "to_sha256": current,
+                                                  "time": time.time(),
+                                                  "after_epoch": self.state.epoch}]
+            self._check_teacher()
+            if self.is_main:
+                self.run_dir.write_json("teacher.json", {**self.run_dir.read_json(
+                    "teacher.json"), "changes": changes})
+            return
+        self._teacher_guard(info.get(self.task.best_metric))
+
 
     # ------------------------------------------------------------------ training
     def step(self, batch: Any, epoch: int, *, t: int | None = None,
@@ -371,28 +449,52 @@ class Trainer:
         self.scaler.update()
         self.state.global_step += 1
 
-    def train_epoch(self, epoch: int) -> dict[str, Any]:
-        """One epoch over the training loader; returns the epoch's training record."""
+    def train_epoch(self, epoch: int, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One epoch over the training loader (from ``resume``, a step checkpoint's position
+        and sums, when continuing mid-epoch); returns the epoch's training record."""
         self.student.train()
         self.distiller.train()
-        self.train_loader.set_epoch(epoch)
+        start = 0 if resume is None else int(resume["step"])
+        self.train_loader.set_epoch(epoch, start_batch=start)
         steps, log_every = len(self.train_loader), self.cfg.runtime.log_every
         meter = EpochMeter(self.task.train_meter(self.device), self.device)
         guard = self._guard(epoch)
+        if resume is not None:
+            meter.load_state_dict(resume["meter"])
+            guard.load_state_dict(resume["guard"])
         progress = self.progress if self.is_main else None
         if progress:
             progress.start_epoch(epoch, self.cfg.optim.epochs, steps)
-        for i, batch in enumerate(self.train_loader, start=1):
+        for i, batch in enumerate(self.train_loader, start=start + 1):
             result = self.step(batch, epoch, t=(epoch - 1) * steps + i - 1, guard=guard)
             if not result.skipped:
                 guard.observe(result.terms, result.values)
-                meter.add(result.terms, result.values, result.loss, result.output, batch)
+                meter.add(result.terms, result.values, result.output, batch)
             if i % log_every == 0 or i == steps:
                 guard.check(self.dist)
                 if progress:
                     progress.update(i, meter.progress())
+            self._maybe_checkpoint_step(epoch, i, steps, meter, guard)
         self.state.skipped_steps = guard.total_skipped
         return meter.finish(self.dist, guard.skipped)
+
+    def _maybe_checkpoint_step(self, epoch: int, step: int, steps: int, meter: EpochMeter,
+                               guard: NonFiniteGuard) -> None:
+        """Write the step checkpoint every ``runtime.checkpoint_every_steps`` steps, and when a
+        signal asked the run to stop (then stop: :class:`RunInterrupted`)."""
+        every = self.cfg.runtime.checkpoint_every_steps
+        if every <= 0 or step >= steps or not (step % every == 0 or self._stop_signal):
+            return
+        guard.check(self.dist)  # never checkpoint a state with a non-finite loss in it
+        self.state.skipped_steps = guard.total_skipped
+        state = self._checkpoint_state()
+        state["mid_epoch"] = {"epoch": epoch, "step": step, "meter": meter.state_dict(),
+                              "guard": guard.state_dict()}
+        save_atomic(state, self.step_checkpoint)
+        if self._stop_signal is not None:
+            log.info("stopped at epoch %d, step %d of %d (step checkpoint written)", epoch,
+                     step, steps)
+            raise RunInterrupted(self._stop_signal)
 
     def _guard(self, epoch: int) -> NonFiniteGuard:
         rt = self.cfg.runtime
@@ -408,18 +510,37 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train to ``optim.epochs`` (or continue a resumed run); returns the summary."""
-        mode = self.setup()
+        try:
+            mode = self.setup()
+        except BaseException:
+            self.run_dir.release_lock(abandon=True)  # a failed start leaves nothing behind
+            raise
         if mode == "finished":
+            self.run_dir.release_lock()
             log.info("run %s is already finished", self.run_dir.path)
             return self.run_dir.read_json("summary.json")
         if self.is_main:
             self.run_dir.set_status("running", epoch=self.state.epoch)
         t_start = time.perf_counter()
         try:
-            for epoch in range(self.state.epoch + 1, self.cfg.optim.epochs + 1):
-                self._run_epoch(epoch)
-                if self.stop_after is not None and epoch >= self.stop_after:
-                    break
+            self._train_epochs()
+            return self._finish(time.perf_counter() - t_start)
+        finally:
+            self.run_dir.release_lock()  # last: after the final status (rank 0 holds it)
+
+    def _train_epochs(self) -> None:
+        """The epochs still to run; status.json records how they end."""
+        try:
+            with self._deferred_stop_signals():
+                for epoch in range(self.state.epoch + 1, self.cfg.optim.epochs + 1):
+                    self._run_epoch(epoch)
+                    if self.stop_after is not None and epoch >= self.stop_after:
+                        break
+        except KeyboardInterrupt as e:
+            if self.is_main:
+                how = "SIGTERM" if getattr(e, "signum", 2) == signal.SIGTERM else "SIGINT"
+                self.run_dir.set_status("interrupted", signal=how, epoch=self.state.epoch)
+            raise
         except BaseException as e:
             if self.is_main:
                 self.run_dir.set_status("failed", error=f"{type(e).__name__}: {e}",
@@ -427,17 +548,44 @@ class Trainer:
             raise
         finally:
             self._leave_process_group()
+
+    def _finish(self, wall_time: float) -> dict[str, Any]:
+        """The summary; a finished run writes it and says "finished", a stopped one "stopped"."""
+        summary = self._summary(wall_time)
         if self.state.epoch < self.cfg.optim.epochs:
             if self.is_main:
                 self.run_dir.set_status("stopped", epoch=self.state.epoch)
             log.info("stopped after epoch %d of %d; continue with --resume", self.state.epoch,
                      self.cfg.optim.epochs)
-            return self._summary(time.perf_counter() - t_start)
-        summary = self._summary(time.perf_counter() - t_start)
+            return summary
         if self.is_main:
             self.run_dir.write_json("summary.json", summary)
             self.run_dir.set_status("finished", epoch=self.state.epoch)
         return summary
+
+    @contextlib.contextmanager
+    def _deferred_stop_signals(self) -> Iterator[None]:
+        """With step checkpoints on, SIGTERM and SIGINT stop the run at the next step boundary
+        after a step checkpoint (a second Ctrl-C stops at once); without, they act at once."""
+        if (self.cfg.runtime.checkpoint_every_steps <= 0
+                or threading.current_thread() is not threading.main_thread()):
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise RunInterrupted(signum)
+            self._stop_signal = signum
+            log.info("%s received: stopping after the current step",
+                        signal.Signals(signum).name)
+
+        previous = {sig: signal.signal(sig, request_stop)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _leave_process_group(self) -> None:
         """Free the DDP wrappers, then leave the process group (distributed runs).
@@ -456,7 +604,10 @@ class Trainer:
     def _run_epoch(self, epoch: int) -> None:
         self.schedule.apply(self.optimizer, (epoch - 1) * len(self.train_loader))
         record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
-        record.update(self.train_epoch(epoch))
+        resume, self._mid_epoch = self._mid_epoch, None
+        if resume is not None and int(resume["epoch"]) != epoch:
+            resume = None  # a step checkpoint of another epoch (not reached here)
+        record.update(self.train_epoch(epoch, resume))
         s = self.state
         metric = self.task.best_metric
         if epoch % self.cfg.runtime.eval_every == 0 or epoch == self.cfg.optim.epochs:
@@ -488,8 +639,12 @@ class Trainer:
             raise
         self.run_dir.append_metrics(record)
         s.history.append(record)
+        for stale in (self.step_checkpoint, self.step_checkpoint.with_name("step.pt.prev")):
+            stale.unlink(missing_ok=True)  # the epoch's checkpoint supersedes its steps
         if self.progress:
             self.progress.end_epoch(record)
+        if self._stop_signal is not None:
+            raise RunInterrupted(self._stop_signal)
 
     def _summary(self, wall_time: float) -> dict[str, Any]:
         s = self.state

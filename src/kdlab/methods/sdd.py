@@ -9,7 +9,9 @@ Scales larger than a feature map: a scale ``m`` is accepted on an ``H x W`` map 
 side, ``m <= H`` or ``m`` is a multiple of ``H`` (adaptive pooling then repeats each location
 exactly, e.g. the MobileNetV2 student's 2x2 CIFAR map under the 4x4 grid, as in the official
 code); otherwise the distiller raises :class:`~kdlab.errors.MethodError` when it is built,
-naming the model whose map is too small. See ``docs/methods/sdd.md``.
+naming the model whose map is too small. A 1x1 map (H = W = 1, e.g. a torchvision-style ResNet
+on tiny inputs) is refused too when a scale above 1 is asked for: every region would be a copy of
+the global one, so SD-X would silently be X. See ``docs/methods/sdd.md``.
 
 Defaults: ``scales = [1, 2, 4]`` (the spec's M for different architectures, most table pairs;
 configs set ``[1, 2]`` for resnet32x4->resnet8x4, vgg13->vgg8 and ImageNet R34->R18), nested
@@ -132,6 +134,15 @@ class _SDDBase(Distiller[SP], Generic[SP]):
                 fmap.shape[-1],
                 what=f"{who} feature map",
             )
+            if fmap.shape[-2] == 1 and fmap.shape[-1] == 1 and max(p.scales) > 1:
+                # every cell of every grid would be a copy of the one location: the loss would
+                # silently be the base loss on the global logits
+                arch = getattr(model, "arch", None) or type(model).__name__
+                raise MethodError(
+                    f"{self.name}: the {who} {arch} has a 1x1 final feature map at "
+                    f"{ctx.input_size} px, so every SDD region equals the global one; use a "
+                    f"larger input or a model with a larger final map (or {self.base})"
+                )
             in_features = getattr(model.classifier, "in_features", fmap.shape[1])
             if in_features != fmap.shape[1]:
                 raise MethodError(

@@ -55,6 +55,12 @@ class TrainMeter(Protocol[B, O]):
     def summary(self) -> dict[str, float]:
         """The epoch's record entries, e.g. ``{"train_top1": ...}``."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """The counts so far (saved in step checkpoints)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+
 
 class Task(ABC, Generic[D, B, O]):
     """What one task type defines; the engine does the rest. See the module docstring."""

@@ -9,6 +9,7 @@ cross-entropy, and top-1 decides the best epoch.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +64,15 @@ class AccuracyMeter:
     def summary(self) -> dict[str, float]:
         """``{"train_top1": top-1 %}``."""
         return {"train_top1": self.top1()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Correct predictions and images so far."""
+        return {"correct": self.correct.cpu(), "samples": self._samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.correct = state["correct"].to(self.correct.device)
+        self._samples = int(state["samples"])
 
 
 @register_task
