@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from kdlab.errors import KdlabError
 
-__all__ = ["Registry", "rollback_on_error", "unknown_name_message"]
+__all__ = ["Registry", "check_keys_in_use", "rollback_on_error", "unknown_name_message"]
 
 T = TypeVar("T")
 
@@ -179,6 +179,20 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {len(self._items)} entries)"
+
+
+def check_keys_in_use(registry: Registry[Any], name: str, changed: set[str]) -> None:
+    """Raise ``ValueError`` when ``changed`` holds a key that only other entries read.
+
+    For registries of classes that declare the config keys they read in ``uses`` (optimizers,
+    learning-rate schedules): a key set for another entry is a mistake, not silently ignored.
+    """
+    mine = getattr(registry.get(name), "uses", frozenset())
+    others = set().union(*(getattr(obj, "uses", frozenset()) for _, obj in registry.items()))
+    wrong = sorted(changed & (others - mine))
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} not used by {registry.kind} {name!r} (its keys: "
+                         f"{', '.join(sorted(mine)) or 'none'})")
 
 
 _ALL: weakref.WeakSet[Registry[Any]] = weakref.WeakSet()

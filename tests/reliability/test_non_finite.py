@@ -15,7 +15,7 @@ from kdlab.cli import main
 from kdlab.engine import trainer as trainer_mod
 from kdlab.errors import NonFiniteLossError
 
-from .conftest import STEPS_PER_EPOCH, cli, load
+from .conftest import STEPS_PER_EPOCH, cli, load, one_error_line
 
 
 def _poison(monkeypatch: pytest.MonkeyPatch, calls: set[int], term: str = "crd") -> None:
@@ -34,11 +34,6 @@ def _poison(monkeypatch: pytest.MonkeyPatch, calls: set[int], term: str = "crd")
     monkeypatch.setattr(trainer_mod.Trainer, "forward_terms", forward_terms)
 
 
-def _error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kdlab: error:"), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_nan_stops_with_step_and_term_keeping_last_good(cfg_path: Path, tmp_path: Path,
@@ -49,7 +44,7 @@ def test_nan_stops_with_step_and_term_keeping_last_good(cfg_path: Path, tmp_path
     _poison(monkeypatch, {STEPS_PER_EPOCH + 3})  # epoch 2, step 3
     capsys.readouterr()
     assert cli(["distill", str(cfg_path), "--run-dir", str(run)]) == 3
-    line = _error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert "non-finite loss at epoch 2, step 3 in term(s) crd;" in line
     assert "last good checkpoint (epoch 1)" in line
     ckpt = load(run / "checkpoints" / "last.pt")  # loadable, weights-only
@@ -66,7 +61,7 @@ def test_huge_learning_rate_stops_with_exit_code_3(write_cfg: Callable[..., Path
     cfg = write_cfg(tmp_path, optim={"lr": 1e30})
     capsys.readouterr()
     assert cli(["distill", str(cfg), "--run-dir", str(tmp_path / "run")]) == 3
-    line = _error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert "non-finite loss at epoch 1, step" in line and "in term(s)" in line
     assert "no checkpoint was written yet" in line
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
@@ -106,6 +101,6 @@ def test_skip_mode_stops_after_max_skipped_steps(write_cfg: Callable[..., Path],
     run = tmp_path / "run"
     capsys.readouterr()
     assert cli(["distill", str(cfg), "--run-dir", str(run)]) == 3
-    line = _error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert "non-finite loss at epoch 2, step 6 in term(s) sdd;" in line
     assert load(run / "checkpoints" / "last.pt")["epoch"] == 1

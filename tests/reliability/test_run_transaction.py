@@ -19,7 +19,7 @@ import yaml
 from kdlab.config import load_config
 from kdlab.engine.rundir import RunDir
 
-from .conftest import assert_runs_equal, child_env, cli, run_faulty_child
+from .conftest import assert_runs_equal, child_env, cli, one_error_line, run_faulty_child
 from .test_non_finite import _poison
 
 HOLDER = """
@@ -33,11 +33,6 @@ rd.release_lock()
 """
 
 
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kdlab: error:"), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- the lock
@@ -53,7 +48,7 @@ def test_second_process_is_refused_naming_the_holder(cfg_path: Path, tmp_path: P
         for extra in ([], ["--resume"]):
             capsys.readouterr()
             assert cli(["distill", str(cfg_path), "--run-dir", str(run), *extra]) == 2
-            line = _one_line(capsys.readouterr().err)
+            line = one_error_line(capsys.readouterr().err)
             assert (f"run directory {run} is in use by pid {holder.pid} on host "
                     f"{socket.gethostname()} since ") in line
             assert line.endswith("; wait for it or stop it")
@@ -85,7 +80,7 @@ def test_resume_on_a_missing_path_or_an_empty_folder(cfg_path: Path, tmp_path: P
     for run in (missing, empty):
         capsys.readouterr()
         assert cli(["distill", str(cfg_path), "--run-dir", str(run), "--resume"]) == 2
-        line = _one_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err)
         assert f"--resume: {run} holds no kdlab run; drop --resume to start it" in line
     assert not (tmp_path / "missing").exists()  # never a new run
     assert empty.is_dir() and not any(empty.iterdir())  # the user's folder is left as it was
@@ -118,7 +113,7 @@ def test_failed_start_leaves_no_run_directory(write_cfg: Callable[..., Path], tm
                     optim={"epochs": 1})
     capsys.readouterr()
     assert cli(["distill", str(cfg)]) == 2
-    _one_line(capsys.readouterr().err)
+    one_error_line(capsys.readouterr().err)
     assert not out.exists()
     fixed = write_cfg(tmp_path, output_dir=str(out), optim={"epochs": 1})
     assert cli(["distill", str(fixed)]) == 0
@@ -139,7 +134,7 @@ def test_different_run_names_the_differing_keys(reference: Path, cfg_path: Path,
     assert cli(["distill", str(cfg_path), "--run-dir", str(run), "--resume",
                 "--set", "optim.lr=0.1", "--set", "method.params.beta=6",
                 "--set", "runtime.threads=2"]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert ("holds a different run (method.params.beta: (unset) -> 6, optim.lr: 0.05 -> 0.1); "
             "choose another --run-dir or delete it") in line
 
@@ -177,7 +172,7 @@ def test_extension_refused_for_cosine_or_another_key(write_cfg: Callable[..., Pa
     capsys.readouterr()
     assert cli(["distill", str(cosine), "--run-dir", str(run), "--resume",
                 "--set", "optim.epochs=8"]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert "cannot be extended to 8: the cosine schedule's past learning rates depend on " \
            "optim.epochs" in line
 
@@ -185,12 +180,12 @@ def test_extension_refused_for_cosine_or_another_key(write_cfg: Callable[..., Pa
     run = _fake_finished_run(tmp_path / "ms", multistep)
     assert cli(["distill", str(multistep), "--run-dir", str(run), "--resume",
                 "--set", "optim.epochs=8", "--set", "optim.gamma=0.2"]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert "holds a different run (optim.epochs: 4 -> 8, optim.gamma: 0.1 -> 0.2)" in line
     assert (run / "summary.json").exists()  # refused: nothing changed
     assert cli(["distill", str(multistep), "--run-dir", str(run),
                 "--set", "optim.epochs=8"]) == 2
-    assert "pass --resume to extend it to 8 epochs" in _one_line(capsys.readouterr().err)
+    assert "pass --resume to extend it to 8 epochs" in one_error_line(capsys.readouterr().err)
 
 
 # --------------------------------------------------------------------------- paths
@@ -205,7 +200,7 @@ def test_config_name_cannot_leave_output_dir(name: str, write_cfg: Callable[...,
     cfg.write_text(yaml.safe_dump(data))
     capsys.readouterr()
     assert cli(["distill", str(cfg)]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert f"config key 'name': {name!r} must stay inside {out}" in line
     assert not out.exists() and not (tmp_path / "x").exists()
 
@@ -225,6 +220,6 @@ def test_sweep_names_cannot_leave_output_dir(where: str, write_cfg: Callable[...
                                     "configs": [cfg.name], "seeds": [0]}))
     capsys.readouterr()
     assert cli(["sweep", str(spec), "--dry-run", "--no-progress"]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert "name" in line
     assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()

@@ -14,13 +14,7 @@ import torch
 
 from kdlab.models import create_model
 
-from .conftest import cli
-
-
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kdlab: error:"), err
-    return lines[0]
+from .conftest import cli, one_error_line
 
 
 def _own_teacher(tmp_path: Path, teacher_ckpt: Path) -> Path:
@@ -42,7 +36,7 @@ def test_swapped_teacher_is_refused_on_resume(write_cfg: Callable[..., Path],
     torch.save({"model": create_model("resnet14", num_classes=4).state_dict()}, teacher)
     capsys.readouterr()
     assert cli(["distill", str(cfg), "--run-dir", str(run), "--resume"]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert "changed since the run started" in line and "--allow-teacher-change" in line
     assert json.loads((run / "status.json").read_text())["epoch"] == 1  # nothing trained
 
@@ -75,8 +69,8 @@ def test_teacher_guard_applies_on_resume(write_cfg: Callable[..., Path], tmp_pat
     run = tmp_path / "run"
     capsys.readouterr()
     assert cli(["distill", str(cfg), "--run-dir", str(run)]) == 2
-    assert "does not match its claimed accuracy" in _one_line(capsys.readouterr().err)
+    assert "does not match its claimed accuracy" in one_error_line(capsys.readouterr().err)
     assert cli(["distill", str(cfg), "--run-dir", str(run), "--resume"]) != 0
-    _one_line(capsys.readouterr().err)
+    one_error_line(capsys.readouterr().err)
     assert not (run / "checkpoints" / "last.pt").exists()
     assert not (run / "summary.json").exists()

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kdlab.config import OptimConfig
 from kdlab.errors import ConfigError
-from kdlab.registry import Registry
+from kdlab.registry import Registry, check_keys_in_use
 
 __all__ = ["AdamW", "OptimizerArgs", "SGD", "TrainOptimizer", "build_optimizer",
            "get_optimizer", "list_optimizers", "register_optimizer"]
@@ -114,12 +114,8 @@ def build_optimizer(cfg: OptimConfig, params: list[Tensor], lr: float) -> TrainO
 def check_optimizer_keys(name: str, explicitly_set: set[str], args: dict[str, Any]) -> None:
     """Raise ``ValueError`` when a key read only by other optimizers is set, or ``args`` do not
     fit optimizer ``name``'s schema (used by :class:`~kdlab.config.OptimConfig`'s validator)."""
+    check_keys_in_use(OPTIMIZERS, name, explicitly_set)
     cls = get_optimizer(name)
-    others = set().union(*(get_optimizer(n).uses for n in list_optimizers())) - cls.uses
-    wrong = sorted(explicitly_set & others)
-    if wrong:
-        mine = ", ".join(sorted(cls.uses)) or "none"
-        raise ValueError(f"{', '.join(wrong)} not used by optimizer {name!r} (its keys: {mine})")
     from pydantic import ValidationError
 
     try:

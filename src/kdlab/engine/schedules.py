@@ -26,7 +26,7 @@ import torch
 
 from kdlab.config import OptimConfig
 from kdlab.errors import ConfigError
-from kdlab.registry import Registry
+from kdlab.registry import Registry, check_keys_in_use
 
 __all__ = ["Cosine", "LRSchedule", "MultiStep", "build_schedule", "get_schedule",
            "list_schedules", "register_schedule"]
@@ -126,9 +126,4 @@ def build_schedule(cfg: OptimConfig, steps_per_epoch: int) -> LRSchedule:
 
 def check_schedule_keys(name: str, explicitly_set: set[str]) -> None:
     """Raise ``ValueError`` when a key read only by other schedules is set (validation)."""
-    cls = get_schedule(name)
-    others = set().union(*(get_schedule(n).uses for n in list_schedules())) - cls.uses
-    wrong = sorted(explicitly_set & others)
-    if wrong:
-        mine = ", ".join(sorted(cls.uses)) or "none"
-        raise ValueError(f"{', '.join(wrong)} not used by scheduler {name!r} (its keys: {mine})")
+    check_keys_in_use(SCHEDULES, name, explicitly_set)
