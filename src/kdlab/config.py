@@ -600,17 +600,19 @@ def _allowed_keys(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return []
-        model = _model_in_annotation(field.annotation)
+        model = model_in_annotation(field.annotation)
         if model is None:
             return []
     return sorted(getattr(model, "model_fields", {}))
 
 
-def _model_in_annotation(ann: Any) -> Any:
+def model_in_annotation(ann: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field's annotation (``ModelConfig | None``,
+    ``list[PartnerConfig]``), or None: how the config schema nests its sections."""
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return ann
     for arg in getattr(ann, "__args__", ()) or ():
-        found = _model_in_annotation(arg)
+        found = model_in_annotation(arg)
         if found is not None:
             return found
     return None

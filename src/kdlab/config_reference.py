@@ -25,7 +25,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from kdlab.config import STREAMED_DATASETS, ExperimentConfig
+from kdlab.config import STREAMED_DATASETS, ExperimentConfig, model_in_annotation
 
 __all__ = ["NOTES", "ConfigKey", "config_keys", "config_reference"]
 
@@ -176,19 +176,10 @@ class ConfigKey:
 
 
 # --------------------------------------------------------------------------- schema walking
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside ``annotation`` (``ModelConfig | None``, ``list[X]``), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def _is_list_of_models(annotation: Any) -> bool:
-    return get_origin(annotation) is list and _model_in(annotation) is not None
+    return get_origin(annotation) is list and model_in_annotation(annotation) is not None
 
 
 def _type_text(annotation: Any) -> str:
@@ -204,7 +195,7 @@ def _type_text(annotation: Any) -> str:
         return " or ".join(f"`{a}`" for a in args) if len(args) == 1 else "str"
     if origin is list:
         item = args[0] if args else Any
-        return "list of mappings" if _model_in(item) else f"list of {_type_text(item)}"
+        return "list of mappings" if model_in_annotation(item) else f"list of {_type_text(item)}"
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"list of {_type_text(args[0])}"
@@ -317,7 +308,7 @@ def _walk(model: type[BaseModel], prefix: str
     nested: list[tuple[str, type[BaseModel]]] = []
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
-        sub = _model_in(info.annotation)
+        sub = model_in_annotation(info.annotation)
         description = info.description or NOTES.get(key) or comments.get(name, "")
         rows.append(ConfigKey(key=key, type=_type_text(info.annotation),
                               default=_default_text(info), allowed=_allowed_text(key, info),

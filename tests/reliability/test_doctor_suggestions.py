@@ -15,11 +15,9 @@ import inspect
 import re
 from typing import Any
 
-from pydantic import BaseModel
-
 from kdlab import doctor
 from kdlab.cli import build_parser
-from kdlab.config import ExperimentConfig
+from kdlab.config import ExperimentConfig, model_in_annotation
 
 COMMAND = re.compile(r"\bkdlab ([a-z]+)((?: [a-z]+)?)([^`\n]*)")
 OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
@@ -37,15 +35,6 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
     return {o for a in parser._actions for o in a.option_strings}
 
 
-def _model_in(annotation: Any) -> Any:
-    """The pydantic model inside ``annotation`` (``ModelConfig | None``, ``list[X]``), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def _config_key_exists(key: str) -> bool:
@@ -54,7 +43,7 @@ def _config_key_exists(key: str) -> bool:
         fields = getattr(model, "model_fields", None)
         if fields is None or part not in fields:
             return False
-        model = _model_in(fields[part].annotation)
+        model = model_in_annotation(fields[part].annotation)
     return True
 
 
