@@ -131,6 +131,13 @@ def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = T
                               f"{kept} (free some space, then --resume)") from e
 
 
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete ``path`` and the ``path.prev`` that :func:`save_atomic` keeps beside it."""
+    path = Path(path)
+    for stale in (path, path.with_name(path.name + ".prev")):
+        stale.unlink(missing_ok=True)
+
+
 def load_latest(path: str | Path) -> tuple[dict[str, Any], Path] | None:
     """Read ``path``, or ``path.prev`` if ``path`` is missing or unreadable. None if neither is.
 

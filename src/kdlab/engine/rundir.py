@@ -94,6 +94,11 @@ class RunDir:
         return self.path / "checkpoints" / "last.pt"
 
     @property
+    def step_checkpoint(self) -> Path:
+        """The mid-epoch checkpoint (``runtime.checkpoint_every_steps``), beside ``last.pt``."""
+        return self.path / "checkpoints" / "step.pt"
+
+    @property
     def best_checkpoint(self) -> Path:
         return self.path / "checkpoints" / "best.pt"
 

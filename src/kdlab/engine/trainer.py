@@ -38,7 +38,7 @@ from kdlab.engine.build import (
     scaled_lr,
     trainable_parameters,
 )
-from kdlab.engine.checkpoint import load_latest, save_atomic
+from kdlab.engine.checkpoint import load_latest, remove_checkpoint, save_atomic
 from kdlab.engine.distributed import broadcast_object, init_distributed, shutdown
 from kdlab.engine.guard import NonFiniteGuard
 from kdlab.engine.meters import EpochMeter
@@ -316,19 +316,13 @@ class Trainer:
             "rng": rng_state(),
         }
 
-    @property
-    def step_checkpoint(self) -> Path:
-        """The mid-epoch checkpoint (``runtime.checkpoint_every_steps``), beside ``last.pt``."""
-        return self.run_dir.last_checkpoint.with_name("step.pt")
-
     def _latest_state(self) -> tuple[dict[str, Any], Path] | None:
         """The newest training state: the step checkpoint when it is ahead of ``last.pt``."""
         found = load_latest(self.run_dir.last_checkpoint)
-        if self.step_checkpoint.exists() or self.step_checkpoint.with_name("step.pt.prev").exists():
-            step = load_latest(self.step_checkpoint)
-            last_epoch = -1 if found is None else int(found[0]["epoch"])
-            if step is not None and int(step[0]["epoch"]) >= last_epoch:
-                return step
+        step = load_latest(self.run_dir.step_checkpoint)
+        last_epoch = -1 if found is None else int(found[0]["epoch"])
+        if step is not None and int(step[0]["epoch"]) >= last_epoch:
+            return step
         return found
 
     def _restore(self) -> None:
@@ -490,7 +484,7 @@ class Trainer:
         state = self._checkpoint_state()
         state["mid_epoch"] = {"epoch": epoch, "step": step, "meter": meter.state_dict(),
                               "guard": guard.state_dict()}
-        save_atomic(state, self.step_checkpoint)
+        save_atomic(state, self.run_dir.step_checkpoint)
         if self._stop_signal is not None:
             log.info("stopped at epoch %d, step %d of %d (step checkpoint written)", epoch,
                      step, steps)
@@ -639,8 +633,7 @@ class Trainer:
             raise
         self.run_dir.append_metrics(record)
         s.history.append(record)
-        for stale in (self.step_checkpoint, self.step_checkpoint.with_name("step.pt.prev")):
-            stale.unlink(missing_ok=True)  # the epoch's checkpoint supersedes its steps
+        remove_checkpoint(self.run_dir.step_checkpoint)  # the epoch's checkpoint supersedes it
         if self.progress:
             self.progress.end_epoch(record)
         if self._stop_signal is not None:
