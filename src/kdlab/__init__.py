@@ -5,8 +5,31 @@ Knowledge Distillation (DCKD, Wang, Dong, Zhu & Li, PLOS ONE 2025), with their b
 partner methods, a CIFAR model zoo, data pipelines, a resumable trainer and a CLI.
 """
 
+from __future__ import annotations
+
 from kdlab.errors import KdlabError
+
+TYPE_CHECKING = False  # typing itself is not imported: it would double `import kdlab`'s time
+if TYPE_CHECKING:
+    from typing import Any
+
+    from kdlab.api import load_student, run
 
 __version__ = "0.2.0"
 
-__all__ = ["KdlabError", "__version__"]
+__all__ = ["KdlabError", "__version__", "load_student", "run"]
+
+#: the Python API (:mod:`kdlab.api`), imported at first use so that ``import kdlab`` stays light.
+_API = frozenset({"run", "load_student"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from kdlab import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'kdlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})

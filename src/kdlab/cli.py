@@ -7,69 +7,43 @@ stderr and a non-zero exit code; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kdlab.errors import KdlabError, RunInterrupted
+from kdlab.errors import KdlabError
 
 log = logging.getLogger("kdlab")
 
 
 # --------------------------------------------------------------------------- commands
 def _load_cfg(args: argparse.Namespace) -> Any:
-    from kdlab.config import load_config
+    from kdlab.api import load_experiment
 
-    return load_config(args.config, args.set, plugins=args.plugin)
-
-
-def _run_dir_for(cfg: Any, args: argparse.Namespace) -> Path:
-    """``--run-dir`` as given, else ``output_dir/name/seedSEED``; a ``name`` that would leave
-    ``output_dir`` (absolute, ``..``) is a :class:`~kdlab.errors.ConfigError`."""
-    from kdlab.engine.rundir import run_folder
-
-    if getattr(args, "run_dir", None):
-        return Path(args.run_dir)
-    return run_folder(cfg.output_dir, cfg.name, f"seed{cfg.seed}")
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """While a run trains, SIGTERM raises :class:`RunInterrupted`: the run ends "interrupted",
-    like Ctrl-C, and can be continued with ``--resume``."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise RunInterrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return load_experiment(args.config, args.set, args.plugin)
 
 
 def _train(args: argparse.Namespace, require_teacher: bool) -> int:
+    """``kdlab train`` / ``kdlab distill``: the Python API's path (:mod:`kdlab.api`)."""
+    from kdlab.api import default_run_dir, train
     from kdlab.engine.progress import TqdmProgress
-    from kdlab.engine.trainer import Trainer
 
     cfg = _load_cfg(args)
-    run_dir = _run_dir_for(cfg, args)
-    trainer = Trainer(cfg, run_dir, resume="required" if args.resume else False,
-                      progress=TqdmProgress(enabled=not args.no_progress),
-                      require_teacher=require_teacher, stop_after=args.stop_after,
-                      allow_teacher_change=args.allow_teacher_change)
-    with _sigterm_interrupts():
-        summary = trainer.run()
-    log.info("run %s: best top-1 %.2f (epoch %d), last top-1 %.2f", run_dir,
-             summary["best_top1"], summary["best_epoch"], summary["last_top1"])
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    summary = train(cfg, run_dir, resume="required" if args.resume else False,
+                    progress=TqdmProgress(enabled=not args.no_progress),
+                    require_teacher=require_teacher, stop_after=args.stop_after,
+                    allow_teacher_change=args.allow_teacher_change)
+    if summary.get("test_top1_at_best") is not None:  # best epoch chosen on data.val_fraction
+        log.info("run %s: best val top-1 %.2f (epoch %d), test top-1 there %.2f, last test "
+                 "top-1 %.2f", run_dir, summary["best_val_top1"], summary["best_epoch"],
+                 summary["test_top1_at_best"], summary["last_top1"])
+    else:
+        log.info("run %s: best top-1 %.2f (epoch %d), last top-1 %.2f", run_dir,
+                 summary["best_top1"], summary["best_epoch"], summary["last_top1"])
     return 0
 
 
@@ -289,6 +263,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run's student alone, checked for parity with the eager model (kdlab.export)."""
+    from kdlab.export import export_run
+
+    res = export_run(args.run_dir, args.format, args.out, int8=args.int8,
+                     calibration_batches=args.batches, tolerance=args.tolerance,
+                     min_agreement=args.min_agreement, overrides=args.set, plugins=args.plugin,
+                     checkpoint=args.checkpoint)
+    r = res.report
+    sys.stdout.write(f"{res.path}: {r['precision']} {r['format']}, top-1 agreement "
+                     f"{r['top1_agreement']:.2f}%, max |logit diff| "
+                     f"{r['max_abs_logit_diff']:.3g}, top-1 {r['top1_eager']:.2f}% eager, "
+                     f"{r['top1_exported']:.2f}% {'int8' if args.int8 else 'exported'} "
+                     f"({r['top1_change']:+.2f} pp; {r['test_images']} test images); "
+                     f"{res.parity_path}\n")
+    return 0
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    """Teacher-vs-student latency, one process per configuration (kdlab.latency)."""
+    from kdlab.latency import LatencySettings, format_markdown, run_latency
+
+    settings = LatencySettings(
+        batch_sizes=tuple(args.batch_sizes), runs=args.runs, warmup=args.warmup,
+        threads=args.threads, runtimes=tuple(args.runtimes),
+        calibration_batches=args.batches, allow_short=args.allow_short)
+    result = run_latency(args.run_dir, settings, args.out, overrides=args.set,
+                         plugins=args.plugin)
+    sys.stdout.write(format_markdown(result) + f"\n{result['markdown']}\n")
+    return 1 if any("error" in r for r in result["rows"]) else 0
+
+
 # --------------------------------------------------------------------------- parser
 def _add_plugin_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
@@ -401,6 +407,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=256)
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     p.add_argument("--json", metavar="OUT", help="write the result as JSON")
+    p = add("export", cmd_export, "export a run's student alone (state_dict, torchscript, "
+                                  "exported, onnx; optionally int8) and check its parity")
+    p.add_argument("run_dir", help="run directory (its checkpoints/best.pt is exported)")
+    p.add_argument("--format", required=True, metavar="FORMAT",
+                   help="state_dict, torchscript, exported (torch.export) or onnx")
+    p.add_argument("--out", metavar="FILE", help="default: RUN_DIR/export/student.<ext>")
+    p.add_argument("--int8", action="store_true",
+                   help="post-training static int8 for x86 CPUs (FX; --format torchscript)")
+    p.add_argument("--batches", type=int, default=10, metavar="N",
+                   help="training batches that calibrate --int8 (default 10)")
+    p.add_argument("--tolerance", type=float, metavar="X",
+                   help="fp32 parity: max |logit difference| allowed (default 1e-3)")
+    p.add_argument("--min-agreement", type=float, metavar="PCT",
+                   help="parity: minimum top-1 agreement in %% (default 99.9; 95 with --int8)")
+    p.add_argument("--checkpoint", help="weights to export (default: the run's best.pt)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's config, e.g. data.root=... (repeatable)")
+    _add_plugin_arg(p)
+    p = add("latency", cmd_latency, "teacher-vs-student inference latency table (CPU, one "
+                                    "process per configuration)")
+    p.add_argument("run_dir", help="run directory (student: best.pt; teacher: its config)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], metavar="BS")
+    p.add_argument("--runs", type=int, default=30, help="timed runs per row (>= 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (>= 5)")
+    p.add_argument("--threads", type=int, default=1, help="threads per worker (default 1)")
+    p.add_argument("--runtimes", nargs="+", default=["eager", "torchscript", "onnxruntime",
+                                                     "int8"], metavar="RUNTIME",
+                   help="eager, torchscript, onnxruntime, int8 (default: all)")
+    p.add_argument("--batches", type=int, default=10, metavar="N",
+                   help="training batches that calibrate the int8 models (default 10)")
+    p.add_argument("--out", metavar="DIR", help="default: RUN_DIR/latency")
+    p.add_argument("--allow-short", action="store_true",
+                   help="allow fewer runs / warm-ups than the protocol's (tests, smoke checks)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's config (repeatable)")
+    _add_plugin_arg(p)
     return parser
 
 

@@ -65,6 +65,10 @@ class DataConfig(_Strict):
     download: bool = False
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
     subset_seed: int = 0
+    #: held-out validation: this fraction of every class of the TRAINING set (seeded by
+    #: ``subset_seed``, carved before ``train_fraction`` subsets the rest) chooses the best epoch
+    #: instead of the test set; 0 = no validation set (docs/data.md, "Validation split").
+    val_fraction: float = Field(0.0, ge=0.0, le=0.5)
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(256, ge=1)
     crop_padding: int = Field(4, ge=0)
@@ -101,14 +105,30 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A network of the model zoo, optionally initialised from a checkpoint."""
+    """A network of the model zoo (or ``torchvision:NAME`` / ``timm:NAME``, built by that
+    library and wrapped by :func:`kdlab.models.adapter.adapt`), optionally initialised from a
+    checkpoint or, for those libraries' models, from their pretrained weights."""
 
     arch: str
     checkpoint: str | None = None
+    #: ``torchvision:``/``timm:`` archs only: start from the library's pretrained weights
+    #: (fetched into its cache on first use; a new head when the class count differs).
+    pretrained: bool = False
     #: teacher only: the accuracy (top-1, %) the checkpoint is known to reach on the test set.
     expected_accuracy: float | None = Field(None, ge=0.0, le=100.0)
     #: teacher only: how far (percentage points) below ``expected_accuracy`` stops the run.
     accuracy_tolerance: float = Field(2.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _pretrained_source(self) -> ModelConfig:
+        from kdlab.models.external import split_external
+
+        if self.pretrained and split_external(self.arch) is None:
+            raise ValueError(f"pretrained: true needs a torchvision:NAME or timm:NAME arch, not "
+                             f"{self.arch!r} (zoo models start from a checkpoint)")
+        if self.pretrained and self.checkpoint:
+            raise ValueError("set either pretrained: true or a checkpoint, not both")
+        return self
 
 
 class PartnerConfig(_Strict):
@@ -221,6 +241,24 @@ class OptimConfig(_Strict):
         return self
 
 
+class WandbConfig(_Strict):
+    """The ``wandb`` logger's settings (``runtime.loggers``; Weights & Biases, ``wandb.init``)."""
+
+    #: the W&B project the run is logged into.
+    project: str = "kdlab"
+    #: the W&B user or team (null: the logged-in user's default).
+    entity: str | None = None
+    #: the run's name in W&B; null: ``NAME/seedSEED`` (the config's ``name`` and ``seed``).
+    name: str | None = None
+    #: W&B group of the run (e.g. a sweep's name), null: none.
+    group: str | None = None
+    #: W&B tags of the run.
+    tags: list[str] = Field(default_factory=list)
+    #: "offline": written under RUN_DIR/wandb only (upload later with ``wandb sync``);
+    #: "online": streamed to the W&B server (needs ``wandb login``); "disabled": nothing.
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
 class RuntimeConfig(_Strict):
     """Where and how fast to run. None of these change the mathematics of a method."""
 
@@ -248,6 +286,25 @@ class RuntimeConfig(_Strict):
     #: also checkpoint every this many steps inside an epoch (0: only at epoch ends), and on
     #: SIGTERM/SIGINT, so that ``--resume`` continues mid-epoch (single-process runs).
     checkpoint_every_steps: int = Field(0, ge=0)
+    #: where metrics go, per step (every ``log_every`` steps) and per epoch, from rank 0:
+    #: jsonl (metrics.jsonl, always written), csv, tensorboard, wandb, or a registered logger.
+    loggers: list[str] = Field(default_factory=lambda: ["jsonl"])
+    #: settings of the ``wandb`` logger (project, mode, names).
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @field_validator("loggers")
+    @classmethod
+    def _known_loggers(cls, v: list[str]) -> list[str]:
+        from kdlab.engine.loggers import check_logger_names
+
+        check_logger_names(v)
+        return v
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` (in a file or in --set runtime.amp=off) as False
+        return "off" if v is False else v
 
 
 class ExperimentConfig(_Strict):
@@ -300,6 +357,11 @@ _ADDED_AFTER_V1: dict[tuple[str, ...], Any] = {
     ("optim", "betas"): [0.9, 0.999],
     ("optim", "eps"): 1e-8,
     ("optim", "args"): {},
+    ("student", "pretrained"): False,
+    ("teacher", "pretrained"): False,
+    ("runtime", "loggers"): ["jsonl"],
+    ("runtime", "wandb"): WandbConfig().model_dump(mode="json"),
+    ("data", "val_fraction"): 0.0,
 }
 #: method parameters renamed after v1: new name -> v1 name (the v1 name stays accepted).
 _RENAMED_METHOD_PARAMS = {"warmup_epochs": "warmup"}
@@ -313,7 +375,7 @@ def _v1_canonical(d: dict[str, Any]) -> dict[str, Any]:
     for path, neutral in _ADDED_AFTER_V1.items():
         node = d
         for key in path[:-1]:
-            node = node.get(key, {})
+            node = node.get(key) or {}  # a section set to null (teacher) holds no key
         if path[-1] in node and node[path[-1]] == neutral:
             del node[path[-1]]
     method = d.get("method", {})
@@ -335,7 +397,7 @@ def fingerprint_dict(d: dict[str, Any]) -> dict[str, Any]:
     runtime = d.get("runtime")
     if isinstance(runtime, dict):
         for k in ("device", "threads", "log_every", "compile", "compile_mode", "non_finite",
-                  "max_skipped_steps", "checkpoint_every_steps"):
+                  "max_skipped_steps", "checkpoint_every_steps", "loggers", "wandb"):
             runtime.pop(k, None)
     d.pop("output_dir", None)
     return d

@@ -77,7 +77,7 @@ NOTES: dict[str, str] = {
     "optim.name": "the optimizer",
     "optim.lr": "learning rate (before `lr_scaling`)",
     "optim.weight_decay": "L2 weight decay (adamw: decoupled)",
-    "optim.momentum": "sgd: momentum factor",
+    "optim.momentum": "sgd, dot: momentum factor (dot: the base momentum of both buffers)",
     "optim.nesterov": "sgd: Nesterov momentum",
     "optim.betas": "adamw: decay rates of the first and second moments",
     "optim.eps": "adamw: the denominator's epsilon",

@@ -158,7 +158,8 @@ def test_aggregation_mean_std_best_last(report: Report) -> None:
     md = report.markdown.read_text()
     mean, std = np.mean([x[5] for x in kd]), np.std([x[5] for x in kd], ddof=1)
     assert f"{mean:.2f} ± {std:.2f}" in md
-    assert "best top-5" in md and "last top-1" in md
+    # the headers name the statistic (best-on-test / last-epoch; issue 14)
+    assert "best-on-test top-5" in md and "last-epoch top-1" in md
 
 
 def test_paper_matching_and_difference(report: Report) -> None:

@@ -3,10 +3,15 @@
 ``build_data(cfg.data, ...)`` is what the trainer, ``kdlab eval`` and the benchmarks use to turn
 a data config into loaders. It takes a plain rank / world size (not the engine's process-group
 object), so :mod:`kdlab.data` never imports :mod:`kdlab.engine`.
+
+With ``data.val_fraction`` > 0 the bundle also has a ``val_loader``: a stratified part of the
+training set (:mod:`kdlab.data.split`), carved before ``train_fraction`` subsets the rest and
+served with the evaluation transform, like the test set.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,19 +20,24 @@ from torch import Tensor
 
 from kdlab.config import STREAMED_DATASETS, DataConfig
 from kdlab.data.dataset import ImageTensorDataset, subset
+from kdlab.data.folder import FileIndex
 from kdlab.data.loader import DeviceLoader
 from kdlab.data.registry import load_dataset
+from kdlab.data.split import select, split_indices
 from kdlab.errors import ConfigError
 
-__all__ = ["DataBundle", "build_data", "load_resident_splits", "per_rank_batch"]
+__all__ = ["DataBundle", "build_data", "load_resident_data", "load_resident_splits",
+           "per_rank_batch", "request_views"]
 
 
 @dataclass
 class DataBundle:
     """The loaders of one run and what the models and methods need to know about the data.
 
-    Both loaders yield :class:`~kdlab.data.batch.Batch` ``(images, labels, index)`` on the
-    run's device and have ``set_epoch(e)``.
+    The loaders yield :class:`~kdlab.data.batch.Batch` ``(images, labels, index)`` on the
+    run's device and have ``set_epoch(e)``. ``val_loader`` is None unless ``data.val_fraction``
+    > 0; it iterates the held-out validation images like ``test_loader`` (evaluation transform,
+    every image once over the ranks).
     """
 
     train_loader: Any
@@ -36,6 +46,7 @@ class DataBundle:
     num_classes: int
     in_channels: int
     input_size: int
+    val_loader: Any = None
 
     @property
     def train_size(self) -> int:
@@ -55,14 +66,46 @@ def per_rank_batch(global_batch: int, world_size: int, key: str = "data.batch_si
     return global_batch // world_size
 
 
-def load_resident_splits(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDataset]:
-    """Train (optionally a stratified ``train_fraction``) and test split of a resident dataset."""
+def load_resident_data(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDataset | None,
+                                                   ImageTensorDataset]:
+    """``(train, val, test)`` of a resident dataset.
+
+    Order: first ``val_fraction`` of every class of the full training split becomes ``val``
+    (None when 0; :func:`kdlab.data.split.split_indices` with ``subset_seed``), then
+    ``train_fraction`` (stratified, ``subset_seed``) of the remaining images is ``train``. So
+    ``val`` does not depend on ``train_fraction``, and with ``val_fraction = 0`` ``train`` is
+    exactly the subset of earlier versions.
+    """
     extra: dict[str, Any] = cfg.synthetic.model_dump() if cfg.name == "synthetic" else {}
     train = load_dataset(cfg.name, root=cfg.root, train=True, download=cfg.download, **extra)
     test = load_dataset(cfg.name, root=cfg.root, train=False, download=cfg.download, **extra)
+    val = None
+    if cfg.val_fraction > 0:
+        keep, held = split_indices(train.labels.cpu().numpy(), train.num_classes,
+                                   cfg.val_fraction, cfg.subset_seed)
+        train, val = select(train, keep), select(train, held)
     if cfg.train_fraction < 1.0:
         train = subset(train, cfg.train_fraction, seed=cfg.subset_seed, stratified=True)
+    return train, val, test
+
+
+def load_resident_splits(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+    """Train (after the validation split and ``train_fraction``) and test split of a resident
+    dataset (:func:`load_resident_data` without the validation set)."""
+    train, _, test = load_resident_data(cfg)
     return train, test
+
+
+def _split_stream_index(index: FileIndex, fraction: float, seed: int
+                        ) -> tuple[FileIndex, FileIndex]:
+    """(train, val) file lists of a streamed training split (:func:`split_indices`)."""
+    keep, held = split_indices(index.labels, index.num_classes, fraction, seed)
+
+    def part(pos: Any) -> FileIndex:
+        return dataclasses.replace(index, paths=[index.paths[i] for i in pos],
+                                   labels=[index.labels[i] for i in pos])
+
+    return part(keep), part(held)
 
 
 def build_data(
@@ -83,7 +126,7 @@ def build_data(
     """
     batch = per_rank_batch(cfg.batch_size, world_size)
     if cfg.name in STREAMED_DATASETS:
-        from kdlab.data.stream import load_stream_dataset, make_stream_loader
+        from kdlab.data.stream import StreamDataset, load_stream_dataset, make_stream_loader
 
         assert cfg.root is not None  # DataConfig requires a root for streamed datasets
         kw = dict(on_error=cfg.on_error, seed=seed, image_size=cfg.image_size, resize=cfg.resize)
@@ -91,20 +134,56 @@ def build_data(
         test_ds = load_stream_dataset(cfg.name, cfg.root, train=False, **kw)
         common = dict(num_workers=cfg.num_workers, rank=rank, world_size=world_size, seed=seed,
                       device=device)
+        val_loader = None
+        if cfg.val_fraction > 0:  # validation images get the test set's (evaluation) transform
+            train_index, val_index = _split_stream_index(train_ds.index, cfg.val_fraction,
+                                                         cfg.subset_seed)
+            val_ds = StreamDataset(val_index, test_ds.transform, on_error=train_ds.on_error,
+                                   seed=train_ds.seed, mean=test_ds.mean, std=test_ds.std)
+            train_ds = StreamDataset(train_index, train_ds.transform, on_error=train_ds.on_error,
+                                     seed=train_ds.seed, mean=train_ds.mean, std=train_ds.std)
+            val_loader = make_stream_loader(val_ds, cfg.eval_batch_size, train=False, **common)
         return DataBundle(
             train_loader=make_stream_loader(train_ds, batch, train=True, **common),
             test_loader=make_stream_loader(test_ds, cfg.eval_batch_size, train=False, **common),
             train_labels=torch.tensor(train_ds.index.labels, dtype=torch.long, device=device),
-            num_classes=train_ds.num_classes, in_channels=3, input_size=cfg.image_size)
-    train, test = load_resident_splits(cfg)
+            num_classes=train_ds.num_classes, in_channels=3, input_size=cfg.image_size,
+            val_loader=val_loader)
+    train, val, test = load_resident_data(cfg)
     common = dict(device=device, channels_last=channels_last, rank=rank, world_size=world_size)
     return DataBundle(
         train_loader=DeviceLoader(train, batch_size=batch, train=True, shuffle=True,
                                   drop_last=False, padding=cfg.crop_padding, flip=cfg.hflip,
                                   seed=seed, **common),
         test_loader=DeviceLoader(test, batch_size=cfg.eval_batch_size, train=False, **common),
+        val_loader=None if val is None else DeviceLoader(
+            val, batch_size=cfg.eval_batch_size, train=False, **common),
         train_labels=train.labels.to(device),
         num_classes=train.num_classes,
         in_channels=int(train.images.shape[1]),
         input_size=int(train.images.shape[-1]),
     )
+
+
+def request_views(loader: Any, views: tuple[str, ...], *, seed: int, rank: int = 0) -> Any:
+    """The training ``loader`` made to yield the input ``views`` a method reads
+    (:func:`kdlab.methods.base.requested_views`): unchanged for ``("weak",)``.
+
+    ``"strong"`` (MLKD): a :class:`DeviceLoader` crops, flips and RandAugments a second view of
+    each raw image itself (:meth:`DeviceLoader.set_views`); any other loader (the streamed
+    datasets) is wrapped in :class:`kdlab.data.randaugment.StrongViewLoader`, which RandAugments
+    the batch's own crop (the two views then share the crop).
+    """
+    if tuple(views) == ("weak",):
+        return loader
+    unknown = sorted(set(views) - {"weak", "strong"})
+    if unknown:
+        raise ConfigError(f"the method reads the input view(s) {unknown}, which no kdlab loader "
+                          "makes (views: weak, strong)")
+    if isinstance(loader, DeviceLoader):
+        loader.set_views(views)
+        return loader
+    from kdlab.data.randaugment import StrongViewLoader
+
+    ds = loader.dataset
+    return StrongViewLoader(loader, ds.mean, ds.std, seed=seed, rank=rank)

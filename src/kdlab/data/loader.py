@@ -13,11 +13,17 @@ do not depend on ``world_size``.
 
 Normalisation computes ``(x - 255 * mean) * (1 / (255 * std))`` in float32: two correctly rounded
 operations that no compiler can contract into an FMA, so CPU and GPU give bit-identical floats.
+
+Two views (:meth:`DeviceLoader.set_views`, for methods such as MLKD): the strong view of each
+image is its own random crop + flip of the raw image followed by RandAugment
+(:mod:`kdlab.data.randaugment`), as the official MLKD pipeline; its draws come from a second
+generator seeded from ``(seed, epoch)`` (:meth:`DeviceLoader.strong_plan`), so a loader without
+the strong view draws exactly what it always drew.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -26,6 +32,12 @@ import torch.nn.functional as F
 
 from kdlab.data.batch import Batch
 from kdlab.data.dataset import ImageTensorDataset
+from kdlab.data.randaugment import (
+    RandAugmentDraws,
+    draw_rand_augment,
+    rand_augment,
+    strong_view_seed,
+)
 from kdlab.errors import DatasetError
 
 __all__ = ["Batch", "DeviceLoader", "EpochPlan", "epoch_seed"]
@@ -117,6 +129,8 @@ class DeviceLoader:
         self.dtype = dtype
         self.normalize = bool(normalize)
         self.epoch = 0
+        #: whether batches carry the strong view (:meth:`set_views`)
+        self.strong_view = False
 
         n = len(dataset)
         if self.train:
@@ -201,9 +215,46 @@ class DeviceLoader:
                 flip = torch.zeros(n, dtype=torch.int64)
         else:
             dy = dx = flip = torch.zeros(n, dtype=torch.int64)
-        sel = self._train_positions() if self.train and self.world_size > 1 else slice(
-            self._start, self._stop)
+        sel = self._positions()
         return EpochPlan(order[sel], dy[sel], dx[sel], flip[sel])
+
+    def _positions(self) -> torch.Tensor | slice:
+        """This rank's positions in the epoch's global order."""
+        if self.train and self.world_size > 1:
+            return self._train_positions()
+        return slice(self._start, self._stop)
+
+    def set_views(self, views: Sequence[str]) -> None:
+        """Yield the views a method reads (``Distiller.views``): ``"weak"``, the batch's images,
+        always; ``"strong"`` adds :attr:`Batch.strong`: each image cropped and flipped again,
+        independently, then RandAugment + Cutout (the official MLKD strong view, Jin, Wang, Lin,
+        CVPR 2023), normalised like the images."""
+        unknown = sorted(set(views) - {"weak", "strong"})
+        if unknown:
+            raise DatasetError(f"unknown view(s) {unknown}; a loader yields 'weak' and 'strong'")
+        if "strong" in views and not self.augment:
+            raise DatasetError("the strong view needs an augmenting (training) loader")
+        self.strong_view = "strong" in views
+
+    def strong_plan(self, epoch: int | None = None
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], RandAugmentDraws]:
+        """The strong view's draws of ``epoch`` for this rank, on the CPU: its crop offsets
+        ``dy``, ``dx`` and ``flip`` (as :meth:`plan` draws them), then the RandAugment draws
+        (:func:`kdlab.data.randaugment.draw_rand_augment`) of the N positions of the global
+        order, from a generator seeded with ``strong_view_seed(seed, epoch)``; this rank's slice.
+        """
+        epoch = self.epoch if epoch is None else int(epoch)
+        n = len(self.dataset)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(strong_view_seed(self.seed, epoch))
+        span = 2 * self.padding + 1
+        dy = torch.randint(0, span, (n,), generator=gen)
+        dx = torch.randint(0, span, (n,), generator=gen)
+        flip = (torch.randint(0, 2, (n,), generator=gen) if self.flip
+                else torch.zeros(n, dtype=torch.int64))
+        draws = draw_rand_augment(n, gen)
+        sel = self._positions()
+        return (dy[sel], dx[sel], flip[sel]), draws.take(sel)
 
     def _train_positions(self) -> torch.Tensor:
         """This rank's positions in the global order, batch-interleaved across ranks.
@@ -251,8 +302,18 @@ class DeviceLoader:
         out.mul_(self._scale)
         return out if self.dtype == torch.float32 else out.to(self.dtype)
 
+    def _strong_images(self, idx: torch.Tensor, crop: torch.Tensor, draws: RandAugmentDraws
+                       ) -> torch.Tensor:
+        """The strong view of the images ``idx``: their own crop + flip, RandAugment, normalised."""
+        x = self._gather_augmented(idx, crop[0], crop[1], crop[2])
+        return self._finish(rand_augment(x, draws))
+
     def __iter__(self) -> Iterator[Batch]:
         bs, n = self.batch_size, self.num_samples
+        strong: tuple[torch.Tensor, RandAugmentDraws] | None = None
+        if self.strong_view:
+            (sdy, sdx, sflip), sdraws = self.strong_plan()
+            strong = (torch.stack((sdy, sdx, sflip)).to(self.device), sdraws.to(self.device))
         if self.augment or self.shuffle:
             plan = self._device_plan()
             order, dy, dx, flip = plan[0], plan[1], plan[2], plan[3]
@@ -268,4 +329,8 @@ class DeviceLoader:
                 x = self._images[idx]
             else:
                 x = self._images[self._start + s : self._start + e]
-            yield Batch(self._finish(x), self._labels[idx], idx)
+            batch = Batch(self._finish(x), self._labels[idx], idx)
+            if strong is not None:
+                batch = batch.with_strong(
+                    self._strong_images(idx, strong[0][:, s:e], strong[1].take(slice(s, e))))
+            yield batch

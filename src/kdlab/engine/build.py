@@ -18,7 +18,7 @@ from kdlab.config import ExperimentConfig, ModelConfig, OptimConfig
 from kdlab.engine.optimizers import TrainOptimizer, build_optimizer
 from kdlab.engine.schedules import LRSchedule, build_schedule
 from kdlab.methods.compose import CompositeDistiller, build_method
-from kdlab.models import KdModel, load_checkpoint
+from kdlab.models import KdModel, load_checkpoint, load_pretrained
 from kdlab.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,13 @@ __all__ = ["build_distiller", "build_model", "build_optimizer", "build_schedule"
 
 def build_model(task: Task[Any, Any, Any], cfg: ModelConfig, data: Any, device: torch.device,
                 memory_format: torch.memory_format = torch.contiguous_format) -> KdModel:
-    """Network ``cfg.arch`` for ``data`` on ``device``, loaded from ``cfg.checkpoint`` if set."""
+    """Network ``cfg.arch`` for ``data`` on ``device``, loaded from ``cfg.checkpoint`` if set,
+    else from its library's published weights with ``cfg.pretrained`` (torchvision:/timm:)."""
     model = task.create_model(cfg.arch, data)
     if cfg.checkpoint:
         load_checkpoint(model, cfg.checkpoint)
+    elif cfg.pretrained:
+        load_pretrained(model)
     return model.to(device, memory_format=memory_format)
 
 
@@ -42,7 +45,7 @@ def build_teacher(task: Task[Any, Any, Any], cfg: ModelConfig | None, data: Any,
     """The frozen teacher (eval mode, no gradients), or None without a teacher section."""
     if cfg is None:
         return None
-    if not cfg.checkpoint:
+    if not cfg.checkpoint and not cfg.pretrained:
         log.warning("teacher %s has no checkpoint: it is randomly initialised (only meaningful "
                     "for speed tests)", cfg.arch)
     teacher = build_model(task, cfg, data, device, memory_format)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kdlab.config import ExperimentConfig
+from kdlab.data.build import request_views
 from kdlab.engine.build import (
     build_distiller,
     build_lr_schedule,
@@ -41,6 +42,7 @@ from kdlab.engine.build import (
 from kdlab.engine.checkpoint import load_latest, remove_checkpoint, save_atomic
 from kdlab.engine.distributed import broadcast_object, init_distributed, shutdown
 from kdlab.engine.guard import NonFiniteGuard
+from kdlab.engine.loggers import LoggerStart, RunLoggers, open_loggers, require_logger_packages
 from kdlab.engine.meters import EpochMeter
 from kdlab.engine.rundir import Resume, RunDir
 from kdlab.engine.runtime import (
@@ -54,7 +56,7 @@ from kdlab.engine.runtime import (
     set_rng_state,
 )
 from kdlab.errors import CheckpointError, ConfigError, KdlabError, RunError, RunInterrupted
-from kdlab.methods.base import total_loss
+from kdlab.methods.base import requested_views, total_loss
 from kdlab.methods.compose import method_display_name
 from kdlab.models.checkpoint import load_state_dict_strict
 from kdlab.tasks import get_task
@@ -83,7 +85,8 @@ class TrainState:
     """Everything that changes during training and is restored on resume.
 
     ``best`` is the best value so far of the task's ``best_metric`` (None before the first
-    evaluation), reached at ``best_epoch``.
+    evaluation), reached at ``best_epoch``: on the validation set when ``data.val_fraction`` >
+    0, else on the test set.
     """
 
     epoch: int = 0
@@ -141,6 +144,8 @@ class Trainer:
         self.run_dir = RunDir(run_dir)
         self.resume = resume
         self.progress = progress
+        #: the metrics loggers (``runtime.loggers``), opened at the end of setup on rank 0
+        self.loggers = RunLoggers([])
         if require_teacher is True and cfg.teacher is None:
             raise ConfigError("distillation needs a teacher: set teacher.arch and "
                               "teacher.checkpoint")
@@ -152,6 +157,7 @@ class Trainer:
     def setup(self) -> str:
         """Build every part of the run; returns "new", "resume" or "finished"."""
         cfg = self.cfg
+        require_logger_packages(cfg.runtime.loggers)  # a missing package: before any work
         self.dist = init_distributed(cfg.runtime.device)
         mode = self._prepare_run_dir()
         if mode == "finished":
@@ -163,6 +169,8 @@ class Trainer:
             channels_last=cfg.runtime.channels_last, rank=self.dist.rank,
             world_size=self.dist.world_size)
         self.train_loader, self.test_loader = self.data.train_loader, self.data.test_loader
+        #: held-out validation images (data.val_fraction > 0): they choose the best epoch
+        self.val_loader = getattr(self.data, "val_loader", None)
         self.student = build_model(self.task, cfg.student, self.data, self.device,
                                    self.memory_format)
         self.teacher = build_teacher(self.task, cfg.teacher, self.data, self.device,
@@ -172,6 +180,12 @@ class Trainer:
                               f"than the training set ({self.data.train_size} images)")
         self.distiller = build_distiller(cfg, self.task, self.student, self.teacher, self.data,
                                          self.device)
+        views = requested_views(self.distiller)  # MLKD: ("weak", "strong")
+        if len(views) > 1 and self.dist.enabled:
+            raise ConfigError(f"method {cfg.method.name!r} runs each model on {len(views)} views "
+                              "per step, which DDP does not support in kdlab yet; run it in one "
+                              "process")
+        self.train_loader = request_views(self.train_loader, views, seed=cfg.seed)
         self._sync_batchnorm()
         self.trainable = trainable_parameters(self.student, self.distiller)
         self.optim = build_training_optimizer(cfg, self.trainable)
@@ -187,7 +201,18 @@ class Trainer:
             self._restore()
         else:
             self._record_start()
+        self.loggers = self._open_loggers(mode)
         return mode
+
+    def _open_loggers(self, mode: str) -> RunLoggers:
+        """Rank 0's metrics loggers, continuing from the checkpoint the run resumes from."""
+        if not self.is_main:
+            return RunLoggers([])
+        steps, mid, s = len(self.train_loader), self._mid_epoch, self.state
+        step = (int(mid["epoch"]) - 1) * steps + int(mid["step"]) if mid else s.epoch * steps
+        return open_loggers(self.cfg.runtime.loggers, LoggerStart(
+            self.run_dir.path, self.cfg, steps, s.epoch, step, list(s.history),
+            resumed=mode == "resume"))
 
     def _configure_runtime(self) -> None:
         """Threads, determinism, seeds, device, autocast dtype and memory format."""
@@ -432,13 +457,13 @@ class Trainer:
         return self.distiller_fwd(out_s, out_t, batch, epoch), out_s
 
     def backward_step(self, terms: dict[str, Tensor], loss: Tensor) -> None:
-        """Backward pass (through the optimizer's hook), optional gradient-norm clipping,
-        optimizer step (no host sync)."""
+        """Backward pass and optional gradient-norm clipping (both through the optimizer's
+        hooks), optimizer step (no host sync)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.optim.backward(terms, loss, self.scaler)
         if self.clip is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.clip, foreach=True)
+            self.optim.clip_grad_norm(self.trainable, self.clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.state.global_step += 1
@@ -468,6 +493,8 @@ class Trainer:
                 guard.check(self.dist)
                 if progress:
                     progress.update(i, meter.progress())
+                self.loggers.log_step(epoch, (epoch - 1) * steps + i, meter,
+                                      self.optimizer.param_groups[0]["lr"])
             self._maybe_checkpoint_step(epoch, i, steps, meter, guard)
         self.state.skipped_steps = guard.total_skipped
         return meter.finish(self.dist, guard.skipped)
@@ -520,6 +547,7 @@ class Trainer:
             self._train_epochs()
             return self._finish(time.perf_counter() - t_start)
         finally:
+            self.loggers.close()  # no-op when closed above
             self.run_dir.release_lock()  # last: after the final status (rank 0 holds it)
 
     def _train_epochs(self) -> None:
@@ -531,11 +559,13 @@ class Trainer:
                     if self.stop_after is not None and epoch >= self.stop_after:
                         break
         except KeyboardInterrupt as e:
+            self.loggers.close(failed=True)
             if self.is_main:
                 how = "SIGTERM" if getattr(e, "signum", 2) == signal.SIGTERM else "SIGINT"
                 self.run_dir.set_status("interrupted", signal=how, epoch=self.state.epoch)
             raise
         except BaseException as e:
+            self.loggers.close(failed=True)
             if self.is_main:
                 self.run_dir.set_status("failed", error=f"{type(e).__name__}: {e}",
                                         epoch=self.state.epoch)
@@ -546,6 +576,7 @@ class Trainer:
     def _finish(self, wall_time: float) -> dict[str, Any]:
         """The summary; a finished run writes it and says "finished", a stopped one "stopped"."""
         summary = self._summary(wall_time)
+        self.loggers.close(summary)
         if self.state.epoch < self.cfg.optim.epochs:
             if self.is_main:
                 self.run_dir.set_status("stopped", epoch=self.state.epoch)
@@ -602,6 +633,7 @@ class Trainer:
         if resume is not None and int(resume["epoch"]) != epoch:
             resume = None  # a step checkpoint of another epoch (not reached here)
         record.update(self.train_epoch(epoch, resume))
+        record.update(self.distiller.epoch_metrics())  # e.g. CTKD's learned temperature
         s = self.state
         metric = self.task.best_metric
         if epoch % self.cfg.runtime.eval_every == 0 or epoch == self.cfg.optim.epochs:
@@ -609,19 +641,34 @@ class Trainer:
             ev = self.task.evaluate(self.student, self.test_loader, self.device, self.amp_dtype,
                                     self.dist)
             record.update({f"test_{k}": v for k, v in ev.items() if k != "count"})
+            chosen, extra = ev, {}  # what chooses the best epoch: validation when there is one
+            if self.val_loader is not None:
+                chosen = self.task.evaluate(self.student, self.val_loader, self.device,
+                                            self.amp_dtype, self.dist)
+                record.update({f"val_{k}": v for k, v in chosen.items() if k != "count"})
+                extra = {f"val_{metric}": chosen[metric]}
             record["eval_time_s"] = time.perf_counter() - t0
-            if self.task.is_better(ev[metric], s.best):
-                s.best, s.best_epoch = ev[metric], epoch
+            if self.task.is_better(chosen[metric], s.best):
+                s.best, s.best_epoch = chosen[metric], epoch
                 if self.is_main:
                     save_atomic(
                         {"kind": "kdlab-weights", "arch": self.cfg.student.arch,
-                         "epoch": epoch, metric: ev[metric], "model": self.student.state_dict()},
+                         "task": self.task.name, "num_classes": self.data.num_classes,
+                         "in_channels": self.data.in_channels,
+                         "epoch": epoch, metric: ev[metric], **extra,
+                         "model": self.student.state_dict()},
                         self.run_dir.best_checkpoint, keep_previous=False)
-        record[f"best_{metric}"] = s.best
+        if self.val_loader is None:
+            record[f"best_{metric}"] = s.best
+        else:  # best_<metric> stays "best on test so far"; the choice is best_val_<metric>
+            record[f"best_val_{metric}"] = s.best
+            record[f"best_{metric}"] = self._best_test_so_far(record)
         s.epoch = epoch
         if not self.is_main:
             s.history.append(record)
             return
+        # logged before the checkpoint: a resume drops what lies beyond its checkpoint
+        self.loggers.log_epoch(epoch * len(self.train_loader), record)
         state = self._checkpoint_state()
         # the epoch's metrics line travels with the checkpoint: a kill between the checkpoint's
         # rename and the append below must not lose it (restored by _restore)
@@ -638,6 +685,15 @@ class Trainer:
             self.progress.end_epoch(record)
         if self._stop_signal is not None:
             raise RunInterrupted(self._stop_signal)
+
+    def _best_test_so_far(self, record: dict[str, Any]) -> float | None:
+        """The best test value of the task's metric over the history and ``record``."""
+        best: float | None = None
+        for r in [*self.state.history, record]:
+            value = r.get(f"test_{self.task.best_metric}")
+            if value is not None and self.task.is_better(value, best):
+                best = value
+        return best
 
     def _summary(self, wall_time: float) -> dict[str, Any]:
         s = self.state
@@ -663,7 +719,14 @@ class Trainer:
         for name in names or [metric]:
             summary[f"last_{name}"] = last.get(f"test_{name}", math.nan)
             summary[f"best_{name}"] = max((r[f"test_{name}"] for r in evals), default=math.nan)
-        summary[f"best_{metric}"] = math.nan if s.best is None else s.best
+        if self.val_loader is None:
+            summary[f"best_{metric}"] = math.nan if s.best is None else s.best
+        else:  # best_epoch was chosen on validation; the test set is scored there and at the end
+            at = next((r for r in evals if r.get("epoch") == s.best_epoch), {})
+            summary[f"best_val_{metric}"] = math.nan if s.best is None else s.best
+            summary[f"last_val_{metric}"] = last.get(f"val_{metric}", math.nan)
+            for name in names or [metric]:
+                summary[f"test_{name}_at_best"] = at.get(f"test_{name}", math.nan)
         teacher_json = self.run_dir.path / "teacher.json"
         if teacher_json.exists():
             summary[f"teacher_{metric}"] = self.run_dir.read_json("teacher.json")[metric]

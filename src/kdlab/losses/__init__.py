@@ -7,6 +7,7 @@ detached inside each loss.
 
 from kdlab.losses.crd import crd_loss
 from kdlab.losses.dckd import dckd_loss
+from kdlab.losses.dist import dist_loss
 from kdlab.losses.feature import (
     at_loss,
     attention_map,
@@ -18,18 +19,23 @@ from kdlab.losses.feature import (
     sp_loss,
 )
 from kdlab.losses.logit import dkd_loss, kd_loss, nkd_loss
+from kdlab.losses.mlkd import mlkd_loss
 from kdlab.losses.reviewkd import hcl_loss
 from kdlab.losses.sdd import multiscale_logits, sdd_loss
+from kdlab.losses.standardize import standardize_logits
+from kdlab.losses.wttm import ttm_loss, wttm_loss
 
 __all__ = [
     "at_loss",
     "attention_map",
     "crd_loss",
     "dckd_loss",
+    "dist_loss",
     "dkd_loss",
     "fitnet_loss",
     "hcl_loss",
     "kd_loss",
+    "mlkd_loss",
     "multiscale_logits",
     "nkd_loss",
     "pkt_loss",
@@ -38,4 +44,7 @@ __all__ = [
     "rkd_loss",
     "sdd_loss",
     "sp_loss",
+    "standardize_logits",
+    "ttm_loss",
+    "wttm_loss",
 ]

@@ -15,6 +15,12 @@ Numerical conventions (kdlab methods spec, "Distillation methods: the exact math
   clamp is active) the logarithm is evaluated in log space, exactly. KL divergences are written
   as ``sum exp(log_p) * (log_p - log_q)``, so a teacher probability that underflows to 0 gives
   the term ``0 * finite = 0`` (the ``0 log 0 = 0`` convention).
+
+Temperatures: every loss takes ``temperature`` as a positive float (the usual, fixed ``T``) or as
+a 0-dim floating-point tensor (a learned temperature such as CTKD's,
+:mod:`kdlab.methods.ctkd`), through which the gradient flows in both the ``z / T`` and the
+``T^2`` factors. A float temperature takes exactly the code path it always took (bit-identical
+results).
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from torch import Tensor
 from kdlab.errors import MethodError
 
 Reduction = Literal["mean", "none"]
+
+#: A softmax temperature: a positive float, or a 0-dim floating-point tensor (learned).
+Temperature = float | Tensor
 
 #: constant subtracted from the (temperature-scaled) target logit to form DKD's non-target
 #: softmax, as in DKD (Zhao et al., CVPR 2022) and its official code.
@@ -62,8 +71,22 @@ def to_float(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def check_temperature(temperature: float) -> None:
-    """Raise :class:`MethodError` unless ``temperature > 0``."""
+def check_temperature(temperature: Temperature) -> None:
+    """Raise :class:`MethodError` unless ``temperature`` is a float ``> 0`` or a 0-dim
+    floating-point tensor.
+
+    A tensor's value is not checked: reading it would synchronise the device at every step. A
+    learned temperature is positive by construction (CTKD's ``T = t_start + t_end * sigmoid``
+    with ``t_start > 0``, :class:`kdlab.methods.ctkd.CurriculumTemperature`).
+    """
+    if isinstance(temperature, Tensor):
+        if temperature.dim() != 0 or not temperature.is_floating_point():
+            raise MethodError(
+                f"a tensor temperature must be a 0-dim floating-point tensor, got shape "
+                f"{tuple(temperature.shape)} and dtype {temperature.dtype}; use t.reshape(()) "
+                "or a float"
+            )
+        return
     if not temperature > 0:
         raise MethodError(f"temperature must be > 0, got {temperature}")
 
@@ -134,7 +157,7 @@ def decoupled_kd(
     log_q_s: Tensor,
     alpha: float,
     beta: float,
-    temperature: float,
+    temperature: Temperature,
 ) -> Tensor:
     """Per-sample ``T^2 * (alpha * KL(b_ref || b_s) + beta * KL(q_ref || q_s))``.
 

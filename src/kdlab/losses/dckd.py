@@ -15,6 +15,7 @@ from torch import Tensor
 from kdlab.errors import MethodError
 from kdlab.losses._common import (
     Reduction,
+    Temperature,
     binary_log_probs,
     check_temperature,
     decoupled_kd,
@@ -35,7 +36,7 @@ def dckd_loss(
     target: Tensor,
     alpha: float = 1.0,
     beta: float = 8.0,
-    temperature: float = 4.0,
+    temperature: Temperature = 4.0,
     target_rule: TargetRule = "max",
     nontarget_source: NontargetSource = "teacher",
     *,
@@ -76,7 +77,7 @@ def dckd_loss(
         logits_s, logits_t: ``B x K`` student and teacher logits (the teacher is detached here).
         target: ``B`` class indices.
         alpha, beta: weights of the target and non-target terms (DKD's CIFAR defaults 1 and 8).
-        temperature: ``T > 0`` (default 4).
+        temperature: ``T > 0`` (default 4), or a 0-dim tensor (learned, CTKD).
         target_rule: ``"max"`` | ``"correct"`` | ``"teacher"`` (see above).
         nontarget_source: ``"teacher"`` | ``"student"`` (see above).
         reduction: ``"mean"`` over the batch or ``"none"``.

@@ -8,6 +8,9 @@ float64 so gradcheck can run), with the teacher's logits detached inside the los
 
 ``log(0)`` is guarded by working in log space (see :mod:`kdlab.losses._common`): every loss is
 finite, with finite gradients, for logits of magnitude ``1e4`` and for bf16 inputs.
+
+``temperature`` is a positive float or a 0-dim tensor (a learned temperature, CTKD); see
+:mod:`kdlab.losses._common`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import Tensor
 
 from kdlab.losses._common import (
     Reduction,
+    Temperature,
     binary_log_probs,
     check_temperature,
     decoupled_kd,
@@ -33,7 +37,7 @@ __all__ = ["kd_loss", "dkd_loss", "nkd_loss"]
 def kd_loss(
     logits_s: Tensor,
     logits_t: Tensor,
-    temperature: float = 4.0,
+    temperature: Temperature = 4.0,
     *,
     reduction: Reduction = "mean",
 ) -> Tensor:
@@ -45,7 +49,8 @@ def kd_loss(
     Args:
         logits_s: student logits ``B x K``.
         logits_t: teacher logits ``B x K`` (detached here).
-        temperature: ``T > 0`` (CIFAR default 4).
+        temperature: ``T > 0`` (CIFAR default 4), or a 0-dim tensor (a learned temperature,
+            differentiated through ``z / T`` and ``T^2``).
         reduction: ``"mean"`` over the batch, or ``"none"`` for the ``B`` per-sample values.
     """
     check_temperature(temperature)
@@ -62,7 +67,7 @@ def dkd_loss(
     target: Tensor,
     alpha: float = 1.0,
     beta: float = 8.0,
-    temperature: float = 4.0,
+    temperature: Temperature = 4.0,
     *,
     reduction: Reduction = "mean",
 ) -> Tensor:
@@ -82,7 +87,7 @@ def dkd_loss(
         logits_s, logits_t: ``B x K`` student and teacher logits (the teacher is detached here).
         target: ``B`` class indices.
         alpha, beta: weights of TCKD and NCKD (CIFAR defaults 1 and 8).
-        temperature: ``T > 0`` (CIFAR default 4).
+        temperature: ``T > 0`` (CIFAR default 4), or a 0-dim tensor (learned).
         reduction: ``"mean"`` over the batch or ``"none"``.
     """
     check_temperature(temperature)
@@ -104,7 +109,7 @@ def nkd_loss(
     logits_s: Tensor,
     logits_t: Tensor,
     target: Tensor,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
     gamma: float = 1.5,
     legacy: bool = False,
     *,
@@ -127,7 +132,7 @@ def nkd_loss(
     Args:
         logits_s, logits_t: ``B x K`` student and teacher logits (the teacher is detached here).
         target: ``B`` class indices.
-        temperature: ``T > 0`` of the non-target term (default 1).
+        temperature: ``T > 0`` of the non-target term (default 1), or a 0-dim tensor (learned).
         gamma: weight of the non-target term (default 1.5).
         legacy: the SDD official code's all-classes variant (default False: the correct NKD).
         reduction: ``"mean"`` over the batch or ``"none"``.

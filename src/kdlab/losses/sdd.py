@@ -179,7 +179,8 @@ def sdd_loss(
         target: ``B`` labels.
         base: ``"kd"``, ``"dkd"`` or ``"nkd"``.
         base_kwargs: keyword arguments of the base loss (``temperature``, ``alpha``, ``beta``,
-            ``gamma``, ``legacy``); ``None`` uses the base loss's defaults.
+            ``gamma``, ``legacy``); ``None`` uses the base loss's defaults. ``temperature`` may
+            be a 0-dim tensor (a learned temperature, CTKD), shared by every region.
         beta: weight of complementary regions (paper: 2.0).
         criterion: ``"correctness"`` (official code, default): complementary when the local
             prediction's correctness differs from the global one's; ``"class"`` (paper text):

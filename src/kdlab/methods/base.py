@@ -9,7 +9,8 @@ methods (SD-DKD + CRD, DCKD + FitNet) are compositions of registered distillers
 
 There are two kinds:
 
-* ``kind = "logit"``: vanilla, kd, dkd, nkd, sd_kd, sd_dkd, sd_nkd, dckd. They own the
+* ``kind = "logit"``: vanilla, kd, dkd, nkd, sd_kd, sd_dkd, sd_nkd, dckd, mlkd, dist, ttm,
+  wttm. They own the
   cross-entropy term (``ce_weight``) and at most one is used per run.
 * ``kind = "partner"``: fitnet, at, rkd, sp, pkt, crd, reviewkd. They return only their own
   term(s), scaled by their ``weight`` (lambda_f); any number may be added to a logit method. Used
@@ -34,6 +35,7 @@ __all__ = [
     "DistillContext",
     "Distiller",
     "MethodParams",
+    "requested_views",
     "total_loss",
     "warmup_factor",
 ]
@@ -134,6 +136,10 @@ class Distiller(nn.Module, Generic[P]):
     #: whether ``forward`` reads the teacher's output (the trainer skips the teacher forward
     #: pass when no part of the method does).
     uses_teacher: ClassVar[bool] = True
+    #: the input views ``forward`` reads: "weak" is the batch's images; a method that also
+    #: lists "strong" (MLKD) gets a strongly augmented view of every image (``Batch.strong``) and
+    #: both models' outputs on it in ``out.views["strong"]`` (see :func:`requested_views`).
+    views: ClassVar[tuple[str, ...]] = ("weak",)
 
     params: P
     ctx: DistillContext
@@ -159,6 +165,19 @@ class Distiller(nn.Module, Generic[P]):
     def describe(self) -> dict[str, Any]:
         """The method's name and resolved hyperparameters (recorded in the run)."""
         return {"name": self.name, "params": self.params.model_dump()}
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Values of the method's own state to record with each epoch (e.g. CTKD's learned
+        ``temperature``); read once after the epoch's training. Default: none."""
+        return {}
+
+
+def requested_views(module: nn.Module) -> tuple[str, ...]:
+    """The input views the distillers in ``module`` (a distiller or a composite) read: "weak"
+    first, then the others sorted. ``("weak",)`` unless a method asks for more (MLKD, CVPR 2023:
+    ``("weak", "strong")``); the trainer's loader then yields them."""
+    names = {v for m in module.modules() if isinstance(m, Distiller) for v in m.views}
+    return ("weak", *sorted(names - {"weak"}))
 
 
 def total_loss(terms: dict[str, Tensor]) -> Tensor:

@@ -66,6 +66,15 @@ class CompositeDistiller(nn.Module):
             "partners": [p.describe() for p in partners],
         }
 
+    def epoch_metrics(self) -> dict[str, float]:
+        """Every part's :meth:`~kdlab.methods.base.Distiller.epoch_metrics`, logit method first;
+        a partner key already taken is prefixed with the partner's name (as for terms)."""
+        metrics = dict(self.logit.epoch_metrics())
+        for partner in self._partner_list():
+            for key, value in partner.epoch_metrics().items():
+                metrics[key if key not in metrics else f"{partner.name}.{key}"] = value
+        return metrics
+
 
 def method_display_name(cfg: MethodConfig) -> str:
     """``dckd+fitnet`` style name of a method config."""

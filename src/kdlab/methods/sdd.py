@@ -18,6 +18,13 @@ configs set ``[1, 2]`` for resnet32x4->resnet8x4, vgg13->vgg8 and ImageNet R34->
 pooling, ``sdd_beta = 2``, ``consistent_weight = 1`` (an ablation switch for the paper's Table 6),
 correctness criterion, mean reduction (all code-faithful). The
 official trainer's gradient-norm clip at 40 is exposed as ``default_clip_grad_norm``.
+
+The base methods' switches apply per region: ``logit_standardization`` z-scores every global and
+local logit vector of both models over the classes before the per-region loss (kdlab's
+composition of LS, Sun et al., CVPR 2024, with SDD; no source reports it), and
+``learned_temperature`` (CTKD, Li et al., AAAI 2023) gives every region the same learned ``T``.
+The consistent/complementary weights are unchanged by LS: they come from the teacher's argmax,
+which a z-score keeps.
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from pydantic import Field, PositiveInt, field_validator
 from torch import Tensor
 
 from kdlab.errors import MethodError
+from kdlab.losses._common import Temperature
 from kdlab.losses.sdd import multiscale_logits, sdd_loss, sdd_pooling_grids
-from kdlab.methods.base import Batch, DistillContext, Distiller, MethodParams, warmup_factor
-from kdlab.methods.logit import DKDParams, KDParams, NKDParams, ce_term
+from kdlab.methods.base import Batch, DistillContext, MethodParams, warmup_factor
+from kdlab.methods.logit import DKDParams, KDParams, LogitDistiller, NKDParams, ce_term
 from kdlab.methods.registry import register_method
 from kdlab.models.output import KdModel, ModelOutput
 
@@ -100,7 +108,7 @@ SP = TypeVar("SP", bound=SDDParams)
 WP = TypeVar("WP", SDDDKDParams, SDDNKDParams)
 
 
-class _SDDBase(Distiller[SP], Generic[SP]):
+class _SDDBase(LogitDistiller[SP], Generic[SP]):
     """Shared machinery: local logits of both models and the weighted per-region loss.
 
     Subclasses set ``name`` and ``base`` and implement ``base_kwargs`` and ``forward``.
@@ -157,11 +165,14 @@ class _SDDBase(Distiller[SP], Generic[SP]):
             raise MethodError(f"method {self.name!r} needs a teacher")
         return teacher
 
-    def base_kwargs(self) -> dict[str, Any]:  # pragma: no cover - abstract
+    def base_kwargs(self, temperature: Temperature) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
 
-    def local_loss(self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch) -> Tensor:
-        """``L_SDD`` of the batch (unweighted by warm-up / method weight)."""
+    def local_loss(
+        self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
+    ) -> Tensor:
+        """``L_SDD`` of the batch (unweighted by warm-up / method weight) at ``epoch`` (which
+        sets CTKD's learned temperature, when on)."""
         p = self.params
         local_s = multiscale_logits(
             out_s.feature_map, self.ctx.student.classifier, p.scales, p.pooling, p.nested_grid
@@ -171,11 +182,11 @@ class _SDDBase(Distiller[SP], Generic[SP]):
                 out_t.feature_map, self._teacher().classifier, p.scales, p.pooling, p.nested_grid
             )
         return sdd_loss(
-            local_s,
-            local_t,
+            self.standardized(local_s, dim=1),
+            self.standardized(local_t, dim=1),
             batch.labels,
             base=self.base,
-            base_kwargs=self.base_kwargs(),
+            base_kwargs=self.base_kwargs(self.temperature(epoch)),
             beta=p.sdd_beta,
             criterion=p.criterion,
             reduction=p.reduction,
@@ -193,7 +204,8 @@ class _WarmupSDDBase(_SDDBase[WP], Generic[WP]):
         p = self.params
         return {
             "ce": ce_term(out_s, batch, p.ce_weight),
-            "sdd": warmup_factor(epoch, p.warmup_epochs) * self.local_loss(out_s, out_t, batch),
+            "sdd": warmup_factor(epoch, p.warmup_epochs)
+            * self.local_loss(out_s, out_t, batch, epoch),
         }
 
 
@@ -207,9 +219,9 @@ class SDDKD(_SDDBase[SDDKDParams]):
     name = "sd_kd"
     base = "kd"
 
-    def base_kwargs(self) -> dict[str, Any]:
+    def base_kwargs(self, temperature: Temperature) -> dict[str, Any]:
         """KD's temperature."""
-        return {"temperature": self.params.temperature}
+        return {"temperature": temperature}
 
     def forward(
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
@@ -218,7 +230,7 @@ class SDDKD(_SDDBase[SDDKDParams]):
         p = self.params
         return {
             "ce": ce_term(out_s, batch, p.ce_weight),
-            "sdd": p.kd_weight * self.local_loss(out_s, out_t, batch),
+            "sdd": p.kd_weight * self.local_loss(out_s, out_t, batch, epoch),
         }
 
 
@@ -232,10 +244,10 @@ class SDDDKD(_WarmupSDDBase[SDDDKDParams]):
     name = "sd_dkd"
     base = "dkd"
 
-    def base_kwargs(self) -> dict[str, Any]:
-        """DKD's alpha, beta and temperature."""
+    def base_kwargs(self, temperature: Temperature) -> dict[str, Any]:
+        """DKD's alpha, beta and the temperature."""
         p = self.params
-        return {"alpha": p.alpha, "beta": p.beta, "temperature": p.temperature}
+        return {"alpha": p.alpha, "beta": p.beta, "temperature": temperature}
 
 
 @register_method
@@ -248,7 +260,7 @@ class SDDNKD(_WarmupSDDBase[SDDNKDParams]):
     name = "sd_nkd"
     base = "nkd"
 
-    def base_kwargs(self) -> dict[str, Any]:
+    def base_kwargs(self, temperature: Temperature) -> dict[str, Any]:
         """NKD's temperature, gamma and legacy switch."""
         p = self.params
-        return {"temperature": p.temperature, "gamma": p.gamma, "legacy": p.legacy}
+        return {"temperature": temperature, "gamma": p.gamma, "legacy": p.legacy}

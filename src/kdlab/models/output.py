@@ -23,6 +23,9 @@ class ModelOutput:
             (``logits == classifier(embedding)``).
         preact_features: the same stages before their final ReLU where the architecture has one
             (ReviewKD and some feature methods use them); empty when not provided.
+        views: the model's outputs on other views of the same images, by view name, filled by
+            the task for methods that ask for them (``Distiller.views``; MLKD: ``"strong"``);
+            empty otherwise. The output itself is always the weak view's (the batch's images).
     """
 
     logits: Tensor
@@ -30,6 +33,7 @@ class ModelOutput:
     features: list[Tensor] = field(default_factory=list)
     embedding: Tensor | None = None
     preact_features: list[Tensor] = field(default_factory=list)
+    views: dict[str, ModelOutput] = field(default_factory=dict)
 
     def detach(self) -> ModelOutput:
         """A copy with every tensor detached (used for the frozen teacher)."""
@@ -39,6 +43,7 @@ class ModelOutput:
             features=[f.detach() for f in self.features],
             embedding=None if self.embedding is None else self.embedding.detach(),
             preact_features=[f.detach() for f in self.preact_features],
+            views={k: v.detach() for k, v in self.views.items()},
         )
 
 

@@ -4,10 +4,21 @@ A run directory (see :mod:`kdlab.engine.rundir`) is finished when it has ``summa
 other run directory (``config.yaml`` but no summary) is *unfinished*: running, stopped, failed or
 killed. Unfinished runs are listed separately and never mixed into the numbers.
 
-Finished runs are grouped by (dataset, teacher, student, method display name, config name without
-the seed); each group gets mean +- sample std (0 for one seed) of the best and the last test
-top-1 (and top-5 where measured), the teacher's accuracy (``teacher.json``), and the published
+Finished runs are grouped by (dataset, teacher, teacher checkpoint, student, data, method display
+name, config name without the seed); each group gets mean +- sample std (0 for one seed) of
+
+* ``best``: the best test top-1 over the epochs (chosen on the test set);
+* ``last``: the test top-1 of the final epoch;
+* with a validation set (``data.val_fraction`` > 0): ``test_top1_at_best``, the test top-1 at
+  the epoch chosen on validation, and ``best_val_top1``, the validation top-1 there;
+
+(and top-5 likewise where measured), the teacher's accuracy (``teacher.json``), and the published
 number with our difference to it when the paper has the cell.
+
+Two runs whose teachers have the same architecture but different checkpoints (the sha256 in
+``teacher.json``, else the checkpoint path) are different experiments: they get different rows
+and charts, and the teacher is labelled with the first 8 characters of its sha256 (or its file
+name) wherever the architecture alone would be ambiguous.
 """
 
 from __future__ import annotations
@@ -54,6 +65,35 @@ class RunRecord:
         if t is None and isinstance(self.config.get("teacher"), dict):
             t = self.config["teacher"].get("arch")
         return t
+
+    @property
+    def teacher_id(self) -> str | None:
+        """What tells two teachers of the same architecture apart: the checkpoint's sha256
+        (``teacher.json``), else its path (``config.yaml``); None without a teacher."""
+        if self.teacher_arch is None:
+            return None
+        if self.teacher and self.teacher.get("sha256"):
+            return str(self.teacher["sha256"])
+        tcfg = self.config.get("teacher")
+        ckpt = tcfg.get("checkpoint") if isinstance(tcfg, dict) else None
+        if not ckpt and self.teacher:
+            ckpt = self.teacher.get("checkpoint")
+        return f"path:{ckpt}" if ckpt else None
+
+    @property
+    def data_key(self) -> tuple[float, float, int | None]:
+        """``(train_fraction, val_fraction, subset_seed)`` of the run's data (the seed only when
+        it chooses images): runs compared in one chart must have seen the same images."""
+        data = self.config.get("data") or {}
+        tf = float(data.get("train_fraction", 1.0) or 1.0)
+        vf = float(data.get("val_fraction", 0.0) or 0.0)
+        seed = int(data.get("subset_seed", 0) or 0) if (tf < 1.0 or vf > 0.0) else None
+        return tf, vf, seed
+
+    @property
+    def has_val(self) -> bool:
+        """Whether the run chose its best epoch on a validation set."""
+        return any(k.startswith("best_val_") for k in self.summary)
 
     @property
     def student_arch(self) -> str | None:
@@ -114,22 +154,43 @@ class Group:
     name: str
     runs: list[RunRecord] = field(default_factory=list)
     row: dict[str, Any] = field(default_factory=dict)
+    #: the teacher checkpoint's identity (:attr:`RunRecord.teacher_id`) and the data key
+    teacher_id: str | None = None
+    data_key: tuple[float, float, int | None] = (1.0, 0.0, None)
+    #: the teacher as shown: the architecture, plus ``@<sha256[:8]>`` when ambiguous
+    teacher_label: str | None = None
 
     @property
     def pair(self) -> tuple[str, str, str]:
-        """(dataset, teacher, student) with ``none`` for missing parts (plot file names)."""
-        return (self.dataset or "none", self.teacher or "none", self.student or "none")
+        """(dataset, teacher label, student) with ``none`` for missing parts (chart titles)."""
+        return (self.dataset or "none", self.teacher_label or self.teacher or "none",
+                self.student or "none")
+
+    @property
+    def is_baseline(self) -> bool:
+        """The student trained alone (``vanilla``: no distillation)."""
+        return self.method == "vanilla"
+
+    @property
+    def has_val(self) -> bool:
+        """Whether every run of the group chose its best epoch on validation."""
+        return bool(self.runs) and all(r.has_val for r in self.runs)
 
     @property
     def label(self) -> str:
-        """Short plot label: the method, plus the config name's first segment if it differs."""
+        """Short plot label: the method, plus the config name's first segment if it differs
+        (the student alone is "student alone")."""
         first = self.name.split("/", 1)[0]
-        return self.method if first in ("", self.method) else f"{self.method} ({first})"
+        method = "student alone" if self.is_baseline else self.method
+        if self.is_baseline and first in ("student", "vanilla", "baseline"):
+            first = ""
+        return method if first in ("", self.method) else f"{method} ({first})"
 
     @property
     def full_label(self) -> str:
         """Unambiguous label: the method and the whole config name."""
-        return self.method if self.name in ("", self.method) else f"{self.method} [{self.name}]"
+        method = "student alone" if self.is_baseline else self.method
+        return method if self.name in ("", self.method) else f"{method} [{self.name}]"
 
 
 @dataclass
@@ -155,6 +216,29 @@ def strip_seed(name: str) -> str:
     """A config name without its seed part (``kd/r32x4_r8x4/seed1`` -> ``kd/r32x4_r8x4``)."""
     parts = [_SEED_SUFFIX.sub("", p) for p in name.split("/") if not _SEED_PART.match(p)]
     return "/".join(p for p in parts if p)
+
+
+def data_label(key: tuple[float, float, int | None]) -> str:
+    """A short text for a data key: ``""`` for the full training set without validation, else
+    e.g. ``train 5%, val 10%, subset seed 0``."""
+    tf, vf, seed = key
+    parts = []
+    if tf < 1.0:
+        parts.append(f"train {100 * tf:g}%")
+    if vf > 0.0:
+        parts.append(f"val {100 * vf:g}%")
+    if parts and seed is not None and seed != 0:
+        parts.append(f"subset seed {seed}")
+    return ", ".join(parts)
+
+
+def short_teacher_id(teacher_id: str | None) -> str:
+    """8 hex characters of a sha256, or the file name of a ``path:`` id."""
+    if not teacher_id:
+        return "?"
+    if teacher_id.startswith("path:"):
+        return Path(teacher_id[5:]).name or teacher_id[5:]
+    return teacher_id[:8]
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
@@ -238,20 +322,31 @@ def scan_runs(runs_dir: str | Path) -> ScanResult:
 
 
 # --------------------------------------------------------------------------- aggregation
-STATS = ("best_top1", "last_top1", "best_top5", "last_top5")
+STATS = ("best_top1", "last_top1", "best_top5", "last_top5", "test_top1_at_best",
+         "best_val_top1", "test_top5_at_best")
 
 
 def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
-    """Group runs over seeds, sorted by (dataset, teacher, student, method, name)."""
-    groups: dict[tuple[str, str, str, str, str], Group] = {}
+    """Group runs over seeds, sorted by (dataset, teacher, teacher checkpoint, student,
+    method, name, data); sets each group's ``teacher_label``."""
+    groups: dict[tuple[Any, ...], Group] = {}
     for r in runs:
-        key = (r.dataset or "", r.teacher_arch or "", r.student_arch or "", r.method, r.name)
+        key = (r.dataset or "", r.teacher_arch or "", r.teacher_id or "", r.student_arch or "",
+               r.method, r.name, tuple(-1 if v is None else v for v in r.data_key))
         if key not in groups:
-            groups[key] = Group(r.dataset, r.teacher_arch, r.student_arch, r.method, r.name)
+            groups[key] = Group(r.dataset, r.teacher_arch, r.student_arch, r.method, r.name,
+                                teacher_id=r.teacher_id, data_key=r.data_key)
         groups[key].runs.append(r)
     out = [groups[k] for k in sorted(groups)]
+    ids: dict[tuple[str, str], set[str | None]] = {}
     for g in out:
         g.runs.sort(key=lambda r: (r.seed if r.seed is not None else -1, r.rel))
+        if g.teacher:
+            ids.setdefault((g.dataset or "", g.teacher), set()).add(g.teacher_id)
+    for g in out:
+        ambiguous = g.teacher and len(ids[(g.dataset or "", g.teacher)]) > 1
+        g.teacher_label = (f"{g.teacher}@{short_teacher_id(g.teacher_id)}" if ambiguous
+                           else g.teacher)
     return out
 
 
@@ -261,14 +356,18 @@ def aggregate(runs: Sequence[RunRecord], paper: PaperTable) -> list[Group]:
     known = paper.methods
     for g in groups:
         row: dict[str, Any] = {
-            "dataset": g.dataset, "teacher": g.teacher, "student": g.student,
+            "dataset": g.dataset, "teacher": g.teacher_label, "student": g.student,
             "method": g.method, "name": g.name,
             "n": len(g.runs),
             "seeds": " ".join(str(r.seed) for r in g.runs),
+            "teacher_sha256": (g.teacher_id if g.teacher_id and not
+                               g.teacher_id.startswith("path:") else None),
+            "data": data_label(g.data_key) or None,
+            "selection": "val" if g.has_val else "test",
         }
         for stat in STATS:
-            mean, std, _ = mean_std(r.metric(stat) for r in g.runs)
-            row[f"{stat}_mean"], row[f"{stat}_std"] = mean, std
+            mean, std, n = mean_std(r.metric(stat) for r in g.runs)
+            row[f"{stat}_mean"], row[f"{stat}_std"], row[f"{stat}_n"] = mean, std, n
         row["teacher_top1"], _, _ = mean_std(r.teacher_top1 for r in g.runs)
         pm = paper_method(g.name, g.method, known)
         row["paper_method"] = pm
@@ -282,6 +381,38 @@ def aggregate(runs: Sequence[RunRecord], paper: PaperTable) -> list[Group]:
                             if top1 and row["best_top1_mean"] is not None else None)
         g.row = row
     return groups
+
+
+#: what one chart compares: (dataset, teacher label, student, data key)
+ChartKey = tuple[str, str, str, tuple[float, float, int | None]]
+
+
+def chart_groups(groups: Sequence[Group]) -> dict[ChartKey, list[Group]]:
+    """The groups of each chart, sorted by chart key.
+
+    A chart holds the groups of one (dataset, teacher checkpoint, student, data). The student
+    trained alone (a ``vanilla`` run without a teacher) of the same dataset, student and data
+    is added to every teacher -> student chart as the "student alone" baseline; baselines
+    (also ``vanilla`` runs that name the pair's teacher) come first.
+    """
+    charts: dict[ChartKey, list[Group]] = {}
+    for g in groups:
+        charts.setdefault((*g.pair, g.data_key), []).append(g)
+    baselines = [g for g in groups if g.is_baseline and not g.teacher]
+    for key, members in charts.items():
+        dataset, teacher, student, data = key
+        if teacher == "none":
+            continue
+        extra = [b for b in baselines if b.pair[0] == dataset and b.pair[2] == student
+                 and b.data_key == data and b not in members]
+        members[:0] = extra
+    for members in charts.values():  # the student alone first (a run of the pair's own too)
+        members.sort(key=lambda g: not g.is_baseline)
+    return {k: charts[k] for k in sorted(charts, key=lambda k: (*k[:3], _data_sort(k[3])))}
+
+
+def _data_sort(key: tuple[float, float, int | None]) -> tuple[float, float, int]:
+    return key[0], key[1], -1 if key[2] is None else key[2]
 
 
 def newest_time(runs: Sequence[RunRecord]) -> float | None:

@@ -4,10 +4,21 @@
 (:mod:`kdlab.report.aggregate`), matches the published numbers (:mod:`kdlab.report.paper`) and
 writes into the output folder:
 
-* ``results.md``: a short header (number of runs, date, statistic conventions) and the table;
-* ``results.csv``: the same numbers, unrounded to 4 decimals, one row per group;
-* ``results.html``: one self-contained page with the table and the plots embedded;
+* ``results.md``: a short header (number of runs, date, statistic conventions) and one table
+  per dataset (columns that are empty for every row of a table, e.g. the paper's on a dataset
+  without published numbers, are left out);
+* ``results.csv``: the same numbers, unrounded to 4 decimals, one row per group, every column;
+* ``results.html``: one self-contained page with the tables and the plots embedded;
 * ``curves_<dataset>_<teacher>_<student>.png`` and ``bars_<dataset>_<teacher>_<student>.png``.
+
+Statistics (each a mean over seeds; ``± sample std`` shown from two seeds on):
+
+* ``best-on-test``: the highest test top-1 over the epochs (``summary.best_top1``): the epoch
+  is chosen on the test set, the DKD/SDD papers' convention;
+* ``last-epoch``: the test top-1 of the final epoch (``summary.last_top1``), the CRD convention;
+* ``test at best-val epoch``: with a validation set, the test top-1 at the epoch chosen on
+  validation (``summary.test_top1_at_best``): the primary column of runs that have it;
+* ``best val``: the validation top-1 at that epoch (``summary.best_val_top1``).
 
 The output depends on the run directories alone: the date is the day the newest run finished
 (not today), rows and plots are sorted, so building the report again gives the same bytes.
@@ -43,7 +54,39 @@ CSV_COLUMNS = (
     "best_top5_mean", "best_top5_std", "last_top5_mean", "last_top5_std",
     "teacher_top1", "paper_method", "paper_top1", "paper_top5", "paper_statistic",
     "paper_source", "diff_top1",
+    "selection", "test_top1_at_best_mean", "test_top1_at_best_std", "best_val_top1_mean",
+    "best_val_top1_std", "test_top5_at_best_mean", "test_top5_at_best_std", "data",
+    "teacher_sha256",
 )
+
+#: (statistic, header) of the result columns, primary first: the header names the statistic.
+STAT_HEADERS = (
+    ("test_top1_at_best", "test top-1 at best-val epoch"),
+    ("best_val_top1", "best val top-1"),
+    ("best_top1", "best-on-test top-1"),
+    ("last_top1", "last-epoch top-1"),
+    ("test_top5_at_best", "test top-5 at best-val epoch"),
+    ("best_top5", "best-on-test top-5"),
+    ("last_top5", "last-epoch top-5"),
+)
+#: columns that name the row rather than hold a number
+_TEXT_COLUMNS = frozenset({"dataset", "teacher", "student", "method", "name", "data",
+                           "paper_statistic"})
+
+
+@dataclass
+class Table:
+    """One dataset's results table: notes above it, (key, header) columns, formatted rows."""
+
+    dataset: str
+    notes: list[str]
+    columns: list[tuple[str, str]]
+    rows: list[dict[str, str]]
+
+    @property
+    def numeric(self) -> frozenset[str]:
+        """The right-aligned (number) columns."""
+        return frozenset(k for k, _ in self.columns if k not in _TEXT_COLUMNS)
 
 
 @dataclass
@@ -60,9 +103,12 @@ class Report:
     n_runs: int = 0
 
 
-def _pm(mean: float | None, std: float | None) -> str:
+def _pm(mean: float | None, std: float | None, n: int = 2) -> str:
+    """``mean ± std``; one value (``n`` = 1) shows alone: its spread is unknown, not 0."""
     if mean is None:
         return "—"
+    if n <= 1:
+        return f"{mean:.2f}"
     return f"{mean:.2f} ± {std or 0.0:.2f}"
 
 
@@ -70,31 +116,64 @@ def _signed(value: float | None) -> str:
     return "—" if value is None else f"{value:+.2f}"
 
 
-def display_rows(groups: Sequence[Group], with_top5: bool) -> tuple[list[tuple[str, str]],
-                                                                  list[dict[str, str]]]:
-    """(columns, rows of formatted strings) of the results table."""
-    cols = [("dataset", "dataset"), ("teacher", "teacher"), ("student", "student"),
-            ("method", "method"), ("name", "config name"), ("n", "seeds (n)"),
-            ("best_top1", "best top-1"), ("last_top1", "last top-1")]
-    if with_top5:
-        cols += [("best_top5", "best top-5"), ("last_top5", "last top-5")]
-    cols += [("teacher_top1", "teacher top-1"), ("paper_top1", "paper top-1"),
-             ("paper_statistic", "paper statistic"), ("diff_top1", "Δ best − paper")]
-    rows = []
+def _format_row(r: dict[str, Any]) -> dict[str, str]:
+    return {
+        "dataset": format_cell(r["dataset"], ""), "teacher": format_cell(r["teacher"], ""),
+        "student": format_cell(r["student"], ""), "method": r["method"],
+        "name": format_cell(r["name"] or None, ""), "n": str(r["n"]),
+        **{s: _pm(r[f"{s}_mean"], r[f"{s}_std"], r.get(f"{s}_n", 2)) for s, _ in STAT_HEADERS},
+        "data": format_cell(r.get("data"), ""),
+        "teacher_top1": format_cell(r["teacher_top1"], ".2f"),
+        "paper_top1": format_cell(r["paper_top1"], ".2f"),
+        "paper_statistic": format_cell(r["paper_statistic"], ""),
+        "diff_top1": _signed(r["diff_top1"]),
+    }
+
+
+def display_rows(groups: Sequence[Group]) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """(columns, rows of formatted strings) of one results table.
+
+    The statistics' headers name them (:data:`STAT_HEADERS`), the primary one first. A column
+    that is empty ("—") in every row is left out: top-5 where it was not measured, validation
+    columns without a validation set, the paper's columns on a dataset without published
+    numbers, the teacher without one. ``data`` is shown only when the rows differ in it.
+    """
+    cols = [("teacher", "teacher"), ("student", "student"), ("method", "method"),
+            ("name", "config name"), ("n", "seeds (n)"), *STAT_HEADERS,
+            ("data", "data"), ("teacher_top1", "teacher top-1"), ("paper_top1", "paper top-1"),
+            ("paper_statistic", "paper statistic"), ("diff_top1", "Δ best-on-test − paper")]
+    rows = [_format_row(g.row) for g in groups]
+    keep = []
+    for key, header in cols:
+        cells = {r[key] for r in rows}
+        if key in ("method", "name", "n"):
+            keep.append((key, header))
+        elif key == "data":
+            if len(cells) > 1:
+                keep.append((key, header))
+        elif cells - {"—"}:
+            keep.append((key, header))
+    return keep, rows
+
+
+def dataset_tables(groups: Sequence[Group]) -> list[Table]:
+    """One :class:`Table` per dataset, in dataset order, with its own notes (the data shared by
+    every row, which columns are primary)."""
+    by_dataset: dict[str, list[Group]] = {}
     for g in groups:
-        r = g.row
-        rows.append({
-            "dataset": format_cell(r["dataset"], ""), "teacher": format_cell(r["teacher"], ""),
-            "student": format_cell(r["student"], ""), "method": r["method"],
-            "name": format_cell(r["name"] or None, ""), "n": str(r["n"]),
-            **{s: _pm(r[f"{s}_mean"], r[f"{s}_std"])
-               for s in ("best_top1", "last_top1", "best_top5", "last_top5")},
-            "teacher_top1": format_cell(r["teacher_top1"], ".2f"),
-            "paper_top1": format_cell(r["paper_top1"], ".2f"),
-            "paper_statistic": format_cell(r["paper_statistic"], ""),
-            "diff_top1": _signed(r["diff_top1"]),
-        })
-    return cols, rows
+        by_dataset.setdefault(g.dataset or "—", []).append(g)
+    tables = []
+    for dataset, members in by_dataset.items():
+        columns, rows = display_rows(members)
+        notes = []
+        data = {g.row.get("data") for g in members}
+        if len(data) == 1 and None not in data:
+            notes.append(f"Data of every row: {data.pop()} of the training set.")
+        if any(g.has_val for g in members):
+            notes.append("Primary column: test top-1 at best-val epoch (the epoch chosen on "
+                         "the held-out validation set; rows without one show —).")
+        tables.append(Table(dataset, notes, columns, rows))
+    return tables
 
 
 def header_notes(groups: Sequence[Group], n_runs: int, n_unfinished: int,
@@ -112,24 +191,32 @@ def header_notes(groups: Sequence[Group], n_runs: int, n_unfinished: int,
     paper = ("Paper: the published top-1 of the same dataset/teacher/student/method; the "
              "'paper statistic' column says which number it is: best = "
              f"{STATISTIC_TEXT['best']}, last = {STATISTIC_TEXT['last']}"
-             + (f" (here: {counts})" if counts else " (no row of this table has one)")
-             + ". Δ = our best mean − paper.")
+             + (f" (here: {counts})" if counts else " (no row has one)")
+             + ". Δ = our best-on-test mean − paper. Tables of datasets without published "
+             "numbers have no paper columns.")
     if paper_origin is None:
         paper = "Paper: no published numbers available (no paper_results.csv)."
     return [
         f"Runs: {runs}.",
         f"Date: {date} (UTC day the newest run finished).",
-        "Ours: best = highest test top-1 over the epochs, last = test top-1 of the final "
-        "epoch; each is mean ± sample std over seeds (std 0 for one seed); top-5 likewise.",
+        "Ours: best-on-test = highest test top-1 over the epochs (the epoch chosen on the "
+        "test set); last-epoch = test top-1 of the final epoch; with a validation set "
+        "(data.val_fraction), test top-1 at best-val epoch = test top-1 at the epoch chosen "
+        "on validation, and best val = validation top-1 there. Each is the mean over seeds, "
+        "± sample std from two seeds on (one seed: the value alone); top-5 likewise.",
         paper,
     ]
 
 
-def results_markdown(notes: Sequence[str], columns: Sequence[tuple[str, str]],
-                     rows: Sequence[dict[str, str]], unfinished: Sequence[UnfinishedRun]) -> str:
+def results_markdown(notes: Sequence[str], tables: Sequence[Table],
+                     unfinished: Sequence[UnfinishedRun]) -> str:
     """The markdown report."""
-    parts = [f"# {TITLE}", "", *(f"- {n}" for n in notes), "",
-             markdown_table(rows, [(k, h, "") for k, h in columns])]
+    parts = [f"# {TITLE}", "", *(f"- {n}" for n in notes), ""]
+    for t in tables:
+        parts += [f"## {t.dataset}", ""]
+        if t.notes:
+            parts += [*(f"- {n}" for n in t.notes), ""]
+        parts.append(markdown_table(t.rows, [(k, h, "") for k, h in t.columns]))
     if unfinished:
         parts += [f"## Unfinished or failed runs ({len(unfinished)})", "",
                   "Not included in the table above.", ""]
@@ -181,9 +268,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None,
         log.warning("no finished run under %s: the table is empty", root)
     paper = load_paper_results(paper_csv)
     groups = aggregate(scan.finished, paper)
-    with_top5 = any(g.row.get(f"{s}_mean") is not None for g in groups
-                    for s in ("best_top5", "last_top5"))
-    columns, rows = display_rows(groups, with_top5)
+    tables = dataset_tables(groups)
     notes = header_notes(groups, len(scan.finished), len(scan.unfinished),
                          newest_time(scan.finished), paper.origin)
     plots = render_plots(groups)
@@ -194,13 +279,11 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None,
         raise RunError(f"cannot create the report folder {out}: {e.strerror}") from e
     report = Report(out, out / "results.md", out / "results.csv", out / "results.html",
                     groups=groups, unfinished=scan.unfinished, n_runs=len(scan.finished))
-    _write(report.markdown, results_markdown(notes, columns, rows, scan.unfinished).encode())
+    _write(report.markdown, results_markdown(notes, tables, scan.unfinished).encode())
     _write(report.csv, results_csv(groups).encode())
-    numeric = frozenset(k for k, _ in columns
-                        if k not in ("dataset", "teacher", "student", "method", "name",
-                                     "paper_statistic"))
-    _write(report.html, render_html(TITLE, notes, columns, rows, scan.unfinished, plots,
-                                    numeric).encode())
+    _write(report.html, render_html(
+        TITLE, notes, [(t.dataset, t.notes, t.columns, t.rows, t.numeric) for t in tables],
+        scan.unfinished, plots).encode())
     for stale in sorted([*out.glob("curves_*.png"), *out.glob("bars_*.png")]):
         if stale.name not in plots:
             stale.unlink()

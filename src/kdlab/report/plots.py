@@ -1,8 +1,16 @@
-"""Report plots: test top-1 curves and best top-1 bars per (dataset, teacher, student).
+"""Report plots: test top-1 curves and top-1 bars per chart (dataset, teacher, student, data).
+
+One chart compares the methods of one teacher checkpoint -> student pair on the same data
+(:func:`kdlab.report.aggregate.chart_groups`); the student trained alone is in every chart of its
+student, as the grey "student alone" bar and the black dashed curve. Bars start at zero and show
+the primary statistic: the test top-1 at the best-validation epoch when every group has a
+validation set, else the best-on-test top-1; one seed has no error bar.
 
 matplotlib's Agg canvas draws them (no GUI, no pyplot state); figure size, dpi, style, colours
-and the order of the methods are fixed, and the PNG carries no "Software" entry, so the same runs
-give the same bytes again on the same installation.
+and the order of the methods are fixed, the axes box is fixed and the saved area is the tight
+bounding box of everything drawn (long tick labels and the legend outside the axes widen the image
+instead of being cut off), and the PNG carries no "Software" entry, so the same runs give the
+same bytes again on the same installation.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from kdlab.report.aggregate import Group
+from kdlab.report.aggregate import ChartKey, Group, chart_groups, data_label
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +48,38 @@ def matplotlib_available() -> bool:
     return True
 
 
-def _figure(bottom: float) -> tuple[Any, Any]:
+#: the student-alone baseline's colour
+BASELINE_COLOR = "#555555"
+
+
+def _figure(width: float = FIGSIZE[0]) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    fig = Figure(figsize=(width, FIGSIZE[1]), dpi=DPI)
     FigureCanvasAgg(fig)
-    fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=bottom)  # fixed: fast, stable
+    # fixed axes box; tick labels, titles and legends outside it widen the saved image (tight
+    # bounding box) instead of squeezing the plot
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.9, bottom=0.12)
     return fig, fig.add_subplot()
 
 
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None}, bbox_inches="tight",
+                pad_inches=0.1)
     return buf.getvalue()
 
 
 def _colors(n: int) -> list[Any]:
+    """``n`` distinct colours of tab10 (tab20 beyond 9), without their greys (the greys mark
+    the student-alone baseline)."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
+    cmap = colormaps["tab10" if n <= 9 else "tab20"]
+    greys = {7} if cmap.N == 10 else {14, 15}
+    palette = [cmap(i) for i in range(cmap.N) if i not in greys]
+    return [palette[i % len(palette)] for i in range(n)]
 
 
 def _style() -> Any:
@@ -69,95 +88,178 @@ def _style() -> Any:
     return matplotlib.style.context("default")
 
 
-def _title(pair: tuple[str, str, str]) -> str:
+def _title(pair: tuple[str, str, str], data: str = "") -> str:
     dataset, teacher, student = pair
-    return f"{dataset}: {teacher} -> {student}" if teacher != "none" else f"{dataset}: {student}"
+    title = f"{dataset}: {teacher} -> {student}" if teacher != "none" else f"{dataset}: {student}"
+    return f"{title} ({data})" if data else title
+
+
+def _default_title(groups: Sequence[Group]) -> str:
+    last = groups[-1]  # a baseline comes first: the last group names the chart's teacher
+    return _title(last.pair, data_label(last.data_key))
 
 
 def _labels(groups: Sequence[Group]) -> list[str]:
+    """Short labels; only those that collide get the full config name."""
     short = [g.label for g in groups]
-    return short if len(set(short)) == len(short) else [g.full_label for g in groups]
+    return [g.full_label if short.count(s) > 1 else s for g, s in zip(groups, short,
+                                                                       strict=True)]
 
 
-def curves_png(groups: Sequence[Group]) -> bytes | None:
-    """Test top-1 per epoch, one line per group: mean over seeds with a min-max band."""
+def _chart_colors(groups: Sequence[Group]) -> list[Any]:
+    """The baseline grey, the others tab10/tab20 in order."""
+    others = iter(_colors(sum(1 for g in groups if not g.is_baseline)))
+    return [BASELINE_COLOR if g.is_baseline else next(others) for g in groups]
+
+
+def primary_stat(groups: Sequence[Group]) -> tuple[str, str]:
+    """(summary statistic, axis label) of a chart's bars: the test top-1 at the best-val epoch
+    when every group chose its epoch on validation, else the best-on-test top-1."""
+    if groups and all(g.has_val for g in groups):
+        return "test_top1_at_best", "test top-1 at best-val epoch (%)"
+    return "best_top1", "best-on-test top-1 (%)"
+
+
+def _mean_curve(g: Group, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    per_epoch: dict[int, list[float]] = {}
+    for r in g.runs:
+        for epoch, value in r.curve(key):
+            per_epoch.setdefault(epoch, []).append(value)
+    epochs = sorted(per_epoch)
+    return (epochs, [sum(per_epoch[e]) / len(per_epoch[e]) for e in epochs],
+            [min(per_epoch[e]) for e in epochs], [max(per_epoch[e]) for e in epochs])
+
+
+def curves_png(groups: Sequence[Group], title: str | None = None) -> bytes | None:
+    """PNG of :func:`curves_figure` (None when no group has a curve)."""
+    with _style():
+        fig = curves_figure(groups, title)
+        return None if fig is None else _png(fig)
+
+
+def bars_png(groups: Sequence[Group], title: str | None = None) -> bytes | None:
+    """PNG of :func:`bars_figure` (None when no group has the statistic)."""
+    with _style():
+        fig = bars_figure(groups, title)
+        return None if fig is None else _png(fig)
+
+
+def curves_figure(groups: Sequence[Group], title: str | None = None) -> Any:
+    """Test top-1 per epoch, one line per group: mean over seeds with a min-max band; the
+    validation top-1 dotted in the same colour where there is one; the student alone black,
+    dash-dotted. A matplotlib ``Figure``, or None without any curve."""
     series = []
-    for g, label in zip(groups, _labels(groups), strict=True):
-        per_epoch: dict[int, list[float]] = {}
-        for r in g.runs:
-            for epoch, value in r.curve("test_top1"):
-                per_epoch.setdefault(epoch, []).append(value)
-        if per_epoch:
-            epochs = sorted(per_epoch)
-            series.append((label, epochs, [sum(per_epoch[e]) / len(per_epoch[e])
-                                             for e in epochs],
-                           [min(per_epoch[e]) for e in epochs],
-                           [max(per_epoch[e]) for e in epochs]))
+    for g, label, color in zip(groups, _labels(groups), _chart_colors(groups), strict=True):
+        epochs, mean, lo, hi = _mean_curve(g, "test_top1")
+        if epochs:
+            series.append((g, label, color, epochs, mean, lo, hi))
     if not series:
         return None
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    with _style():
-        fig, ax = _figure(bottom=0.12)
-        for color, (label, epochs, mean, lo, hi) in zip(_colors(len(series)), series,
-                                                        strict=True):
-            ax.plot(epochs, mean, color=color, linewidth=1.5, label=label,
-                    marker="o" if len(epochs) == 1 else None)
-            ax.fill_between(epochs, lo, hi, color=color, alpha=0.2, linewidth=0)
+    with _style():  # also the caller's: nested contexts restore in order
+        fig, ax = _figure()
+        any_val = False
+        for g, label, color, epochs, mean, lo, hi in series:
+            style: dict[str, Any] = {"color": color, "linewidth": 1.5}
+            if g.is_baseline:
+                style = {"color": "black", "linestyle": "-.", "linewidth": 1.8}
+            ax.plot(epochs, mean, label=label, marker="o" if len(epochs) == 1 else None,
+                    **style)
+            ax.fill_between(epochs, lo, hi, color=style["color"], alpha=0.12, linewidth=0)
+            v_epochs, v_mean, _, _ = _mean_curve(g, "val_top1")
+            if v_epochs:
+                any_val = True
+                ax.plot(v_epochs, v_mean, color=style["color"], linewidth=1.0,
+                        linestyle=":", alpha=0.9)
+        handles, labels = ax.get_legend_handles_labels()
+        if any_val:
+            handles.append(Line2D([], [], color="grey", linestyle=":", linewidth=1.0))
+            labels.append("dotted: validation top-1")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("test top-1 (%)")
-        ax.set_title(_title(groups[0].pair) + " (mean over seeds, min-max band)", fontsize=10)
+        ax.set_title((title or _default_title(groups)) + "\nmean over seeds, min-max band",
+                     fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-        return _png(fig)
+        ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  borderaxespad=0.0, frameon=False)
+        return fig
 
 
-def bars_png(groups: Sequence[Group]) -> bytes | None:
-    """Best top-1 mean +- std per group; the published number as a marker where known."""
-    groups = [g for g in groups if g.row.get("best_top1_mean") is not None]
+def bars_figure(groups: Sequence[Group], title: str | None = None) -> Any:
+    """The chart's primary statistic (:func:`primary_stat`) per group, mean with a +- std error
+    bar from two seeds on; the y axis starts at 0; the value is written above each bar; the
+    published number as a black diamond where known (best-on-test bars only). A matplotlib
+    ``Figure``, or None when no group has the statistic."""
+    stat, ylabel = primary_stat(groups)
+    groups = [g for g in groups if g.row.get(f"{stat}_mean") is not None]
     if not groups:
         return None
     with _style():
-        fig, ax = _figure(bottom=0.3)
+        fig, ax = _figure(width=max(FIGSIZE[0], 2.0 + 0.5 * len(groups)))
         xs = list(range(len(groups)))
-        means = [g.row["best_top1_mean"] for g in groups]
-        stds = [g.row["best_top1_std"] or 0.0 for g in groups]
-        ax.bar(xs, means, yerr=stds, color=_colors(len(groups)), capsize=4,
-               label="ours: best top-1, mean +- std")
+        means = [float(g.row[f"{stat}_mean"]) for g in groups]
+        stds = [float(g.row.get(f"{stat}_std") or 0.0) if g.row.get(f"{stat}_n", 1) > 1
+                else 0.0 for g in groups]
+        ax.bar(xs, means, color=_chart_colors(groups))
+        spread = [(x, m, s) for x, m, s, g in zip(xs, means, stds, groups, strict=True)
+                  if g.row.get(f"{stat}_n", 1) > 1]
+        if spread:
+            ax.errorbar([x for x, _, _ in spread], [m for _, m, _ in spread],
+                        yerr=[s for _, _, s in spread], fmt="none", ecolor="black",
+                        capsize=4, linewidth=1.0, label="± sample std (n > 1)")
         paper = [(x, g.row["paper_top1"]) for x, g in zip(xs, groups, strict=True)
-                 if g.row.get("paper_top1") is not None]
+                 if g.row.get("paper_top1") is not None] if stat == "best_top1" else []
         if paper:
             ax.scatter([x for x, _ in paper], [v for _, v in paper], marker="D", color="black",
                        zorder=3, label="paper")
-        values = means + [v for _, v in paper]
-        lo = min(m - s for m, s in zip(means, stds, strict=True))
-        lo = min([lo, *values])
-        hi = max([m + s for m, s in zip(means, stds, strict=True)] + values)
-        span = max(hi - lo, 1.0)
-        ax.set_ylim(max(0.0, lo - 0.3 * span), hi + 0.15 * span)
-        ax.set_xticks(xs, _labels(groups), rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("best test top-1 (%)")
-        ax.set_title(_title(groups[0].pair), fontsize=10, loc="left")
+        top = max([m + s for m, s in zip(means, stds, strict=True)] + [v for _, v in paper])
+        for x, m, s, g in zip(xs, means, stds, groups, strict=True):
+            text = f"{m:.1f}" + (" (n=1)" if spread and g.row.get(f"{stat}_n", 1) == 1 else "")
+            ax.text(x, m + s + 0.01 * top, text, ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0.0, max(top * 1.12, 1.0))
+        ax.set_xticks(xs, _labels(groups), rotation=35, ha="right", rotation_mode="anchor",
+                      fontsize=8)
+        ax.set_ylabel(ylabel + ", mean over seeds")
+        ax.set_title(title or _default_title(groups), fontsize=10, loc="left")
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2,
-                  frameon=False, borderaxespad=0.2)
-        return _png(fig)
+        ax.set_axisbelow(True)
+        if spread or paper:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      borderaxespad=0.0, frameon=False)
+        return fig
+
+
+def chart_stems(charts: Sequence[ChartKey]) -> dict[ChartKey, str]:
+    """``<dataset>_<teacher>_<student>`` per chart, plus ``_<data>`` when one pair has charts
+    of several data keys (unsafe characters become ``-``)."""
+    per_pair: dict[tuple[str, str, str], int] = {}
+    for key in charts:
+        per_pair[key[:3]] = per_pair.get(key[:3], 0) + 1
+    stems = {}
+    for key in charts:
+        pair = key[:3]
+        stem = plot_stem("", pair)[1:]
+        if per_pair[pair] > 1:
+            stem += "_" + _safe(data_label(key[3]) or "full")
+        stems[key] = stem
+    return stems
 
 
 def render_plots(groups: Sequence[Group]) -> dict[str, bytes]:
-    """``{file name: PNG bytes}`` of the curves and bars of every pair, in sorted order."""
+    """``{file name: PNG bytes}`` of the curves and bars of every chart, in sorted order."""
     if not matplotlib_available():
         log.warning("matplotlib is not installed: the report has no plots "
                     "(pip install 'kdlab[report]')")
         return {}
-    by_pair: dict[tuple[str, str, str], list[Group]] = {}
-    for g in groups:
-        by_pair.setdefault(g.pair, []).append(g)
+    charts = chart_groups(groups)
+    stems = chart_stems(list(charts))
     out: dict[str, bytes] = {}
-    for pair in sorted(by_pair):
+    for key, members in charts.items():
         for kind, fn in (("curves", curves_png), ("bars", bars_png)):
-            png = fn(by_pair[pair])
+            png = fn(members, _title(key[:3], data_label(key[3])))
             if png is not None:
-                out[plot_stem(kind, pair) + ".png"] = png
+                out[f"{kind}_{stems[key]}.png"] = png
     return out

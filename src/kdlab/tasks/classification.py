@@ -101,14 +101,24 @@ class ClassificationTask(Task[DataBundle, Batch, ModelOutput]):
 
     def forward(self, student: nn.Module, teacher: nn.Module | None, batch: Batch,
                 mark: Mark | None = None) -> tuple[ModelOutput, ModelOutput | None]:
-        """Teacher forward (no grad) then student forward, on the batch's images."""
+        """Teacher forward (no grad) then student forward, on the batch's images.
+
+        A batch with a strong view (:attr:`Batch.strong`, for methods such as MLKD) runs each
+        model on it too, in a separate call after the weak one (as the official MLKD code does,
+        so BatchNorm sees each view's own statistics); those outputs are ``out.views["strong"]``.
+        """
+        strong = batch.strong
         out_t = None
         if teacher is not None:
             with torch.no_grad():
                 out_t = teacher(batch.images)
+                if strong is not None:
+                    out_t.views["strong"] = teacher(strong)
         if mark is not None:
             mark("teacher_fwd")
         out_s = student(batch.images)
+        if strong is not None:
+            out_s.views["strong"] = student(strong)
         if mark is not None:
             mark("student_fwd")
         return out_s, out_t

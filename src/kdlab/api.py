@@ -1,0 +1,247 @@
+"""kdlab's Python API: train or distil from a config, and get the trained student back.
+
+:func:`run` does what ``kdlab train`` / ``kdlab distill`` do, through the same functions
+(:func:`load_experiment`, :func:`default_run_dir`, :func:`train`: the CLI calls them too), so a
+config gives the same run, bit for bit, from Python or from the shell. :func:`load_student`
+rebuilds a run's student from the run's recorded config and loads its best (or last) weights.
+
+Example (synthetic images, a few seconds on a CPU)::
+
+    import kdlab
+
+    config = {
+        "data": {"name": "synthetic", "batch_size": 16,
+                 "synthetic": {"n_train": 64, "n_test": 32, "num_classes": 10}},
+        "student": {"arch": "resnet8"},
+        "optim": {"epochs": 2, "milestones": []},
+        "runtime": {"amp": "off"},
+    }
+    summary = kdlab.run(config, run_dir="runs/api-demo")
+    student = kdlab.load_student("runs/api-demo")   # eval mode, weights of best.pt
+    print(summary["best_top1"], student.arch)
+
+Both are reachable as ``kdlab.run`` and ``kdlab.load_student``; ``import kdlab`` itself stays
+light (this module, and torch, load at the first use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from kdlab.errors import CheckpointError, ConfigError, RunError, RunInterrupted
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from kdlab.config import ExperimentConfig
+    from kdlab.engine.rundir import Resume
+    from kdlab.engine.trainer import Progress
+
+__all__ = ["default_run_dir", "load_experiment", "load_student", "run", "sigterm_interrupts",
+           "train"]
+
+
+def load_experiment(config: str | Path | Mapping[str, Any],
+                    overrides: Sequence[str] | None = None,
+                    plugins: Sequence[str] | None = None) -> ExperimentConfig:
+    """The validated config of a run: a YAML file (``_base_`` inheritance) or a dict of config
+    keys, with dotted ``key=value`` overrides applied and the plugin modules imported first
+    (the config's ``plugins`` followed by ``plugins``).
+
+    Raises:
+        ConfigError: one line naming the bad key, file or value.
+    """
+    from kdlab.config import apply_overrides, load_config, validate_config_with_plugins
+
+    if isinstance(config, Mapping):
+        if "_base_" in config:
+            raise ConfigError("a config dict cannot use _base_ (it has no folder to resolve the "
+                              "path from); pass the YAML file's path instead")
+        data = apply_overrides(dict(config), list(overrides or []))
+        return validate_config_with_plugins(data, "config dict", list(plugins or []))
+    if not isinstance(config, str | Path):
+        raise ConfigError(f"config must be a YAML file path or a dict of config keys, not a "
+                          f"{type(config).__name__}")
+    return load_config(config, list(overrides or []), plugins=list(plugins or []))
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    """``output_dir/name/seedSEED``; a ``name`` that would leave ``output_dir`` (absolute,
+    ``..``) is a :class:`~kdlab.errors.ConfigError`."""
+    from kdlab.engine.rundir import run_folder
+
+    return run_folder(cfg.output_dir, cfg.name, f"seed{cfg.seed}")
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While a run trains, SIGTERM raises :class:`RunInterrupted`: the run ends "interrupted",
+    like Ctrl-C, and can be continued with ``resume``. (Main thread only; elsewhere a no-op.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise RunInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: Resume = False,
+          progress: Progress | None = None, require_teacher: bool | None = None,
+          stop_after: int | None = None, allow_teacher_change: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir`` (:class:`~kdlab.engine.trainer.Trainer`, SIGTERM as
+    Ctrl-C) and return the run's summary. What ``kdlab train`` and ``kdlab distill`` run.
+
+    ``resume``: False starts the run; "required" (the CLI's ``--resume``) continues the run in
+    ``run_dir``; True continues it when there is one, else starts it. ``require_teacher``:
+    True (``distill``) or False (``train``) checks the config's teacher section; None accepts
+    either.
+    """
+    from kdlab.engine.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress,
+                      require_teacher=require_teacher, stop_after=stop_after,
+                      allow_teacher_change=allow_teacher_change)
+    with sigterm_interrupts():
+        return trainer.run()
+
+
+def run(config: str | Path | Mapping[str, Any], overrides: Sequence[str] | None = None,
+        run_dir: str | Path | None = None, resume: Resume = False,
+        plugins: Sequence[str] = (), *, progress: bool = False, stop_after: int | None = None,
+        allow_teacher_change: bool = False) -> dict[str, Any]:
+    """Train (no ``teacher`` section) or distil (with one) the run a config describes, as
+    ``kdlab train`` / ``kdlab distill`` do, and return its summary.
+
+    Args:
+        config: a YAML file path, or a dict of config keys (the same keys as a file).
+        overrides: dotted ``key=value`` strings, as ``--set`` (``["optim.lr=0.1"]``).
+        run_dir: the run directory (default ``output_dir/name/seedSEED``, relative to the
+            current folder, as the CLI).
+        resume: False: start the run (an unfinished run there is an error, a finished one
+            returns its summary); True: continue the run in ``run_dir`` if there is one, else
+            start it; "required": continue it (``--resume``).
+        plugins: modules to import first, as ``--plugin``.
+        progress: show the CLI's progress bar (and its log lines).
+        stop_after: stop after this epoch (continue later with ``resume``).
+        allow_teacher_change: as ``--allow-teacher-change``.
+
+    Returns:
+        The summary dict (``summary.json`` of a finished run): ``best_top1``, ``best_epoch``,
+        ``last_top1``, ... (``best_<metric>`` for the task's metrics).
+
+    Raises:
+        KdlabError: a one-line error for a bad config, dataset, checkpoint or run directory.
+        KeyboardInterrupt: Ctrl-C or SIGTERM; the run continues from its last checkpoint with
+            ``resume=True``.
+    """
+    cfg = load_experiment(config, overrides, plugins)
+    folder = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    shown: Progress | None = None
+    if progress:
+        from kdlab.engine.progress import TqdmProgress
+
+        shown = TqdmProgress()
+    return train(cfg, folder, resume=resume, progress=shown, stop_after=stop_after,
+                 allow_teacher_change=allow_teacher_change)
+
+
+def load_student(run_dir: str | Path, checkpoint: Literal["best", "last"] | str = "best",
+                 device: str = "cpu") -> nn.Module:
+    """A run's trained student, in eval mode, on ``device``.
+
+    The network is rebuilt from the run's recorded ``config.yaml`` (its ``student.arch``,
+    ``torchvision:``/``timm:`` names included, and its plugins) and the class count and input
+    channels recorded in the checkpoint; the weights are loaded strictly.
+
+    Args:
+        run_dir: a kdlab run directory.
+        checkpoint: "best" (``checkpoints/best.pt``: the best evaluated epoch), "last"
+            (``checkpoints/last.pt``, or its ``.prev`` when the latest is unreadable), or the
+            path of a weights file of this run.
+        device: where to put the model.
+
+    Returns:
+        The student (a :class:`~kdlab.models.KdModel`: ``student(images).logits``).
+
+    Raises:
+        RunError: ``run_dir`` is not a kdlab run.
+        CheckpointError: the checkpoint is missing, corrupt, or does not fit the network.
+    """
+    import torch
+
+    from kdlab.config import read_yaml_file, validate_config_with_plugins
+    from kdlab.engine.checkpoint import INTEGRITY_KEY, load_latest, state_digest
+    from kdlab.engine.rundir import RunDir
+    from kdlab.models.checkpoint import extract_state_dict, load_state_dict_strict, read_checkpoint
+
+    rd = RunDir(run_dir)
+    if not rd.exists():
+        raise RunError(f"{run_dir} is not a kdlab run directory (no config.yaml)")
+    stored = read_yaml_file(rd.config_path, "run config")
+    if not isinstance(stored, dict):
+        raise RunError(f"{rd.config_path} does not hold a config mapping")
+    cfg = validate_config_with_plugins(stored, str(rd.config_path))
+    if checkpoint == "last":
+        found = load_latest(rd.last_checkpoint)
+        if found is None:
+            raise CheckpointError(f"run {run_dir} has no readable checkpoints/last.pt yet (no "
+                                  "completed epoch)")
+        state, path = found
+    else:
+        path = rd.best_checkpoint if checkpoint == "best" else Path(checkpoint)
+        if checkpoint == "best" and not path.exists():
+            raise CheckpointError(f"run {run_dir} has no checkpoints/best.pt yet (no evaluated "
+                                  "epoch); use checkpoint='last'")
+        state = read_checkpoint(path)
+        stored = state.pop(INTEGRITY_KEY, None)
+        if stored is not None and stored != state_digest(state):
+            raise CheckpointError(f"checkpoint {path} fails its sha256 check (changed on disk "
+                                  "after it was written)")
+    meta = _model_meta(rd, state)
+    if meta is None:
+        model = _model_from_data(cfg)
+    else:
+        from kdlab.models import create_model
+
+        model = create_model(cfg.student.arch, num_classes=meta[0], in_channels=meta[1])
+    load_state_dict_strict(model, extract_state_dict(state, path), str(path))
+    return model.to(torch.device(device)).eval()
+
+
+def _model_meta(rd: Any, state: dict[str, Any]) -> tuple[int, int] | None:
+    """(classes, input channels) from the checkpoint, else from ``last.pt`` (best.pt of kdlab
+    0.2 and earlier does not record them); None for a task other than classification."""
+    from kdlab.engine.checkpoint import load_latest
+
+    candidates = [state]
+    if "num_classes" not in state:
+        found = load_latest(rd.last_checkpoint)
+        if found is not None:
+            candidates.append(found[0])
+    for c in candidates:
+        if "num_classes" in c and c.get("task", "classification") == "classification":
+            return int(c["num_classes"]), int(c.get("in_channels", 3))
+    return None
+
+
+def _model_from_data(cfg: ExperimentConfig) -> nn.Module:
+    """The student built as a run builds it: through the task, sized by the run's data."""
+    import torch
+
+    from kdlab.tasks import get_task
+
+    task = get_task(cfg.task)
+    data = task.build_data(cfg.data, seed=cfg.seed, device=torch.device("cpu"),
+                           channels_last=False, rank=0, world_size=1)
+    return task.create_model(cfg.student.arch, data)
