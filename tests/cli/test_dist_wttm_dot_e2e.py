@@ -13,17 +13,12 @@ import torch
 import yaml
 
 from kdlab.cli import main
-from kdlab.models import create_model
+from support import run_distill, save_random_teacher
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "t.pth"
-    state = torch.get_rng_state()
-    torch.manual_seed(0)
-    torch.save({"model": create_model("resnet14", num_classes=5).state_dict()}, path)
-    torch.set_rng_state(state)
-    return path
+    return save_random_teacher(tmp_path_factory.mktemp("teacher") / "t.pth", 5, seed=0)
 
 
 def run(tmp_path: Path, teacher: Path, method: dict[str, Any],
@@ -38,10 +33,7 @@ def run(tmp_path: Path, teacher: Path, method: dict[str, Any],
         "optim": {"epochs": 1, "milestones": [], "lr": 0.01, **(optim or {})},
         "runtime": {"threads": 2, "amp": "off"},
     }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    run_dir = tmp_path / "run"
-    assert main(["-q", "distill", str(path), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    run_dir = run_distill(tmp_path, cfg)
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(math.isfinite(v) for v in record["train_terms"].values())
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)

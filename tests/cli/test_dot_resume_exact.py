@@ -16,7 +16,7 @@ import yaml
 
 from kdlab.cli import main
 from kdlab.engine import trainer as trainer_mod
-from kdlab.models import create_model
+from support import assert_same, save_random_teacher
 
 STEPS_PER_EPOCH = 4  # 32 images, batch 8
 METHODS = {
@@ -28,12 +28,7 @@ TIMING = ("train_img_per_s", "train_time_s", "eval_time_s")
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "t.pth"
-    state = torch.get_rng_state()
-    torch.manual_seed(1)
-    torch.save({"model": create_model("resnet14", num_classes=4).state_dict()}, path)
-    torch.set_rng_state(state)
-    return path
+    return save_random_teacher(tmp_path_factory.mktemp("teacher") / "t.pth", 4, seed=1)
 
 
 def config(tmp_path: Path, teacher: Path, method: dict[str, Any]) -> Path:
@@ -57,20 +52,6 @@ def config(tmp_path: Path, teacher: Path, method: dict[str, Any]) -> Path:
 def distill(cfg: Path, run: Path, *extra: str) -> int:
     return main(["-q", "distill", str(cfg), "--run-dir", str(run), "--no-progress", *extra])
 
-
-def assert_same(a: Any, b: Any, path: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 def metrics(run: Path) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import yaml
 
 from kdlab.cli import main
 from kdlab.models import create_model
+from support import assert_same
 
 
 def config(tmp_path: Path, epochs: int, teacher_ckpt: Path) -> Path:
@@ -27,21 +28,6 @@ def config(tmp_path: Path, epochs: int, teacher_ckpt: Path) -> Path:
     p.write_text(yaml.safe_dump(cfg))
     return p
 
-
-def assert_same(a, b, path: str = "") -> None:
-    """Recursive bit-exact equality of nested checkpoint structures."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 def test_resume_is_bit_exact(tmp_path: Path) -> None:

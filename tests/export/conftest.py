@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
-from kdlab.cli import main
 from kdlab.models import create_model
+from support import run_distill
 
 N_TEST = 23  # eval batches of 16 and 7: the parity pass itself uses two batch sizes
 NUM_CLASSES = 4
@@ -39,11 +38,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "optim": {"epochs": 1, "milestones": [], "lr": 0.05},
         "runtime": {"threads": 1, "amp": "off"},
     }
-    path = root / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    run = root / "run"
-    assert main(["-q", "distill", str(path), "--run-dir", str(run), "--no-progress"]) == 0
-    return run
+    return run_distill(root, cfg)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import yaml
 
 from kdlab.cli import main
 from kdlab.models import create_model
+from support import run_distill
 
 
 def distill(tmp_path: Path, data: dict, num_classes: int, method: dict) -> dict:
@@ -31,10 +32,7 @@ def distill(tmp_path: Path, data: dict, num_classes: int, method: dict) -> dict:
         "optim": {"epochs": 1, "milestones": [], "lr": 0.01},
         "runtime": {"threads": 1, "amp": "off"},
     }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    run = tmp_path / "run"
-    assert main(["-q", "distill", str(path), "--run-dir", str(run), "--no-progress"]) == 0
+    run = run_distill(tmp_path, cfg)
     return json.loads((run / "summary.json").read_text())
 
 

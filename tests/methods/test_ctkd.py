@@ -17,13 +17,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import ValidationError
 from torch import Tensor, nn
 
 import kdlab.methods.logit  # noqa: F401  (registers the methods)
 import kdlab.methods.sdd  # noqa: F401
-from kdlab.cli import main
 from kdlab.config import MethodConfig
 from kdlab.engine.build import trainable_parameters
 from kdlab.errors import MethodError
@@ -39,6 +37,7 @@ from kdlab.methods.ctkd import (
 from kdlab.methods.registry import get_method
 from kdlab.models import create_model
 from kdlab.models.output import KdModel, ModelOutput
+from support import run_distill
 
 K = 10
 B = 8
@@ -382,10 +381,7 @@ def test_distill_records_the_temperature_and_checkpoints_theta(tmp_path: Path) -
         "optim": {"epochs": 2, "milestones": [], "lr": 0.05},
         "runtime": {"threads": 2, "amp": "off"},
     }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    run_dir = tmp_path / "run"
-    assert main(["-q", "distill", str(path), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    run_dir = run_distill(tmp_path, cfg)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["ctkd_lambda"] for r in records] == [curriculum_lambda(e, 0.0, -1.0, 10)
                                                    for e in (1, 2)]

@@ -29,6 +29,7 @@ from kdlab.methods.base import requested_views
 from kdlab.methods.mlkd import MLKDParams
 from kdlab.models import create_model
 from kdlab.tasks.classification import ClassificationTask
+from support import assert_same
 
 K = 10
 
@@ -225,17 +226,3 @@ def test_mid_epoch_resume_is_bit_exact(tmp_path: Path, teacher_ckpt: Path,
               for r in (tmp_path / "full", part))
     assert ma == mb
 
-
-def assert_same(a, b, path: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from kdlab.cli import main
-from kdlab.models import create_model
+from support import assert_same, save_random_teacher
 
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "_faulty_child.py"
@@ -51,12 +51,7 @@ def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init resnet14 (4 classes) saved as ``{"model": state_dict}``."""
-    path = tmp_path_factory.mktemp("teacher") / "resnet14_c4.pth"
-    gen_state = torch.get_rng_state()
-    torch.manual_seed(1)
-    torch.save({"model": create_model("resnet14", num_classes=4).state_dict()}, path)
-    torch.set_rng_state(gen_state)
-    return path
+    return save_random_teacher(tmp_path_factory.mktemp("teacher") / "resnet14_c4.pth", 4, seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -117,22 +112,6 @@ def run_faulty_child(fault: str, argv: list[str], timeout: float = 180
         f"child with fault {fault} was not killed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
 
-
-def assert_same(a: Any, b: Any, path: str = "") -> None:
-    """Recursive bit-exact equality of nested checkpoint structures."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, path
-        assert torch.equal(a, b), f"tensor {path} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def metrics(run: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,54 @@
+"""Helpers shared by test files in several folders (import as ``from support import ...``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdlab.models import create_model
+
+
+def assert_same(a: Any, b: Any, path: str = "") -> None:
+    """Recursive bit-exact equality of nested checkpoint structures (tensors: same dtype and
+    values; dicts: same keys; sequences: same length)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, path
+        assert torch.equal(a, b), f"tensor {path} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def save_random_teacher(path: Path, num_classes: int, seed: int = 1,
+                        arch: str = "resnet14") -> Path:
+    """Save a randomly initialised ``arch`` (seeded) as ``{"model": state_dict}`` at ``path``,
+    leaving torch's global RNG as it was."""
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    torch.save({"model": create_model(arch, num_classes=num_classes).state_dict()}, path)
+    torch.set_rng_state(state)
+    return path
+
+
+def run_distill(folder: Path, cfg: dict[str, Any], *extra: str) -> Path:
+    """Write ``cfg`` to ``folder/cfg.yaml``, run ``kdlab distill`` into ``folder/run`` (quiet, no
+    progress bar, ``extra`` CLI arguments appended), assert it succeeded; the run directory."""
+    import yaml
+
+    from kdlab.cli import main
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = folder / "run"
+    assert main(["-q", "distill", str(path), "--run-dir", str(run), "--no-progress", *extra]) == 0
+    return run
