@@ -9,7 +9,7 @@ Layout::
       lock.json          while a process works in the run: its pid, host, start and command
       metrics.jsonl      one JSON object per evaluated epoch
       checkpoints/last.pt (+ last.pt.prev)   full training state, written atomically every epoch
-      checkpoints/best.pt                    student weights at the best test accuracy
+      checkpoints/best.pt                    student weights at the best epoch (validation if any)
       teacher.json       teacher accuracy and checkpoint sha256 (distillation runs)
       summary.json       written when the run finishes
       status.json        "running" / "stopped" / "finished" / "failed" / "interrupted", details
