@@ -6,8 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from kdlab.models import create_model
+from kdlab.models.output import KdModel, ModelOutput
 
 
 def assert_same(a: Any, b: Any, path: str = "") -> None:
@@ -52,3 +55,26 @@ def run_distill(folder: Path, cfg: dict[str, Any], *extra: str) -> Path:
     run = folder / "run"
     assert main(["-q", "distill", str(path), "--run-dir", str(run), "--no-progress", *extra]) == 0
     return run
+
+
+class TinyNet(KdModel):
+    """A tiny :class:`KdModel` for method tests: conv -> ReLU -> adaptive average pooling to a
+    ``side x side`` final map -> global mean -> linear head, initialised from ``seed``; the logits
+    are multiplied by ``logit_scale``."""
+
+    def __init__(self, channels: int, side: int, seed: int, num_classes: int,
+                 logit_scale: float = 1.0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.in_channels, self.num_classes = 3, num_classes
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.side, self.logit_scale = side, logit_scale
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        fmap = F.adaptive_avg_pool2d(self.conv(x).relu(), self.side)
+        emb = fmap.mean(dim=(2, 3))
+        logits = self.classifier(emb)
+        if self.logit_scale != 1.0:
+            logits = self.logit_scale * logits
+        return ModelOutput(logits=logits, feature_map=fmap, embedding=emb)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 import kdlab.methods.logit  # noqa: F401  (registers the methods)
 import kdlab.methods.sdd  # noqa: F401
@@ -24,7 +24,8 @@ from kdlab.losses.logit import kd_loss, nkd_loss
 from kdlab.losses.sdd import multiscale_logits, sdd_loss
 from kdlab.methods.base import Batch, DistillContext
 from kdlab.methods.registry import get_method
-from kdlab.models.output import KdModel, ModelOutput
+from kdlab.models.output import ModelOutput
+from support import TinyNet
 
 K = 10
 B = 8
@@ -82,26 +83,9 @@ def off_dkd_loss(ls: Tensor, lt: Tensor, target: Tensor, alpha: float, beta: flo
 
 
 # ----------------------------------------------------------------------------------- helpers
-class TinyNet(KdModel):
-    """conv -> ReLU -> pooling to ``side x side`` (the final map) -> linear head."""
-
-    def __init__(self, channels: int, side: int, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.in_channels, self.num_classes = 3, K
-        self.conv = nn.Conv2d(3, channels, 3, padding=1)
-        self.side = side
-        self.classifier = nn.Linear(channels, K)
-
-    def forward(self, x: Tensor) -> ModelOutput:
-        fmap = F.adaptive_avg_pool2d(self.conv(x).relu(), self.side)
-        emb = fmap.mean(dim=(2, 3))
-        # scale the logits up so that standardization matters (std ~ 3 rather than ~0.1)
-        return ModelOutput(logits=30 * self.classifier(emb), feature_map=fmap, embedding=emb)
-
 
 def _context(b: int = B) -> tuple[DistillContext, Batch]:
-    student, teacher = TinyNet(6, 4, 0), TinyNet(10, 4, 1)
+    student, teacher = TinyNet(6, 4, 0, K, 30.0), TinyNet(10, 4, 1, K, 30.0)
     ctx = DistillContext.from_models(
         student, teacher, num_classes=K, train_labels=torch.randint(0, K, (20,)), input_size=16
     )

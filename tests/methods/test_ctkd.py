@@ -36,8 +36,8 @@ from kdlab.methods.ctkd import (
 )
 from kdlab.methods.registry import get_method
 from kdlab.models import create_model
-from kdlab.models.output import KdModel, ModelOutput
-from support import run_distill
+from kdlab.models.output import ModelOutput
+from support import TinyNet, run_distill
 
 K = 10
 B = 8
@@ -138,22 +138,9 @@ def off_temperature(mlp: OffGlobalT, epoch: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------- helpers
-class TinyNet(KdModel):
-    def __init__(self, channels: int, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.in_channels, self.num_classes = 3, K
-        self.conv = nn.Conv2d(3, channels, 3, padding=1)
-        self.classifier = nn.Linear(channels, K)
-
-    def forward(self, x: Tensor) -> ModelOutput:
-        fmap = F.adaptive_avg_pool2d(self.conv(x).relu(), 4)
-        emb = fmap.mean(dim=(2, 3))
-        return ModelOutput(logits=self.classifier(emb), feature_map=fmap, embedding=emb)
-
 
 def _ctx() -> DistillContext:
-    return DistillContext.from_models(TinyNet(6, 0), TinyNet(8, 1), num_classes=K,
+    return DistillContext.from_models(TinyNet(6, 4, 0, K), TinyNet(8, 4, 1, K), num_classes=K,
                                       train_labels=torch.randint(0, K, (20,)), input_size=16)
 
 

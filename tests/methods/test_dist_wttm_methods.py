@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import kdlab.methods.dist  # noqa: F401  (registers the methods)
 import kdlab.methods.wttm  # noqa: F401
@@ -15,27 +14,14 @@ from kdlab.losses import dist_loss, ttm_loss, wttm_loss
 from kdlab.methods.base import Batch, DistillContext
 from kdlab.methods.compose import build_method, build_params
 from kdlab.methods.registry import get_method
-from kdlab.models.output import KdModel, ModelOutput
+from support import TinyNet
 
 K, B = 7, 6
 
 
-class TinyNet(KdModel):
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.in_channels, self.num_classes = 3, K
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.classifier = nn.Linear(4, K)
-
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        fmap = F.adaptive_avg_pool2d(self.conv(x).relu(), 4)
-        emb = fmap.mean(dim=(2, 3))
-        return ModelOutput(logits=self.classifier(emb), feature_map=fmap, embedding=emb)
-
 
 def setup():
-    student, teacher = TinyNet(0), TinyNet(1)
+    student, teacher = TinyNet(4, 4, 0, K), TinyNet(4, 4, 1, K)
     ctx = DistillContext.from_models(student, teacher, num_classes=K,
                                      train_labels=torch.arange(40) % K, input_size=16)
     g = torch.Generator().manual_seed(3)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import ValidationError
-from torch import nn
 
 import kdlab.methods.logit  # noqa: F401  (registers the methods)
 import kdlab.methods.sdd  # noqa: F401
@@ -20,32 +19,16 @@ from kdlab.losses.sdd import multiscale_logits, sdd_loss
 from kdlab.methods.base import Batch, DistillContext
 from kdlab.methods.logit import DKDParams
 from kdlab.methods.registry import get_method, list_methods
-from kdlab.models.output import KdModel, ModelOutput
+from support import TinyNet
 
 K = 5
 NAMES = list_methods("logit")  # every registered logit method, at collection time
 SDD_NAMES = ["sd_kd", "sd_dkd", "sd_nkd"]
 
 
-class TinyNet(KdModel):
-    """conv -> ReLU -> adaptive pooling to ``side x side`` (the final map) -> linear head."""
-
-    def __init__(self, channels: int, side: int, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.in_channels, self.num_classes = 3, K
-        self.conv = nn.Conv2d(3, channels, 3, padding=1)
-        self.side = side
-        self.classifier = nn.Linear(channels, K)
-
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        fmap = nn.functional.adaptive_avg_pool2d(self.conv(x).relu(), self.side)
-        emb = fmap.mean(dim=(2, 3))
-        return ModelOutput(logits=self.classifier(emb), feature_map=fmap, embedding=emb)
-
 
 def _setup(s_side: int = 8, t_side: int = 8, b: int = 4):
-    student, teacher = TinyNet(6, s_side, 0), TinyNet(10, t_side, 1)
+    student, teacher = TinyNet(6, s_side, 0, K), TinyNet(10, t_side, 1, K)
     ctx = DistillContext.from_models(
         student, teacher, num_classes=K, train_labels=torch.randint(0, K, (20,)), input_size=32
     )
