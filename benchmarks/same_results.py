@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from kdlab.engine.loggers import flatten
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("train_img_per_s", "train_time_s", "eval_time_s")
 
@@ -55,16 +57,6 @@ for tag, method in students.items():
     Trainer(validate_config(cfg, tag), out / tag, require_teacher=True).run()
 '''
 RUNS = ("teacher", "kd", "sd_dkd_crd", "dckd_fitnet", "reviewkd")
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -97,7 +89,7 @@ def main() -> int:
         a = torch.load(out / "a" / run / "checkpoints" / "last.pt", weights_only=True)
         b = torch.load(out / "b" / run / "checkpoints" / "last.pt", weights_only=True)
         diffs = [f"model.{k}" for k in a["model"] if not _same(a["model"][k], b["model"][k])]
-        fa, fb = _flat(a["distiller"]), _flat(b["distiller"])
+        fa, fb = flatten(a["distiller"]), flatten(b["distiller"])
         diffs += [f"distiller.{k}" for k in fa if k not in fb or not _same(fa[k], fb[k])]
         same_metrics = _metrics(out / "a" / run) == _metrics(out / "b" / run)
         ok = not diffs and same_metrics
