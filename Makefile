@@ -3,18 +3,23 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# the torchvision release built against TORCH_VERSION (detection; pinned so pip never resolves
+# a newer torchvision, which would pull another torch)
+TORCHVISION_VERSION ?= 0.28.0
 STAMP := $(VENV)/.kdlab-installed
 
 .PHONY: setup test lint demo clean
 
 setup: $(STAMP)
 
-# torch is installed first and pinned, so pip never resolves a CUDA build from a range.
+# torch is installed first and pinned, so pip never resolves a CUDA build from a range; then the
+# matching torchvision (--no-deps: it must not touch torch), then kdlab with its extras.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "torchvision==$(TORCHVISION_VERSION)"
+	$(PY) -m pip install -q -e ".[dev,detection]"
 	touch $(STAMP)
 
 lint: setup

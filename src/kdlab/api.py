@@ -209,7 +209,13 @@ def load_student(run_dir: str | Path, checkpoint: Literal["best", "last"] | str 
             raise CheckpointError(f"checkpoint {path} fails its sha256 check (changed on disk "
                                   "after it was written)")
     meta = _model_meta(rd, state)
-    if meta is None:
+    if cfg.task == "detection" and "num_classes" in state:  # no need to read the dataset
+        from kdlab.config import DetectionConfig
+        from kdlab.detection.model import build_detector
+
+        model = build_detector(cfg.student.arch, int(state["num_classes"]),
+                               cfg.detection or DetectionConfig())
+    elif meta is None:
         model = _model_from_data(cfg)
     else:
         from kdlab.models import create_model
@@ -239,9 +245,9 @@ def _model_from_data(cfg: ExperimentConfig) -> nn.Module:
     """The student built as a run builds it: through the task, sized by the run's data."""
     import torch
 
-    from kdlab.tasks import get_task
+    from kdlab.tasks import task_for
 
-    task = get_task(cfg.task)
+    task = task_for(cfg)
     data = task.build_data(cfg.data, seed=cfg.seed, device=torch.device("cpu"),
                            channels_last=False, rank=0, world_size=1)
     return task.create_model(cfg.student.arch, data)

@@ -37,13 +37,16 @@ def _train(args: argparse.Namespace, require_teacher: bool) -> int:
                     progress=TqdmProgress(enabled=not args.no_progress),
                     require_teacher=require_teacher, stop_after=args.stop_after,
                     allow_teacher_change=args.allow_teacher_change)
-    if summary.get("test_top1_at_best") is not None:  # best epoch chosen on data.val_fraction
-        log.info("run %s: best val top-1 %.2f (epoch %d), test top-1 there %.2f, last test "
-                 "top-1 %.2f", run_dir, summary["best_val_top1"], summary["best_epoch"],
-                 summary["test_top1_at_best"], summary["last_top1"])
+    metric = "AP" if cfg.task == "detection" else "top1"
+    name = "AP" if cfg.task == "detection" else "top-1"
+    if summary.get(f"test_{metric}_at_best") is not None:  # best epoch chosen on validation
+        log.info("run %s: best val %s %.2f (epoch %d), test %s there %.2f, last test "
+                 "%s %.2f", run_dir, name, summary[f"best_val_{metric}"], summary["best_epoch"],
+                 name, summary[f"test_{metric}_at_best"], name, summary[f"last_{metric}"])
     else:
-        log.info("run %s: best top-1 %.2f (epoch %d), last top-1 %.2f", run_dir,
-                 summary["best_top1"], summary["best_epoch"], summary["last_top1"])
+        log.info("run %s: best %s %.2f (epoch %d), last %s %.2f", run_dir, name,
+                 summary[f"best_{metric}"], summary["best_epoch"], name,
+                 summary[f"last_{metric}"])
     return 0
 
 
@@ -64,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kdlab.engine.rundir import RunDir
     from kdlab.engine.runtime import resolve_amp, resolve_device
     from kdlab.errors import ConfigError
-    from kdlab.tasks import get_task
+    from kdlab.tasks import task_for
 
     if args.target and Path(args.target).is_dir():
         rd = RunDir(args.target)
@@ -75,16 +78,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg = validate_config_with_plugins(apply_overrides(rd.load_config_dict(), args.set),
                                            str(rd.config_path), plugins=args.plugin)
         checkpoint = args.checkpoint or str(rd.best_checkpoint)
+        out = Path(args.out) if args.out else rd.path / "eval"
     else:
         from kdlab.config import load_config
 
         cfg = load_config(args.target, args.set, plugins=args.plugin)
         checkpoint = args.checkpoint or cfg.student.checkpoint
+        out = Path(args.out) if args.out else None
         if not checkpoint:
             raise ConfigError("no checkpoint to evaluate: pass --checkpoint or set "
                               "student.checkpoint")
     device = resolve_device(cfg.runtime.device)
-    task = get_task(cfg.task)
+    task = task_for(cfg)
     data = task.build_data(cfg.data, seed=cfg.seed, device=device,
                            channels_last=cfg.runtime.channels_last, rank=0, world_size=1)
     model = build_model(task, cfg.student.model_copy(update={"checkpoint": checkpoint}), data,
@@ -93,7 +98,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     shown = "  ".join(f"{_METRIC_LABELS.get(k, k)} {v:.4f}" if k == "loss" else
                       f"{_METRIC_LABELS.get(k, k)} {v:.2f}" for k, v in res.items() if k != "count")
     sys.stdout.write(f"{cfg.student.arch} {checkpoint}: {shown}  ({res['count']} images)\n")
+    if out is not None:
+        _write_eval(out, cfg, checkpoint, res, getattr(task, "last_detections", None))
     return 0
+
+
+def _write_eval(out: Path, cfg: Any, checkpoint: str, scores: dict[str, float],
+                detections: list[dict[str, Any]] | None) -> None:
+    """``scores.json`` (and ``detections.json``, COCO results format, for detection) in ``out``."""
+    import json
+
+    from kdlab.atomic import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"arch": cfg.student.arch, "checkpoint": str(checkpoint), "dataset": cfg.data.name,
+              "task": cfg.task, "scores": scores}
+    atomic_write(out / "scores.json", json.dumps(record, indent=2, allow_nan=True))
+    if detections is not None:
+        from kdlab.detection.evaluation import write_coco_results
+
+        write_coco_results(out / "detections.json", detections)
+    sys.stdout.write(f"wrote {out / 'scores.json'}"
+                     + ("" if detections is None else f" and {out / 'detections.json'}") + "\n")
 
 
 #: how ``kdlab eval`` names the metrics of a task's evaluation.
@@ -338,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", cmd_eval, "evaluate a run directory's best weights or a checkpoint")
     p.add_argument("target", help="run directory, or experiment YAML file")
     p.add_argument("--checkpoint", help="weights to evaluate (default: the run's best.pt)")
+    p.add_argument("--out", help="folder for scores.json (and, for detection, detections.json "
+                   "in the COCO results format); default: <run>/eval for a run directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     _add_plugin_arg(p)
     _add_plugin_arg(add("models", cmd_models, "list the model zoo"))
@@ -443,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's config (repeatable)")
     _add_plugin_arg(p)
+    from kdlab.detection.cli import add_detection_data_parser
+
+    add_detection_data_parser(sub)
     return parser
 
 

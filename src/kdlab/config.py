@@ -49,6 +49,8 @@ class SyntheticDataConfig(_Strict):
 RESIDENT_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "synthetic")
 #: datasets streamed from image files through DataLoader workers.
 STREAMED_DATASETS = ("imagenet", "cub200", "folder")
+#: detection datasets (``task: detection``): ``coco`` is any COCO-format dataset under data.root.
+DETECTION_DATASETS = ("coco",)
 
 
 class DataConfig(_Strict):
@@ -87,13 +89,16 @@ class DataConfig(_Strict):
         from kdlab.data.registry import dataset_names
         from kdlab.registry import unknown_name_message
 
-        known = [*dataset_names(), *STREAMED_DATASETS]
+        known = [*dataset_names(), *STREAMED_DATASETS, *DETECTION_DATASETS]
         if v not in known:
             raise ValueError(unknown_name_message("dataset", v, known))
         return v
 
     @model_validator(mode="after")
     def _stream_rules(self) -> DataConfig:
+        if self.name in DETECTION_DATASETS and self.root is None:
+            raise ValueError(f"data.root is required for dataset {self.name!r} (the folder "
+                             "holding annotations/instances_<split>.json and <split>/)")
         if self.name in STREAMED_DATASETS:
             if self.root is None:
                 raise ValueError(f"data.root is required for dataset {self.name!r} (the folder "
@@ -101,6 +106,64 @@ class DataConfig(_Strict):
             if self.train_fraction < 1.0:
                 raise ValueError("data.train_fraction < 1 is only supported for the small "
                                  "in-memory datasets")
+        return self
+
+
+class DetectionConfig(_Strict):
+    """Faster R-CNN with FPN (``task: detection``): data splits, image sizes and detector sizes.
+
+    The defaults are torchvision's ``fasterrcnn_resnet50_fpn`` (and the DKD paper's Detectron2
+    setting): 800/1333 px images, FPN width 256, 512 sampled RoIs per image. The configs for
+    2 CPU cores shrink them (FPN 64, 128 RoIs, 128-256 px images); see docs/detection.md.
+    Teacher and student share these settings (the teacher is run on the student's images and
+    proposals).
+    """
+
+    #: COCO-format splits under data.root: ``annotations/instances_<split>.json`` + ``<split>/``.
+    train_split: str = "train2017"
+    test_split: str = "val2017"
+    #: drop training images without any (non-crowd) box, as torchvision's reference does.
+    drop_empty: bool = True
+    #: GeneralizedRCNNTransform: the shorter side is resized to ``min_size`` (the longer side
+    #: at most ``max_size``), then normalised with ``image_mean``/``image_std``.
+    min_size: int = Field(800, ge=16)
+    max_size: int = Field(1333, ge=16)
+    image_mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+    fpn_channels: int = Field(256, ge=8)
+    #: one anchor size per pyramid level (the FPN levels and the extra max-pool level).
+    anchor_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_pre_nms_top_n_train: int = Field(2000, ge=1)
+    rpn_pre_nms_top_n_test: int = Field(1000, ge=1)
+    rpn_post_nms_top_n_train: int = Field(2000, ge=1)
+    rpn_post_nms_top_n_test: int = Field(1000, ge=1)
+    rpn_batch_size_per_image: int = Field(256, ge=1)
+    #: RoIs sampled per image for the box head's losses (and distilled).
+    box_batch_size_per_image: int = Field(512, ge=1)
+    box_positive_fraction: float = Field(0.25, gt=0.0, le=1.0)
+    box_score_thresh: float = Field(0.05, ge=0.0, le=1.0)
+    box_nms_thresh: float = Field(0.5, gt=0.0, le=1.0)
+    box_detections_per_img: int = Field(100, ge=1)
+    #: width of the box head's two fully connected layers (TwoMLPHead).
+    representation_size: int = Field(1024, ge=8)
+    #: RoIAlign of the box head: output grid and sampling points per bin (torchvision: 7, 2).
+    roi_output_size: int = Field(7, ge=1)
+    roi_sampling_ratio: int = 2
+    #: replace the backbone's BatchNorm by frozen statistics (for pretrained backbones and
+    #: small batches, as torchvision and Detectron2 do).
+    freeze_batchnorm: bool = False
+
+    @model_validator(mode="after")
+    def _sizes(self) -> DetectionConfig:
+        if self.max_size < self.min_size:
+            raise ValueError(f"detection.max_size ({self.max_size}) must be >= detection.min_size "
+                             f"({self.min_size})")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError("detection.image_mean and detection.image_std need 3 values (RGB)")
+        if not self.anchor_sizes or not self.aspect_ratios:
+            raise ValueError("detection.anchor_sizes and detection.aspect_ratios must not be "
+                             "empty")
         return self
 
 
@@ -323,6 +386,8 @@ class ExperimentConfig(_Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     #: the task type (:mod:`kdlab.tasks`): what a batch, a model output and a metric are.
     task: str = "classification"
+    #: ``task: detection`` only: the detector and its data (defaults when left out).
+    detection: DetectionConfig | None = None
 
     @field_validator("task")
     @classmethod
@@ -331,6 +396,19 @@ class ExperimentConfig(_Strict):
 
         get_task(v)
         return v
+
+    @model_validator(mode="after")
+    def _task_data(self) -> ExperimentConfig:
+        detection_data = self.data.name in DETECTION_DATASETS
+        if self.task == "detection" and not detection_data:
+            raise ValueError(f"task 'detection' reads COCO-format data: set data.name to one of "
+                             f"{list(DETECTION_DATASETS)} (got {self.data.name!r})")
+        if self.task != "detection" and detection_data:
+            raise ValueError(f"dataset {self.data.name!r} is a detection dataset: set "
+                             "task: detection")
+        if self.detection is not None and self.task != "detection":
+            raise ValueError("the detection section applies to task: detection only")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON/YAML-serialisable dict of the resolved config."""
@@ -362,6 +440,7 @@ _ADDED_AFTER_V1: dict[tuple[str, ...], Any] = {
     ("runtime", "loggers"): ["jsonl"],
     ("runtime", "wandb"): WandbConfig().model_dump(mode="json"),
     ("data", "val_fraction"): 0.0,
+    ("detection",): None,
 }
 #: method parameters renamed after v1: new name -> v1 name (the v1 name stays accepted).
 _RENAMED_METHOD_PARAMS = {"warmup_epochs": "warmup"}

@@ -33,6 +33,22 @@ __all__ = ["NOTES", "ConfigKey", "config_keys", "config_reference"]
 #: comment or one that describes a group of keys (dotted keys; ``[]`` stands for the items of a
 #: list). Every key here must exist in the schema (tested).
 NOTES: dict[str, str] = {
+    "detection.test_split": "the COCO-format split evaluated every epoch (COCO mAP)",
+    "detection.max_size": "the longer image side's limit after resizing (torchvision's max_size)",
+    "detection.image_mean": "RGB mean subtracted by the detector's transform (ImageNet's)",
+    "detection.image_std": "RGB std the detector's transform divides by (ImageNet's)",
+    "detection.fpn_channels": "width of every FPN level (and of the RPN and RoI pooling)",
+    "detection.aspect_ratios": "anchor aspect ratios (height / width), the same at every level",
+    "detection.rpn_pre_nms_top_n_train": "RPN proposals kept per level before NMS in training",
+    "detection.rpn_pre_nms_top_n_test": "RPN proposals kept per level before NMS in evaluation",
+    "detection.rpn_post_nms_top_n_train": "RPN proposals kept per image after NMS in training",
+    "detection.rpn_post_nms_top_n_test": "RPN proposals kept per image after NMS in evaluation",
+    "detection.rpn_batch_size_per_image": "anchors sampled per image for the RPN's losses",
+    "detection.box_positive_fraction": "largest share of foreground RoIs among the sampled ones",
+    "detection.box_score_thresh": "detections below this score are dropped in evaluation",
+    "detection.box_nms_thresh": "per-class NMS IoU threshold of the final detections",
+    "detection.box_detections_per_img": "detections kept per image (COCOeval counts up to 100)",
+    "detection.roi_sampling_ratio": "RoIAlign sampling points per bin and axis (<= 0: adaptive)",
     "name": "the run's name; runs go to `output_dir/name/seed<seed>` (`/` makes sub-folders)",
     "seed": "random seed of initialisation, data order and augmentation",
     "output_dir": "the folder runs are written under (relative to the working directory)",

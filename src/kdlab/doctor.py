@@ -3,7 +3,9 @@
 The report has three parts:
 
 * **environment**: kdlab/torch/Python versions, the torch build (CPU-only or CUDA version), CPU
-  bf16 support, threads, GPUs with their memory;
+  bf16 support, threads, GPUs with their memory, and **detection**: the torchvision and
+  pycocotools versions and which ``nms``/``roi_align`` detection uses (kdlab's pure-PyTorch
+  kernels or torchvision's compiled ones);
 * **datasets**: where Fashion-MNIST and CIFAR-10/100 were found (``$KDLAB_DATA``, ``./data``,
   Debian's ``/usr/share/datasets/fashion-mnist``);
 * **checks**, each ``ok``, ``warn`` or ``fail``: the run directory can be created and written, a
@@ -91,7 +93,20 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpus": gpus,
+        "detection": detection(),
     }
+
+
+def detection() -> dict[str, str]:
+    """torchvision / pycocotools versions and which nms and roi_align detection uses (kdlab's
+    pure-PyTorch kernels or torchvision's compiled ones); torchvision is imported only when it is
+    installed, and this never raises."""
+    try:
+        from kdlab.detection.torchvision_ops import ops_backend
+
+        return ops_backend()
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail
+        return {"torchvision": f"unknown ({type(exc).__name__}: {exc})"}
 
 
 def datasets() -> list[dict[str, Any]]:
@@ -281,7 +296,9 @@ def format_table(report: DoctorReport) -> str:
                for d in report.datasets]
     disk_rows = [(d["path"], f"{_human(d['free_bytes'])} free of {_human(d['total_bytes'])}")
                  for d in report.disk]
-    lines = _rows("Environment", env_rows) + _rows("Datasets", ds_rows) + _rows("Disk", disk_rows)
+    det_rows = [(k, str(v)) for k, v in env.get("detection", {}).items()]
+    lines = _rows("Environment", env_rows) + _rows("Detection", det_rows) + \
+        _rows("Datasets", ds_rows) + _rows("Disk", disk_rows)
     width = max((len(c.name) for c in report.checks), default=0)
     lines.append("Checks")
     lines += [f"  {c.status.upper():<4}  {c.name:<{width}}  {c.detail}" for c in report.checks]

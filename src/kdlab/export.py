@@ -327,7 +327,7 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Sequen
     from kdlab.config import apply_overrides, validate_config_with_plugins
     from kdlab.engine.rundir import RunDir
     from kdlab.models.checkpoint import extract_state_dict, load_state_dict_strict
-    from kdlab.tasks import get_task
+    from kdlab.tasks import task_for
 
     rd = RunDir(run_dir)
     if not rd.path.is_dir():
@@ -346,7 +346,7 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Sequen
     obj = _read_weights_file(path)
     record = {k: v for k, v in obj.items() if isinstance(v, int | float | str)}
     device = torch.device("cpu")
-    task = get_task(cfg.task)
+    task = task_for(cfg)
     data = task.build_data(cfg.data, seed=cfg.seed, device=device, channels_last=False,
                            rank=0, world_size=1)
     student = task.create_model(cfg.student.arch, data)

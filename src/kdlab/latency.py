@@ -268,13 +268,13 @@ def _teacher(run: Any, notes: list[str]) -> Any:
     """The run's teacher (config ``teacher.arch`` + ``teacher.checkpoint``) or None."""
     from kdlab.errors import CheckpointError
     from kdlab.models.checkpoint import load_checkpoint
-    from kdlab.tasks import get_task
+    from kdlab.tasks import task_for
 
     tcfg = run.cfg.teacher
     if tcfg is None:
         notes.append("the run has no teacher: student rows only")
         return None
-    model = get_task(run.cfg.task).create_model(tcfg.arch, run.data)
+    model = task_for(run.cfg).create_model(tcfg.arch, run.data)
     if not tcfg.checkpoint:
         notes.append(f"teacher {tcfg.arch} has no checkpoint in the config: timed with random "
                      "weights (the latency does not depend on them)")

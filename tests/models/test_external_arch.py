@@ -246,7 +246,10 @@ def test_bad_names_and_models_are_one_line_model_errors(fake: FakeLibraries) -> 
 @pytest.mark.parametrize("library", ["torchvision", "timm"])
 def test_a_missing_package_is_one_line_naming_the_install(
         library: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, library, None)  # what an uninstalled package looks like
+    # what an uninstalled package looks like (its submodules too: other tests may have
+    # imported the real torchvision.models into this process)
+    monkeypatch.setitem(sys.modules, library, None)
+    monkeypatch.setitem(sys.modules, f"{library}.models", None)
     with pytest.raises(ModelError) as e:
         create_model(f"{library}:resnet18", 10)
     assert one_line(e) == (f"arch '{library}:resnet18' needs the {library} package: pip install "

@@ -19,7 +19,8 @@ def test_table_and_exit_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     for text in ("Environment", "torch_build", "cpu_bf16", "torch_threads", "gpus", "Datasets",
                  "fashion_mnist", "cifar100", "Disk", "Checks",
                  "run directory writable, fsync and rename work",
-                 "free disk for 4 checkpoints of resnet8", "0 failed"):
+                 "free disk for 4 checkpoints of resnet8", "0 failed", "Detection",
+                 "torchvision", "pycocotools"):
         assert text in out, text
     assert not list(tmp_path.rglob(".kdlab-doctor-*")), "probe file left behind"
 
@@ -98,3 +99,19 @@ def test_corrupt_teacher_checkpoint_fails(tmp_path: Path, write_cfg,
     assert rep["ok"] is False
     assert {c["name"]: c["status"] for c in rep["checks"]}[
         "teacher checkpoint readable (weights_only)"] == "fail"
+
+
+def test_detection_section_never_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdlab.detection import torchvision_ops
+
+    det = doctor.environment()["detection"]
+    assert {"torchvision", "pycocotools"} <= det.keys()
+    if det["torchvision"] != "not installed":
+        assert det["nms"] in ("kdlab (pure PyTorch)", "torchvision (compiled)")
+        assert det["roi_align"] == det["nms"]
+
+    def broken() -> dict[str, str]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(torchvision_ops, "ops_backend", broken)
+    assert doctor.detection() == {"torchvision": "unknown (RuntimeError: boom)"}

@@ -87,9 +87,9 @@ def problems(texts: list[str]) -> list[str]:
 
 
 def test_the_scanner_finds_wrong_suggestions() -> None:
-    assert problems(["use --download", "`kdlab fetch`", "kdlab doctor --cfg x",
+    assert problems(["use --downlaod", "`kdlab fetch`", "kdlab doctor --cfg x",
                      "--set data.downlaod=true", "kdlab config shwo"]) == [
-        "option --download in 'use --download'",
+        "option --downlaod in 'use --downlaod'",
         "command `kdlab fetch` in '`kdlab fetch`'",
         "option --cfg of `kdlab doctor` in 'kdlab doctor --cfg x'",
         "option --cfg in 'kdlab doctor --cfg x'",

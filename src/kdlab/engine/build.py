@@ -18,7 +18,7 @@ from kdlab.config import ExperimentConfig, ModelConfig, OptimConfig
 from kdlab.engine.optimizers import TrainOptimizer, build_optimizer
 from kdlab.engine.schedules import LRSchedule, build_schedule
 from kdlab.methods.compose import CompositeDistiller, build_method
-from kdlab.models import KdModel, load_checkpoint, load_pretrained
+from kdlab.models import KdModel, load_checkpoint
 from kdlab.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def build_model(task: Task[Any, Any, Any], cfg: ModelConfig, data: Any, device: 
     if cfg.checkpoint:
         load_checkpoint(model, cfg.checkpoint)
     elif cfg.pretrained:
-        load_pretrained(model)
+        task.load_pretrained(model)
     return model.to(device, memory_format=memory_format)
 
 

@@ -73,7 +73,27 @@ class TqdmProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        test = (f" test top-1 {record['test_top1']:.2f} (best {record['best_top1']:.2f})"
-                if "test_top1" in record else "")
-        log.info("epoch %d: loss %.4f, train top-1 %.2f, %.0f img/s%s", record["epoch"],
-                 record["train_loss"], record["train_top1"], record["train_img_per_s"], test)
+        log.info("epoch %d: loss %.4f, %s%.0f img/s%s", record["epoch"], record["train_loss"],
+                 _train_metric(record), record["train_img_per_s"], _test_metric(record))
+
+
+#: how the epoch line names each task's headline metrics
+_NAMES = {"top1": "top-1", "roi_acc": "RoI acc", "AP": "AP"}
+
+
+def _train_metric(record: dict[str, Any]) -> str:
+    """``"train top-1 93.10, "`` (classification) or ``"train RoI acc 88.00, "`` (detection)."""
+    for key, name in _NAMES.items():
+        if f"train_{key}" in record:
+            return f"train {name} {record[f'train_{key}']:.2f}, "
+    return ""
+
+
+def _test_metric(record: dict[str, Any]) -> str:
+    """``" test top-1 71.20 (best 71.50)"`` for the task's evaluation metric, if evaluated."""
+    for key, name in _NAMES.items():
+        if f"test_{key}" in record and f"best_{key}" in record:
+            best = record[f"best_{key}"]
+            best_text = "n/a" if best is None else f"{best:.2f}"
+            return f" test {name} {record[f'test_{key}']:.2f} (best {best_text})"
+    return ""

@@ -39,7 +39,7 @@ from kdlab.engine.build import (
     scaled_lr,
     trainable_parameters,
 )
-from kdlab.engine.checkpoint import load_latest, remove_checkpoint, save_atomic
+from kdlab.engine.checkpoint import load_latest, remove_checkpoint, save_atomic, signals_deferred
 from kdlab.engine.distributed import broadcast_object, init_distributed, shutdown
 from kdlab.engine.guard import NonFiniteGuard
 from kdlab.engine.loggers import LoggerStart, RunLoggers, open_loggers, require_logger_packages
@@ -59,7 +59,7 @@ from kdlab.errors import CheckpointError, ConfigError, KdlabError, RunError, Run
 from kdlab.methods.base import requested_views, total_loss
 from kdlab.methods.compose import method_display_name
 from kdlab.models.checkpoint import load_state_dict_strict
-from kdlab.tasks import get_task
+from kdlab.tasks import task_for
 from kdlab.tasks.base import Mark
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class Trainer:
         if mode == "finished":
             return mode
         self._configure_runtime()
-        self.task = get_task(cfg.task)
+        self.task = task_for(cfg)
         self.data = self.task.build_data(
             cfg.data, seed=cfg.seed, device=self.device,
             channels_last=cfg.runtime.channels_last, rank=self.dist.rank,
@@ -454,7 +454,8 @@ class Trainer:
         teacher = self.teacher_fwd if self.distiller.uses_teacher else None
         with autocast(self.device, self.amp_dtype):
             out_s, out_t = self.task.forward(self.student_fwd, teacher, batch, mark)
-        return self.distiller_fwd(out_s, out_t, batch, epoch), out_s
+        terms = self.distiller_fwd(*self.task.distill_inputs(out_s, out_t, batch), epoch)
+        return {**self.task.task_terms(out_s), **terms}, out_s
 
     def backward_step(self, terms: dict[str, Tensor], loss: Tensor) -> None:
         """Backward pass and optional gradient-norm clipping (both through the optimizer's
@@ -673,13 +674,14 @@ class Trainer:
         # the epoch's metrics line travels with the checkpoint: a kill between the checkpoint's
         # rename and the append below must not lose it (restored by _restore)
         state["record"] = record
-        try:
-            save_atomic(state, self.run_dir.last_checkpoint)
-        except BaseException:
-            s.epoch = epoch - 1  # status.json must name the epoch of the checkpoint on disk
-            raise
-        self.run_dir.append_metrics(record)
-        s.history.append(record)
+        with signals_deferred():  # a Ctrl-C here stops the run after the epoch is recorded
+            try:
+                save_atomic(state, self.run_dir.last_checkpoint)
+            except BaseException:
+                s.epoch = epoch - 1  # status.json must name the epoch of the checkpoint on disk
+                raise
+            self.run_dir.append_metrics(record)
+            s.history.append(record)
         remove_checkpoint(self.run_dir.step_checkpoint)  # the epoch's checkpoint supersedes it
         if self.progress:
             self.progress.end_epoch(record)
@@ -708,7 +710,7 @@ class Trainer:
             "method": method_display_name(self.cfg.method) if self.teacher else "vanilla",
             "student": self.cfg.student.arch,
             "teacher": None if self.cfg.teacher is None else self.cfg.teacher.arch,
-            "dataset": self.cfg.data.name,
+            "dataset": self.task.dataset_label(self.cfg.data),
             "seed": self.cfg.seed,
             "epochs": s.epoch,
             "best_epoch": s.best_epoch,

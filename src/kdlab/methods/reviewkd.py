@@ -45,6 +45,12 @@ class ReviewKDParams(MethodParams):
     teacher_preact: bool = Field(
         True, description="match the teacher's pre-activation stages (official code)"
     )
+    embedding_level: bool = Field(
+        True,
+        description="append the pooled embedding as the deepest level (classification, official "
+        "code); false: the stage maps only (detection: the FPN levels P2-P6, as ReviewKD's "
+        "detection code)",
+    )
 
 
 class ABF(nn.Module):
@@ -92,12 +98,14 @@ class ABF(nn.Module):
         return self.conv2(x), x
 
 
-def review_levels(out: ModelOutput, preact: bool) -> list[Tensor]:
+def review_levels(out: ModelOutput, preact: bool, embedding: bool = True) -> list[Tensor]:
     """The maps ReviewKD works on, shallow to deep: the stage outputs ``features[1:]`` (or
-    ``preact_features[1:]`` when ``preact`` and the model provides them) followed by the pooled
-    embedding as a ``B x C x 1 x 1`` map."""
+    ``preact_features[1:]`` when ``preact`` and the model provides them) followed, when
+    ``embedding``, by the pooled embedding as a ``B x C x 1 x 1`` map."""
     feats = out.preact_features if preact and out.preact_features else out.features
     levels = list(feats[1:])
+    if not embedding:
+        return levels
     return levels + [pooled_embedding(out)[:, :, None, None]]
 
 
@@ -118,8 +126,9 @@ class ReviewKD(Distiller[ReviewKDParams]):
     def __init__(self, params: ReviewKDParams, ctx: DistillContext) -> None:
         super().__init__(params, ctx)
         p = self.params
-        s_levels = review_levels(ctx.student_probe, p.student_preact)
-        t_levels = review_levels(ctx.require_teacher_probe(self.name), p.teacher_preact)
+        s_levels = review_levels(ctx.student_probe, p.student_preact, p.embedding_level)
+        t_levels = review_levels(ctx.require_teacher_probe(self.name), p.teacher_preact,
+                                 p.embedding_level)
         for who, levels in (("student", s_levels), ("teacher", t_levels)):
             if len(levels) < 2:
                 raise MethodError(
@@ -145,7 +154,7 @@ class ReviewKD(Distiller[ReviewKDParams]):
     def review(self, out_s: ModelOutput, teacher_sizes: list[tuple[int, int]]) -> list[Tensor]:
         """The student's reviewed maps, shallow to deep, each at the teacher level's size."""
         p = self.params
-        levels = review_levels(out_s, p.student_preact)[-self.num_levels :]
+        levels = review_levels(out_s, p.student_preact, p.embedding_level)[-self.num_levels :]
         results: list[Tensor] = []
         residual: Tensor | None = None
         for abf, x, size in zip(self.abfs, reversed(levels), reversed(teacher_sizes), strict=True):
@@ -157,7 +166,7 @@ class ReviewKD(Distiller[ReviewKDParams]):
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
         p = self.params
-        t_levels = review_levels(out_t, p.teacher_preact)[-self.num_levels :]
+        t_levels = review_levels(out_t, p.teacher_preact, p.embedding_level)[-self.num_levels :]
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in t_levels]
         loss = hcl_loss(self.review(out_s, sizes), t_levels)
         return {"reviewkd": p.weight * warmup_factor(epoch, p.warmup_epochs) * loss}

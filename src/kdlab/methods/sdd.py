@@ -74,6 +74,12 @@ class SDDParams(MethodParams):
     reduction: Literal["mean", "sum"] = Field(
         "mean", description="mean over regions x batch (code) or sum over regions (paper Eq. 9)"
     )
+    detection_regions: Literal["grid", "interleaved"] = Field(
+        "grid",
+        description="detection only: RoI regions as m x m sub-boxes (grid, kdlab) or the official "
+        "SDD detection code's five interleaved 7x7 views of a 14x14 RoIAlign (interleaved; "
+        "scales [1, 2])",
+    )
 
     @field_validator("scales")
     @classmethod
@@ -128,6 +134,11 @@ class _SDDBase(LogitDistiller[SP], Generic[SP]):
         ):
             if model is None or probe is None:
                 raise MethodError(f"method {self.name!r} needs a teacher")
+            if probe.region_logits is not None:
+                continue  # the task computes the regions (detection: RoI sub-boxes)
+            if p.detection_regions != "grid":
+                raise MethodError(f"{self.name}: detection_regions applies to detection only; "
+                                  "remove it for classification")
             fmap = probe.feature_map
             if fmap.dim() != 4:
                 raise MethodError(
@@ -168,12 +179,16 @@ class _SDDBase(LogitDistiller[SP], Generic[SP]):
     def base_kwargs(self, temperature: Temperature) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
 
-    def local_loss(
-        self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
-    ) -> Tensor:
-        """``L_SDD`` of the batch (unweighted by warm-up / method weight) at ``epoch`` (which
-        sets CTKD's learned temperature, when on)."""
+    def local_logits(self, out_s: ModelOutput, out_t: ModelOutput) -> tuple[Tensor, Tensor]:
+        """``B x K x N`` local logits of the student (with gradients) and the teacher (without):
+        the classifier on pooled regions of each ``feature_map`` (:func:`multiscale_logits`), or
+        the outputs' own ``region_logits`` where the task provides them (detection)."""
         p = self.params
+        if out_s.region_logits is not None and out_t.region_logits is not None:
+            local_s = out_s.region_logits(p.scales, p.detection_regions)
+            with torch.no_grad():
+                local_t = out_t.region_logits(p.scales, p.detection_regions)
+            return local_s, local_t
         local_s = multiscale_logits(
             out_s.feature_map, self.ctx.student.classifier, p.scales, p.pooling, p.nested_grid
         )
@@ -181,6 +196,15 @@ class _SDDBase(LogitDistiller[SP], Generic[SP]):
             local_t = multiscale_logits(
                 out_t.feature_map, self._teacher().classifier, p.scales, p.pooling, p.nested_grid
             )
+        return local_s, local_t
+
+    def local_loss(
+        self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
+    ) -> Tensor:
+        """``L_SDD`` of the batch (unweighted by warm-up / method weight) at ``epoch`` (which
+        sets CTKD's learned temperature, when on)."""
+        p = self.params
+        local_s, local_t = self.local_logits(out_s, out_t)
         return sdd_loss(
             self.standardized(local_s, dim=1),
             self.standardized(local_t, dim=1),

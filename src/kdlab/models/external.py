@@ -62,6 +62,13 @@ def _first_line(e: BaseException) -> str:
 def _import(library: str, arch: str) -> ModuleType:
     """``torchvision.models`` or ``timm``, or a one-line ModelError saying how to install it."""
     module = "torchvision.models" if library == "torchvision" else library
+    if library == "torchvision":
+        from kdlab.detection.torchvision_ops import import_torchvision
+
+        try:  # a CUDA torchvision next to a CPU torch: kdlab's op schemas and kernels first
+            import_torchvision()
+        except Exception:  # noqa: BLE001 - the plain import below says why, in this module's words
+            pass
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,10 @@ class ModelOutput:
         views: the model's outputs on other views of the same images, by view name, filled by
             the task for methods that ask for them (``Distiller.views``; MLKD: ``"strong"``);
             empty otherwise. The output itself is always the weak view's (the batch's images).
+        region_logits: SDD's local logits ``B x K x N`` (region 0 global) as
+            ``region_logits(scales, layout)``, for outputs whose "classifier" is not a linear
+            map of ``feature_map`` (detection: the RoI box head, :mod:`kdlab.detection.model`);
+            None for classifiers, where SDD pools ``feature_map`` itself.
     """
 
     logits: Tensor
@@ -34,6 +39,7 @@ class ModelOutput:
     embedding: Tensor | None = None
     preact_features: list[Tensor] = field(default_factory=list)
     views: dict[str, ModelOutput] = field(default_factory=dict)
+    region_logits: Callable[[Sequence[int], str], Tensor] | None = None
 
     def detach(self) -> ModelOutput:
         """A copy with every tensor detached (used for the frozen teacher)."""
@@ -44,6 +50,7 @@ class ModelOutput:
             embedding=None if self.embedding is None else self.embedding.detach(),
             preact_features=[f.detach() for f in self.preact_features],
             views={k: v.detach() for k, v in self.views.items()},
+            region_logits=self.region_logits,
         )
 
 

@@ -4,16 +4,18 @@ A run directory (see :mod:`kdlab.engine.rundir`) is finished when it has ``summa
 other run directory (``config.yaml`` but no summary) is *unfinished*: running, stopped, failed or
 killed. Unfinished runs are listed separately and never mixed into the numbers.
 
-Finished runs are grouped by (dataset, teacher, teacher checkpoint, student, data, method display
-name, config name without the seed); each group gets mean +- sample std (0 for one seed) of
+Finished runs are grouped by (task, dataset, teacher, teacher checkpoint, student, data, method
+display name, config name without the seed). Each group has a headline metric given by its task
+(:data:`TASK_METRICS`): top-1 (and top-5) for classification, COCO box AP (and AP50, AP75) for
+detection. Each group gets mean +- sample std (0 for one seed) of
 
-* ``best``: the best test top-1 over the epochs (chosen on the test set);
-* ``last``: the test top-1 of the final epoch;
-* with a validation set (``data.val_fraction`` > 0): ``test_top1_at_best``, the test top-1 at
-  the epoch chosen on validation, and ``best_val_top1``, the validation top-1 there;
+* ``best``: the best test value of the metric over the epochs (chosen on the test set);
+* ``last``: its test value at the final epoch;
+* with a validation set (``data.val_fraction`` > 0): ``test_<metric>_at_best``, the test value
+  at the epoch chosen on validation, and ``best_val_<metric>``, the validation value there;
 
-(and top-5 likewise where measured), the teacher's accuracy (``teacher.json``), and the published
-number with our difference to it when the paper has the cell.
+(and the secondary metrics likewise where measured), the teacher's value (``teacher.json``), and
+the published number with our difference to it when the paper has the cell.
 
 Two runs whose teachers have the same architecture but different checkpoints (the sha256 in
 ``teacher.json``, else the checkpoint path) are different experiments: they get different rows
@@ -43,6 +45,63 @@ _SEED_PART = re.compile(r"^seed[_-]?\d+$")
 _SEED_SUFFIX = re.compile(r"[_.-]seed[_-]?\d+$")
 
 
+@dataclass(frozen=True)
+class MetricSpec:
+    """The headline metrics of one task: what a report row shows and how it is labelled.
+
+    ``primary`` is the metric the best epoch is chosen on and the one compared with the paper;
+    ``secondary`` and ``extra`` get the same best-on-test / last-epoch / at-best-val columns.
+    The keys are the metric names of ``summary.json`` (``best_<key>``, ``last_<key>``,
+    ``test_<key>_at_best``, ``best_val_<key>``), of ``metrics.jsonl`` (``test_<key>``,
+    ``val_<key>``) and of ``teacher.json``.
+    """
+
+    task: str
+    primary: str
+    primary_label: str
+    secondary: str
+    secondary_label: str
+    #: further (key, label) metrics shown like the secondary one
+    extra: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def others(self) -> tuple[tuple[str, str], ...]:
+        """The (key, label) of the secondary and extra metrics, in column order."""
+        return ((self.secondary, self.secondary_label), *self.extra)
+
+    @property
+    def stats(self) -> tuple[str, ...]:
+        """The summary statistics aggregated over seeds (mean, std, n each)."""
+        p = self.primary
+        out = [f"best_{p}", f"last_{p}"]
+        for key, _ in self.others:
+            out += [f"best_{key}", f"last_{key}"]
+        out += [f"test_{p}_at_best", f"best_val_{p}"]
+        out += [f"test_{key}_at_best" for key, _ in self.others]
+        return tuple(out)
+
+
+#: the headline metrics of each task (a task not listed is reported like classification)
+TASK_METRICS: dict[str, MetricSpec] = {
+    "classification": MetricSpec("classification", "top1", "top-1", "top5", "top-5"),
+    "detection": MetricSpec("detection", "AP", "AP", "AP50", "AP50", (("AP75", "AP75"),)),
+}
+DEFAULT_TASK = "classification"
+_WARNED_TASKS: set[str] = set()
+
+
+def metric_spec(task: str | None) -> MetricSpec:
+    """The :class:`MetricSpec` of ``task``; an unknown task gets classification's (logged once)."""
+    name = task or DEFAULT_TASK
+    spec = TASK_METRICS.get(name)
+    if spec is None:
+        if name not in _WARNED_TASKS:
+            _WARNED_TASKS.add(name)
+            log.warning("report: unknown task %r, reported with classification's top-1", name)
+        return TASK_METRICS[DEFAULT_TASK]
+    return spec
+
+
 @dataclass
 class RunRecord:
     """One finished run as read from its directory."""
@@ -58,6 +117,12 @@ class RunRecord:
     @property
     def dataset(self) -> str | None:
         return self.summary.get("dataset") or (self.config.get("data") or {}).get("name")
+
+    @property
+    def task(self) -> str:
+        """The run's task (``summary.json``, else ``config.yaml``; runs before tasks existed
+        are classification)."""
+        return str(self.summary.get("task") or self.config.get("task") or DEFAULT_TASK)
 
     @property
     def teacher_arch(self) -> str | None:
@@ -114,10 +179,14 @@ class RunRecord:
 
     @property
     def teacher_top1(self) -> float | None:
-        if self.teacher and self.teacher.get("top1") is not None:
-            return float(self.teacher["top1"])
-        value = self.summary.get("teacher_top1")
-        return None if value is None else float(value)
+        return self.teacher_metric("top1")
+
+    def teacher_metric(self, key: str) -> float | None:
+        """The teacher's ``key`` (e.g. ``top1``, ``AP``): ``teacher.json``, else the summary's
+        ``teacher_<key>``; None when unknown."""
+        if self.teacher and self.teacher.get(key) is not None:
+            return _number(self.teacher[key])
+        return _number(self.summary.get(f"teacher_{key}"))
 
     def metric(self, key: str) -> float | None:
         """A summary number; missing, NaN or negative (never evaluated) gives None."""
@@ -159,6 +228,13 @@ class Group:
     data_key: tuple[float, float, int | None] = (1.0, 0.0, None)
     #: the teacher as shown: the architecture, plus ``@<sha256[:8]>`` when ambiguous
     teacher_label: str | None = None
+    #: the runs' task (part of the group key): it names the headline metric
+    task: str = DEFAULT_TASK
+
+    @property
+    def spec(self) -> MetricSpec:
+        """The headline metrics of the group's task."""
+        return metric_spec(self.task)
 
     @property
     def pair(self) -> tuple[str, str, str]:
@@ -322,40 +398,49 @@ def scan_runs(runs_dir: str | Path) -> ScanResult:
 
 
 # --------------------------------------------------------------------------- aggregation
-STATS = ("best_top1", "last_top1", "best_top5", "last_top5", "test_top1_at_best",
-         "best_val_top1", "test_top5_at_best")
+#: classification's statistics (:attr:`MetricSpec.stats` of any task)
+STATS = TASK_METRICS[DEFAULT_TASK].stats
 
 
 def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
     """Group runs over seeds, sorted by (dataset, teacher, teacher checkpoint, student,
-    method, name, data); sets each group's ``teacher_label``."""
+    method, name, data, task); sets each group's ``teacher_label``. Runs of different tasks
+    are never grouped together (the task is part of the key)."""
     groups: dict[tuple[Any, ...], Group] = {}
     for r in runs:
         key = (r.dataset or "", r.teacher_arch or "", r.teacher_id or "", r.student_arch or "",
-               r.method, r.name, tuple(-1 if v is None else v for v in r.data_key))
+               r.method, r.name, tuple(-1 if v is None else v for v in r.data_key), r.task)
         if key not in groups:
             groups[key] = Group(r.dataset, r.teacher_arch, r.student_arch, r.method, r.name,
-                                teacher_id=r.teacher_id, data_key=r.data_key)
+                                teacher_id=r.teacher_id, data_key=r.data_key, task=r.task)
         groups[key].runs.append(r)
     out = [groups[k] for k in sorted(groups)]
-    ids: dict[tuple[str, str], set[str | None]] = {}
+    ids: dict[tuple[str, str, str], set[str | None]] = {}
     for g in out:
         g.runs.sort(key=lambda r: (r.seed if r.seed is not None else -1, r.rel))
         if g.teacher:
-            ids.setdefault((g.dataset or "", g.teacher), set()).add(g.teacher_id)
+            ids.setdefault((g.task, g.dataset or "", g.teacher), set()).add(g.teacher_id)
     for g in out:
-        ambiguous = g.teacher and len(ids[(g.dataset or "", g.teacher)]) > 1
+        ambiguous = g.teacher and len(ids[(g.task, g.dataset or "", g.teacher)]) > 1
         g.teacher_label = (f"{g.teacher}@{short_teacher_id(g.teacher_id)}" if ambiguous
                            else g.teacher)
     return out
 
 
 def aggregate(runs: Sequence[RunRecord], paper: PaperTable) -> list[Group]:
-    """Groups with their statistics in ``group.row`` (the keys of the CSV/markdown tables)."""
+    """Groups with their statistics in ``group.row`` (the keys of the CSV/markdown tables).
+
+    The keys are named after the group's metrics (:class:`MetricSpec`): ``best_top1_mean``,
+    ``teacher_top1``, ``paper_top1``, ``diff_top1`` for classification, ``best_AP_mean``,
+    ``teacher_AP``, ``paper_AP``, ``diff_AP`` for detection; ``task`` names the task.
+    """
     groups = group_runs(runs)
     known = paper.methods
     for g in groups:
+        spec = g.spec
+        p, s = spec.primary, spec.secondary
         row: dict[str, Any] = {
+            "task": g.task,
             "dataset": g.dataset, "teacher": g.teacher_label, "student": g.student,
             "method": g.method, "name": g.name,
             "n": len(g.runs),
@@ -365,50 +450,51 @@ def aggregate(runs: Sequence[RunRecord], paper: PaperTable) -> list[Group]:
             "data": data_label(g.data_key) or None,
             "selection": "val" if g.has_val else "test",
         }
-        for stat in STATS:
+        for stat in spec.stats:
             mean, std, n = mean_std(r.metric(stat) for r in g.runs)
             row[f"{stat}_mean"], row[f"{stat}_std"], row[f"{stat}_n"] = mean, std, n
-        row["teacher_top1"], _, _ = mean_std(r.teacher_top1 for r in g.runs)
+        row[f"teacher_{p}"], _, _ = mean_std(r.teacher_metric(p) for r in g.runs)
         pm = paper_method(g.name, g.method, known)
         row["paper_method"] = pm
-        top1 = paper.lookup(g.dataset, g.teacher, g.student, pm, "top1")
-        top5 = paper.lookup(g.dataset, g.teacher, g.student, pm, "top5")
-        row["paper_top1"] = top1.value if top1 else None
-        row["paper_top5"] = top5.value if top5 else None
-        row["paper_statistic"] = top1.statistic if top1 else None
-        row["paper_source"] = "; ".join(top1.sources) if top1 else None
-        row["diff_top1"] = (row["best_top1_mean"] - top1.value
-                            if top1 and row["best_top1_mean"] is not None else None)
+        first = paper.lookup(g.dataset, g.teacher, g.student, pm, p)
+        second = paper.lookup(g.dataset, g.teacher, g.student, pm, s)
+        row[f"paper_{p}"] = first.value if first else None
+        row[f"paper_{s}"] = second.value if second else None
+        row["paper_statistic"] = first.statistic if first else None
+        row["paper_source"] = "; ".join(first.sources) if first else None
+        row[f"diff_{p}"] = (row[f"best_{p}_mean"] - first.value
+                            if first and row[f"best_{p}_mean"] is not None else None)
         g.row = row
     return groups
 
 
-#: what one chart compares: (dataset, teacher label, student, data key)
-ChartKey = tuple[str, str, str, tuple[float, float, int | None]]
+#: what one chart compares: (dataset, teacher label, student, data key, task)
+ChartKey = tuple[str, str, str, tuple[float, float, int | None], str]
 
 
 def chart_groups(groups: Sequence[Group]) -> dict[ChartKey, list[Group]]:
     """The groups of each chart, sorted by chart key.
 
-    A chart holds the groups of one (dataset, teacher checkpoint, student, data). The student
-    trained alone (a ``vanilla`` run without a teacher) of the same dataset, student and data
-    is added to every teacher -> student chart as the "student alone" baseline; baselines
-    (also ``vanilla`` runs that name the pair's teacher) come first.
+    A chart holds the groups of one (dataset, teacher checkpoint, student, data, task). The
+    student trained alone (a ``vanilla`` run without a teacher) of the same dataset, student,
+    data and task is added to every teacher -> student chart as the "student alone" baseline;
+    baselines (also ``vanilla`` runs that name the pair's teacher) come first.
     """
     charts: dict[ChartKey, list[Group]] = {}
     for g in groups:
-        charts.setdefault((*g.pair, g.data_key), []).append(g)
+        charts.setdefault((*g.pair, g.data_key, g.task), []).append(g)
     baselines = [g for g in groups if g.is_baseline and not g.teacher]
     for key, members in charts.items():
-        dataset, teacher, student, data = key
+        dataset, teacher, student, data, task = key
         if teacher == "none":
             continue
         extra = [b for b in baselines if b.pair[0] == dataset and b.pair[2] == student
-                 and b.data_key == data and b not in members]
+                 and b.data_key == data and b.task == task and b not in members]
         members[:0] = extra
     for members in charts.values():  # the student alone first (a run of the pair's own too)
         members.sort(key=lambda g: not g.is_baseline)
-    return {k: charts[k] for k in sorted(charts, key=lambda k: (*k[:3], _data_sort(k[3])))}
+    return {k: charts[k] for k in sorted(charts,
+                                         key=lambda k: (*k[:3], _data_sort(k[3]), k[4]))}
 
 
 def _data_sort(key: tuple[float, float, int | None]) -> tuple[float, float, int]:

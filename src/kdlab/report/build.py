@@ -5,8 +5,8 @@
 writes into the output folder:
 
 * ``results.md``: a short header (number of runs, date, statistic conventions) and one table
-  per dataset (columns that are empty for every row of a table, e.g. the paper's on a dataset
-  without published numbers, are left out);
+  per (task, dataset) (columns that are empty for every row of a table, e.g. the paper's on a
+  dataset without published numbers, are left out);
 * ``results.csv``: the same numbers, unrounded to 4 decimals, one row per group, every column;
 * ``results.html``: one self-contained page with the tables and the plots embedded;
 * ``curves_<dataset>_<teacher>_<student>.png`` and ``bars_<dataset>_<teacher>_<student>.png``.
@@ -19,6 +19,10 @@ Statistics (each a mean over seeds; ``± sample std`` shown from two seeds on):
 * ``test at best-val epoch``: with a validation set, the test top-1 at the epoch chosen on
   validation (``summary.test_top1_at_best``): the primary column of runs that have it;
 * ``best val``: the validation top-1 at that epoch (``summary.best_val_top1``).
+
+Every statistic is of the group's headline metric (:data:`kdlab.report.aggregate.TASK_METRICS`):
+top-1 / top-5 for classification (the columns above), COCO box AP / AP50 / AP75 for detection
+(``best-on-test AP``, ``best_AP_mean``, ``teacher_AP``, ...).
 
 The output depends on the run directories alone: the date is the day the newest run finished
 (not today), rows and plots are sorted, so building the report again gives the same bytes.
@@ -37,7 +41,17 @@ from typing import Any
 
 from kdlab.atomic import atomic_write
 from kdlab.errors import RunError
-from kdlab.report.aggregate import Group, UnfinishedRun, aggregate, newest_time, scan_runs
+from kdlab.report.aggregate import (
+    DEFAULT_TASK,
+    TASK_METRICS,
+    Group,
+    MetricSpec,
+    UnfinishedRun,
+    aggregate,
+    metric_spec,
+    newest_time,
+    scan_runs,
+)
 from kdlab.report.html import describe_unfinished, render_html
 from kdlab.report.paper import STATISTIC_TEXT, load_paper_results
 from kdlab.report.plots import render_plots
@@ -47,7 +61,7 @@ log = logging.getLogger(__name__)
 
 TITLE = "kdlab results"
 
-#: (row key, header) of the CSV, in order.
+#: (row key, header) of the CSV of classification runs, in order.
 CSV_COLUMNS = (
     "dataset", "teacher", "student", "method", "name", "n", "seeds",
     "best_top1_mean", "best_top1_std", "last_top1_mean", "last_top1_std",
@@ -73,15 +87,77 @@ STAT_HEADERS = (
 _TEXT_COLUMNS = frozenset({"dataset", "teacher", "student", "method", "name", "data",
                            "paper_statistic"})
 
+#: what a table of another task than classification says about its metric
+TASK_NOTES = {
+    "detection": "Task: detection. AP = COCO box mAP over IoU 0.50:0.95 (pycocotools, at most "
+                 "100 detections per image), AP50 / AP75 at IoU 0.50 / 0.75, all in %; the "
+                 "statistics are those of top-1 in classification tables (best-on-test, "
+                 "last-epoch, at best-val epoch).",
+}
+
+
+def stat_headers(spec: MetricSpec) -> tuple[tuple[str, str], ...]:
+    """(statistic, header) of the result columns of ``spec``'s metrics, primary first
+    (classification: :data:`STAT_HEADERS`); each extra metric (detection's AP75) follows the
+    secondary one's columns."""
+    p, pl = spec.primary, spec.primary_label
+    out = [(f"test_{p}_at_best", f"test {pl} at best-val epoch"),
+           (f"best_val_{p}", f"best val {pl}"),
+           (f"best_{p}", f"best-on-test {pl}"),
+           (f"last_{p}", f"last-epoch {pl}")]
+    for key, label in spec.others:
+        out += [(f"test_{key}_at_best", f"test {label} at best-val epoch"),
+                (f"best_{key}", f"best-on-test {label}"),
+                (f"last_{key}", f"last-epoch {label}")]
+    return tuple(out)
+
+
+def metric_csv_columns(spec: MetricSpec) -> tuple[str, ...]:
+    """The CSV columns of one task's rows: the layout of :data:`CSV_COLUMNS` with the task's
+    metric names (classification's are exactly :data:`CSV_COLUMNS`); an extra metric
+    (detection's AP75) gets the secondary metric's columns."""
+    p, s = spec.primary, spec.secondary
+    cols = ["dataset", "teacher", "student", "method", "name", "n", "seeds"]
+    for key in (p, *(k for k, _ in spec.others)):
+        cols += [f"best_{key}_mean", f"best_{key}_std", f"last_{key}_mean", f"last_{key}_std"]
+    cols += [f"teacher_{p}", "paper_method", f"paper_{p}", f"paper_{s}", "paper_statistic",
+             "paper_source", f"diff_{p}", "selection", f"test_{p}_at_best_mean",
+             f"test_{p}_at_best_std", f"best_val_{p}_mean", f"best_val_{p}_std"]
+    for key, _ in spec.others:
+        cols += [f"test_{key}_at_best_mean", f"test_{key}_at_best_std"]
+    return (*cols, "data", "teacher_sha256")
+
+
+def csv_columns(specs: Sequence[MetricSpec]) -> tuple[str, ...]:
+    """The CSV columns of a report over the tasks of ``specs``: classification's
+    (:data:`CSV_COLUMNS`, unchanged), then the columns each other task adds
+    (:func:`metric_csv_columns`, e.g. ``best_AP_mean``), then ``task`` when any task is not
+    classification. A row leaves the other tasks' columns empty."""
+    ordered = sorted(set(specs), key=lambda s: (s.task != DEFAULT_TASK, s.task))
+    out: list[str] = []
+    for spec in ordered or [TASK_METRICS[DEFAULT_TASK]]:
+        out += [c for c in metric_csv_columns(spec) if c not in out]
+    if any(s.task != DEFAULT_TASK for s in ordered):
+        out.append("task")
+    return tuple(out)
+
 
 @dataclass
 class Table:
-    """One dataset's results table: notes above it, (key, header) columns, formatted rows."""
+    """One (task, dataset) results table: notes above it, (key, header) columns, formatted
+    rows."""
 
     dataset: str
     notes: list[str]
     columns: list[tuple[str, str]]
     rows: list[dict[str, str]]
+    task: str = DEFAULT_TASK
+
+    @property
+    def heading(self) -> str:
+        """The table's title: the dataset, plus ``(task)`` for another task than
+        classification."""
+        return self.dataset if self.task == DEFAULT_TASK else f"{self.dataset} ({self.task})"
 
     @property
     def numeric(self) -> frozenset[str]:
@@ -116,33 +192,38 @@ def _signed(value: float | None) -> str:
     return "—" if value is None else f"{value:+.2f}"
 
 
-def _format_row(r: dict[str, Any]) -> dict[str, str]:
+def _format_row(r: dict[str, Any], spec: MetricSpec) -> dict[str, str]:
+    p = spec.primary
     return {
         "dataset": format_cell(r["dataset"], ""), "teacher": format_cell(r["teacher"], ""),
         "student": format_cell(r["student"], ""), "method": r["method"],
         "name": format_cell(r["name"] or None, ""), "n": str(r["n"]),
-        **{s: _pm(r[f"{s}_mean"], r[f"{s}_std"], r.get(f"{s}_n", 2)) for s, _ in STAT_HEADERS},
+        **{s: _pm(r.get(f"{s}_mean"), r.get(f"{s}_std"), r.get(f"{s}_n", 2))
+           for s, _ in stat_headers(spec)},
         "data": format_cell(r.get("data"), ""),
-        "teacher_top1": format_cell(r["teacher_top1"], ".2f"),
-        "paper_top1": format_cell(r["paper_top1"], ".2f"),
+        f"teacher_{p}": format_cell(r.get(f"teacher_{p}"), ".2f"),
+        f"paper_{p}": format_cell(r.get(f"paper_{p}"), ".2f"),
         "paper_statistic": format_cell(r["paper_statistic"], ""),
-        "diff_top1": _signed(r["diff_top1"]),
+        f"diff_{p}": _signed(r.get(f"diff_{p}")),
     }
 
 
 def display_rows(groups: Sequence[Group]) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
-    """(columns, rows of formatted strings) of one results table.
+    """(columns, rows of formatted strings) of one results table (the groups of one task).
 
-    The statistics' headers name them (:data:`STAT_HEADERS`), the primary one first. A column
-    that is empty ("—") in every row is left out: top-5 where it was not measured, validation
-    columns without a validation set, the paper's columns on a dataset without published
-    numbers, the teacher without one. ``data`` is shown only when the rows differ in it.
+    The statistics' headers name them (:func:`stat_headers` of the task's metrics), the primary
+    one first. A column that is empty ("—") in every row is left out: top-5 where it was not
+    measured, validation columns without a validation set, the paper's columns on a dataset
+    without published numbers, the teacher without one. ``data`` is shown only when the rows
+    differ in it.
     """
+    spec = metric_spec(groups[0].task if groups else DEFAULT_TASK)
+    p, pl = spec.primary, spec.primary_label
     cols = [("teacher", "teacher"), ("student", "student"), ("method", "method"),
-            ("name", "config name"), ("n", "seeds (n)"), *STAT_HEADERS,
-            ("data", "data"), ("teacher_top1", "teacher top-1"), ("paper_top1", "paper top-1"),
-            ("paper_statistic", "paper statistic"), ("diff_top1", "Δ best-on-test − paper")]
-    rows = [_format_row(g.row) for g in groups]
+            ("name", "config name"), ("n", "seeds (n)"), *stat_headers(spec),
+            ("data", "data"), (f"teacher_{p}", f"teacher {pl}"), (f"paper_{p}", f"paper {pl}"),
+            ("paper_statistic", "paper statistic"), (f"diff_{p}", "Δ best-on-test − paper")]
+    rows = [_format_row(g.row, spec) for g in groups]
     keep = []
     for key, header in cols:
         cells = {r[key] for r in rows}
@@ -157,22 +238,24 @@ def display_rows(groups: Sequence[Group]) -> tuple[list[tuple[str, str]], list[d
 
 
 def dataset_tables(groups: Sequence[Group]) -> list[Table]:
-    """One :class:`Table` per dataset, in dataset order, with its own notes (the data shared by
-    every row, which columns are primary)."""
-    by_dataset: dict[str, list[Group]] = {}
+    """One :class:`Table` per (task, dataset), in (dataset, task) order, with its own notes
+    (the task's metric, the data shared by every row, which columns are primary): runs of
+    different tasks are never in one table."""
+    by_dataset: dict[tuple[str, str], list[Group]] = {}
     for g in groups:
-        by_dataset.setdefault(g.dataset or "—", []).append(g)
+        by_dataset.setdefault((g.dataset or "—", g.task), []).append(g)
     tables = []
-    for dataset, members in by_dataset.items():
+    for (dataset, task), members in by_dataset.items():
         columns, rows = display_rows(members)
-        notes = []
+        notes = [TASK_NOTES[task]] if task in TASK_NOTES else []
         data = {g.row.get("data") for g in members}
         if len(data) == 1 and None not in data:
             notes.append(f"Data of every row: {data.pop()} of the training set.")
         if any(g.has_val for g in members):
-            notes.append("Primary column: test top-1 at best-val epoch (the epoch chosen on "
-                         "the held-out validation set; rows without one show —).")
-        tables.append(Table(dataset, notes, columns, rows))
+            label = metric_spec(task).primary_label
+            notes.append(f"Primary column: test {label} at best-val epoch (the epoch chosen "
+                         "on the held-out validation set; rows without one show —).")
+        tables.append(Table(dataset, notes, columns, rows, task))
     return tables
 
 
@@ -196,14 +279,25 @@ def header_notes(groups: Sequence[Group], n_runs: int, n_unfinished: int,
              "numbers have no paper columns.")
     if paper_origin is None:
         paper = "Paper: no published numbers available (no paper_results.csv)."
+    ours = ("Ours: best-on-test = highest test top-1 over the epochs (the epoch chosen on the "
+            "test set); last-epoch = test top-1 of the final epoch; with a validation set "
+            "(data.val_fraction), test top-1 at best-val epoch = test top-1 at the epoch chosen "
+            "on validation, and best val = validation top-1 there. Each is the mean over seeds, "
+            "± sample std from two seeds on (one seed: the value alone); top-5 likewise.")
+    tasks = sorted({g.task for g in groups} - {DEFAULT_TASK})
+    if tasks:  # the headline metric differs per table: say so (classification-only: as ever)
+        metrics = "; ".join(
+            f"{t}: {metric_spec(t).primary_label}, then "
+            + ", ".join(label for _, label in metric_spec(t).others) for t in tasks)
+        ours = ours.replace("top-1", "metric").replace("top-5 likewise",
+                                                        "the secondary metrics likewise")
+        ours += (" The metric is each table's task's: classification: top-1, then top-5; "
+                 f"{metrics}.")
+        paper = paper.replace("the published top-1", "the published number")
     return [
         f"Runs: {runs}.",
         f"Date: {date} (UTC day the newest run finished).",
-        "Ours: best-on-test = highest test top-1 over the epochs (the epoch chosen on the "
-        "test set); last-epoch = test top-1 of the final epoch; with a validation set "
-        "(data.val_fraction), test top-1 at best-val epoch = test top-1 at the epoch chosen "
-        "on validation, and best val = validation top-1 there. Each is the mean over seeds, "
-        "± sample std from two seeds on (one seed: the value alone); top-5 likewise.",
+        ours,
         paper,
     ]
 
@@ -213,7 +307,7 @@ def results_markdown(notes: Sequence[str], tables: Sequence[Table],
     """The markdown report."""
     parts = [f"# {TITLE}", "", *(f"- {n}" for n in notes), ""]
     for t in tables:
-        parts += [f"## {t.dataset}", ""]
+        parts += [f"## {t.heading}", ""]
         if t.notes:
             parts += [*(f"- {n}" for n in t.notes), ""]
         parts.append(markdown_table(t.rows, [(k, h, "") for k, h in t.columns]))
@@ -234,12 +328,14 @@ def _csv_value(value: Any) -> str:
 
 
 def results_csv(groups: Sequence[Group]) -> str:
-    """The CSV report (one row per group, numbers to 4 decimals, empty for unknown)."""
+    """The CSV report (one row per group, numbers to 4 decimals, empty for unknown); the
+    columns are :func:`csv_columns` of the groups' tasks."""
+    columns = csv_columns([g.spec for g in groups])
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    w.writerow(columns)
     for g in groups:
-        w.writerow([_csv_value(g.row.get(c)) for c in CSV_COLUMNS])
+        w.writerow([_csv_value(g.row.get(c)) for c in columns])
     return buf.getvalue()
 
 
@@ -282,7 +378,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None,
     _write(report.markdown, results_markdown(notes, tables, scan.unfinished).encode())
     _write(report.csv, results_csv(groups).encode())
     _write(report.html, render_html(
-        TITLE, notes, [(t.dataset, t.notes, t.columns, t.rows, t.numeric) for t in tables],
+        TITLE, notes, [(t.heading, t.notes, t.columns, t.rows, t.numeric) for t in tables],
         scan.unfinished, plots).encode())
     for stale in sorted([*out.glob("curves_*.png"), *out.glob("bars_*.png")]):
         if stale.name not in plots:

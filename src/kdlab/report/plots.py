@@ -1,10 +1,12 @@
-"""Report plots: test top-1 curves and top-1 bars per chart (dataset, teacher, student, data).
+"""Report plots: test curves and bars of the headline metric per chart (dataset, teacher,
+student, data, task): top-1 for classification, COCO box AP for detection (the groups' task's
+:class:`kdlab.report.aggregate.MetricSpec`).
 
 One chart compares the methods of one teacher checkpoint -> student pair on the same data
 (:func:`kdlab.report.aggregate.chart_groups`); the student trained alone is in every chart of its
 student, as the grey "student alone" bar and the black dashed curve. Bars start at zero and show
-the primary statistic: the test top-1 at the best-validation epoch when every group has a
-validation set, else the best-on-test top-1; one seed has no error bar.
+the primary statistic: the test value at the best-validation epoch when every group has a
+validation set, else the best-on-test value; one seed has no error bar.
 
 matplotlib's Agg canvas draws them (no GUI, no pyplot state); figure size, dpi, style, colours
 and the order of the methods are fixed, the axes box is fixed and the saved area is the tight
@@ -21,7 +23,15 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from kdlab.report.aggregate import ChartKey, Group, chart_groups, data_label
+from kdlab.report.aggregate import (
+    DEFAULT_TASK,
+    ChartKey,
+    Group,
+    MetricSpec,
+    chart_groups,
+    data_label,
+    metric_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +122,20 @@ def _chart_colors(groups: Sequence[Group]) -> list[Any]:
     return [BASELINE_COLOR if g.is_baseline else next(others) for g in groups]
 
 
+def chart_spec(groups: Sequence[Group]) -> MetricSpec:
+    """The headline metrics of a chart: its groups' task's (a chart holds one task)."""
+    return metric_spec(groups[0].task if groups else DEFAULT_TASK)
+
+
 def primary_stat(groups: Sequence[Group]) -> tuple[str, str]:
-    """(summary statistic, axis label) of a chart's bars: the test top-1 at the best-val epoch
-    when every group chose its epoch on validation, else the best-on-test top-1."""
+    """(summary statistic, axis label) of a chart's bars: the test value of the primary metric
+    (top-1, AP) at the best-val epoch when every group chose its epoch on validation, else the
+    best-on-test value."""
+    spec = chart_spec(groups)
+    p, label = spec.primary, spec.primary_label
     if groups and all(g.has_val for g in groups):
-        return "test_top1_at_best", "test top-1 at best-val epoch (%)"
-    return "best_top1", "best-on-test top-1 (%)"
+        return f"test_{p}_at_best", f"test {label} at best-val epoch (%)"
+    return f"best_{p}", f"best-on-test {label} (%)"
 
 
 def _mean_curve(g: Group, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -145,12 +163,14 @@ def bars_png(groups: Sequence[Group], title: str | None = None) -> bytes | None:
 
 
 def curves_figure(groups: Sequence[Group], title: str | None = None) -> Any:
-    """Test top-1 per epoch, one line per group: mean over seeds with a min-max band; the
-    validation top-1 dotted in the same colour where there is one; the student alone black,
-    dash-dotted. A matplotlib ``Figure``, or None without any curve."""
+    """The test value of the primary metric (top-1, AP) per epoch, one line per group: mean
+    over seeds with a min-max band; the validation value dotted in the same colour where there
+    is one; the student alone black, dash-dotted. A matplotlib ``Figure``, or None without any
+    curve."""
+    spec = chart_spec(groups)
     series = []
     for g, label, color in zip(groups, _labels(groups), _chart_colors(groups), strict=True):
-        epochs, mean, lo, hi = _mean_curve(g, "test_top1")
+        epochs, mean, lo, hi = _mean_curve(g, f"test_{spec.primary}")
         if epochs:
             series.append((g, label, color, epochs, mean, lo, hi))
     if not series:
@@ -168,7 +188,7 @@ def curves_figure(groups: Sequence[Group], title: str | None = None) -> Any:
             ax.plot(epochs, mean, label=label, marker="o" if len(epochs) == 1 else None,
                     **style)
             ax.fill_between(epochs, lo, hi, color=style["color"], alpha=0.12, linewidth=0)
-            v_epochs, v_mean, _, _ = _mean_curve(g, "val_top1")
+            v_epochs, v_mean, _, _ = _mean_curve(g, f"val_{spec.primary}")
             if v_epochs:
                 any_val = True
                 ax.plot(v_epochs, v_mean, color=style["color"], linewidth=1.0,
@@ -176,10 +196,10 @@ def curves_figure(groups: Sequence[Group], title: str | None = None) -> Any:
         handles, labels = ax.get_legend_handles_labels()
         if any_val:
             handles.append(Line2D([], [], color="grey", linestyle=":", linewidth=1.0))
-            labels.append("dotted: validation top-1")
+            labels.append(f"dotted: validation {spec.primary_label}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-        ax.set_ylabel("test top-1 (%)")
+        ax.set_ylabel(f"test {spec.primary_label} (%)")
         ax.set_title((title or _default_title(groups)) + "\nmean over seeds, min-max band",
                      fontsize=10)
         ax.grid(True, alpha=0.3)
@@ -193,6 +213,7 @@ def bars_figure(groups: Sequence[Group], title: str | None = None) -> Any:
     bar from two seeds on; the y axis starts at 0; the value is written above each bar; the
     published number as a black diamond where known (best-on-test bars only). A matplotlib
     ``Figure``, or None when no group has the statistic."""
+    primary = chart_spec(groups).primary
     stat, ylabel = primary_stat(groups)
     groups = [g for g in groups if g.row.get(f"{stat}_mean") is not None]
     if not groups:
@@ -210,8 +231,8 @@ def bars_figure(groups: Sequence[Group], title: str | None = None) -> Any:
             ax.errorbar([x for x, _, _ in spread], [m for _, m, _ in spread],
                         yerr=[s for _, _, s in spread], fmt="none", ecolor="black",
                         capsize=4, linewidth=1.0, label="± sample std (n > 1)")
-        paper = [(x, g.row["paper_top1"]) for x, g in zip(xs, groups, strict=True)
-                 if g.row.get("paper_top1") is not None] if stat == "best_top1" else []
+        paper = [(x, g.row[f"paper_{primary}"]) for x, g in zip(xs, groups, strict=True)
+                 if g.row.get(f"paper_{primary}") is not None] if stat == f"best_{primary}" else []
         if paper:
             ax.scatter([x for x, _ in paper], [v for _, v in paper], marker="D", color="black",
                        zorder=3, label="paper")
@@ -234,16 +255,21 @@ def bars_figure(groups: Sequence[Group], title: str | None = None) -> Any:
 
 def chart_stems(charts: Sequence[ChartKey]) -> dict[ChartKey, str]:
     """``<dataset>_<teacher>_<student>`` per chart, plus ``_<data>`` when one pair has charts
-    of several data keys (unsafe characters become ``-``)."""
-    per_pair: dict[tuple[str, str, str], int] = {}
+    of several data keys, plus ``_<task>`` on a chart of another task than classification when
+    the same pair and data also have a chart of another task (unsafe characters become ``-``)."""
+    per_pair: dict[tuple[str, str, str], set[Any]] = {}
+    per_data: dict[tuple[Any, ...], int] = {}
     for key in charts:
-        per_pair[key[:3]] = per_pair.get(key[:3], 0) + 1
+        per_pair.setdefault(key[:3], set()).add(key[3])
+        per_data[key[:4]] = per_data.get(key[:4], 0) + 1
     stems = {}
     for key in charts:
         pair = key[:3]
         stem = plot_stem("", pair)[1:]
-        if per_pair[pair] > 1:
+        if len(per_pair[pair]) > 1:
             stem += "_" + _safe(data_label(key[3]) or "full")
+        if per_data[key[:4]] > 1 and key[4] != DEFAULT_TASK:
+            stem += "_" + _safe(key[4])
         stems[key] = stem
     return stems
 

@@ -18,14 +18,14 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 import torch
 from torch import nn
 
-from kdlab.config import DataConfig
+from kdlab.config import DataConfig, ExperimentConfig
 from kdlab.engine.distributed import DistInfo
 from kdlab.errors import ConfigError
 from kdlab.methods.base import DistillContext
 from kdlab.models.output import KdModel
 from kdlab.registry import Registry
 
-__all__ = ["Mark", "Task", "TrainMeter", "get_task", "list_tasks", "register_task"]
+__all__ = ["Mark", "Task", "TrainMeter", "get_task", "list_tasks", "register_task", "task_for"]
 
 #: A callback the training step calls with the name of each part it finishes ("teacher_fwd",
 #: "student_fwd", "loss", "backward_step"); ``kdlab bench`` times the parts through it.
@@ -69,6 +69,33 @@ class Task(ABC, Generic[D, B, O]):
     #: the evaluation metric (a key of :meth:`evaluate`'s result) that decides "best".
     best_metric: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
+
+    def configure(self, cfg: ExperimentConfig) -> None:
+        """Read the run's task-specific settings (detection: its ``detection`` section) before
+        any data or model is built. Default: nothing to read."""
+
+    def distill_inputs(self, out_s: O, out_t: O | None, batch: B
+                       ) -> tuple[Any, Any, Any]:
+        """What the method sees: ``(student output, teacher output, batch)``. Default: the
+        task's own. Detection gives its RoI-level view (the RoI logits and their labels)."""
+        return out_s, out_t, batch
+
+    def task_terms(self, out_s: O) -> dict[str, torch.Tensor]:
+        """The task's own loss terms beyond the method's (weight 1), e.g. the detector's RPN and
+        box-regression losses. Default: none (classification's CE is the method's ``ce``)."""
+        return {}
+
+    def dataset_label(self, cfg: DataConfig) -> str:
+        """The dataset's name in summaries and reports (``data.name``; detection adds the
+        folder, as every COCO-format set is ``coco``)."""
+        return cfg.name
+
+    def load_pretrained(self, model: nn.Module) -> None:
+        """Load the library weights of a ``pretrained: true`` model (classification: the
+        torchvision/timm classifier's own)."""
+        from kdlab.models import load_pretrained
+
+        load_pretrained(model)  # type: ignore[arg-type]
 
     @abstractmethod
     def build_data(self, cfg: DataConfig, *, seed: int, device: torch.device,
@@ -120,6 +147,13 @@ def register_task(cls: type[Task[Any, Any, Any]]) -> type[Task[Any, Any, Any]]:
 def get_task(name: str) -> Task[Any, Any, Any]:
     """A new instance of the task registered as ``name``."""
     return TASKS.get(name)()
+
+
+def task_for(cfg: ExperimentConfig) -> Task[Any, Any, Any]:
+    """The task of the run ``cfg``, configured with its settings (:meth:`Task.configure`)."""
+    task = get_task(cfg.task)
+    task.configure(cfg)
+    return task
 
 
 def list_tasks() -> list[str]:
