@@ -24,7 +24,7 @@ from kdlab.detection.cli import add_detection_data_parser
 from kdlab.detection.trees import import_tree_crowns, tile_boxes, tile_offsets
 from kdlab.errors import DatasetError
 
-CROP2, CROP1 = trees.TRAIN_IMAGES
+(CROP2,), (CROP1,) = trees.TRAIN_IMAGES, trees.TEST_IMAGES
 
 
 def _xml(filename: str, w: int, h: int, objs: list[tuple[str, tuple[int, int, int, int]]]) -> str:
@@ -113,27 +113,30 @@ def test_import_fake_wheel_golden(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     out = tmp_path / "trees"
     with caplog.at_level(logging.WARNING):
         summary = import_tree_crowns(out, wheel=wheel, tile=100, expected_sha256=_sha(wheel))
-    # crop2 250 x 130: x starts [0, 100, 150], y starts [0, 30] -> 6 tiles; crop1 90 x 60 -> 1.
-    # Boxes: C and B in tile (0, 0), B in tile (0, 30), A nowhere (50/50), D in crop1's tile.
-    assert summary["splits"] == {"train": {"images": 7, "boxes": 4},
-                                 "test": {"images": 2, "boxes": 4}}
+    # crop2 (train) 250 x 130: x starts [0, 100, 150], y starts [0, 30] -> 6 tiles; crop1
+    # (test) 90 x 60 -> 1. Boxes: C and B in tile (0, 0), B in tile (0, 30), A nowhere (50/50),
+    # D in crop1's tile.
+    assert summary["splits"] == {"train": {"images": 6, "boxes": 3},
+                                 "test": {"images": 1, "boxes": 1},
+                                 "test_other_sites": {"images": 2, "boxes": 4}}
     assert summary["sha256"] == _sha(wheel)
     train = _doc(out, "train")
     assert train["categories"] == [{"id": 1, "name": "Tree"}]
     names = [im["file_name"] for im in train["images"]]
-    assert names[:6] == [f"{CROP2}_x{x}_y{y}.png" for y in (0, 30) for x in (0, 100, 150)]
-    assert names[6] == f"{CROP1}_x0_y0.png"
-    assert all((im["width"], im["height"]) == (100, 100) for im in train["images"][:6])
-    assert (train["images"][6]["width"], train["images"][6]["height"]) == (90, 60)
+    assert names == [f"{CROP2}_x{x}_y{y}.png" for y in (0, 30) for x in (0, 100, 150)]
+    assert all((im["width"], im["height"]) == (100, 100) for im in train["images"])
     by_image: dict[int, list[list[float]]] = {}
     for a in train["annotations"]:
         by_image.setdefault(a["image_id"], []).append(a["bbox"])
     # [x, y, w, h] in tile coordinates.
-    assert by_image == {1: [[80, 40, 20, 20], [0, 0, 20, 20]], 4: [[80, 10, 20, 20]],
-                        7: [[0, 0, 90, 60]]}
+    assert by_image == {1: [[80, 40, 20, 20], [0, 0, 20, 20]], 4: [[80, 10, 20, 20]]}
     with Image.open(out / "train" / f"{CROP2}_x150_y30.png") as im:
         assert np.array_equal(np.asarray(im), pixels[CROP2][30:130, 150:250])
-    test = _doc(out, "test")
+    same_site = _doc(out, "test")
+    assert [(im["file_name"], im["width"], im["height"]) for im in same_site["images"]] == [
+        (f"{CROP1}_x0_y0.png", 90, 60)]
+    assert [a["bbox"] for a in same_site["annotations"]] == [[0, 0, 90, 60]]
+    test = _doc(out, "test_other_sites")
     assert [im["file_name"] for im in test["images"]] == ["OSBS_029.png", "SOAP_061.png"]
     # OSBS: (1, 2, 10, 12) and (29, 29, 45, 45) clipped to 40; SOAP: Alive and Dead both class 1.
     assert [(a["image_id"], a["category_id"], a["bbox"]) for a in test["annotations"]] == [
@@ -146,8 +149,8 @@ def test_overlap_and_checksum_and_errors(tmp_path: Path) -> None:
     wheel, _ = _fake_wheel(tmp_path / "fake.whl")
     s = import_tree_crowns(tmp_path / "o1", wheel=wheel, tile=100, overlap=50,
                            expected_sha256=None)
-    # stride 50: x starts [0, 50, 100, 150], y starts [0, 30] -> 8 tiles + 1.
-    assert s["splits"]["train"]["images"] == 9
+    # stride 50: x starts [0, 50, 100, 150], y starts [0, 30] -> 8 tiles.
+    assert s["splits"]["train"]["images"] == 8
     with pytest.raises(DatasetError, match="sha256"):
         import_tree_crowns(tmp_path / "o2", wheel=wheel)  # the real wheel's checksum
     with pytest.raises(DatasetError, match="not found"):
@@ -188,7 +191,7 @@ def test_download_uses_pip_and_reports_failure(tmp_path: Path,
     monkeypatch.setattr(trees.subprocess, "run", succeeding)
     s = import_tree_crowns(tmp_path / "o", download=True, tile=100, expected_sha256=None)
     assert s["wheel"] == str(tmp_path / "o" / "_wheel" / trees.DEEPFOREST_WHEEL)
-    assert s["splits"]["train"]["images"] == 7
+    assert s["splits"]["train"]["images"] == 6
     # The cached wheel is reused without pip.
     monkeypatch.setattr(trees.subprocess, "run", failing)
     s2 = import_tree_crowns(tmp_path / "o", tile=100, expected_sha256=None)
@@ -200,9 +203,10 @@ def test_download_uses_pip_and_reports_failure(tmp_path: Path,
 def test_real_wheel_counts(tmp_path: Path) -> None:
     s = import_tree_crowns(tmp_path, wheel=os.environ["KDLAB_DEEPFOREST_WHEEL"])
     assert s["sha256"] == trees.DEEPFOREST_SHA256
-    # 6 x 7 + 4 x 3 tiles; 853 source boxes, some counted twice in the shifted edge tiles.
-    assert s["splits"] == {"train": {"images": 54, "boxes": 1076},
-                           "test": {"images": 2, "boxes": 98}}  # 61 + 37
+    # 6 x 7 and 4 x 3 tiles; boxes near the shifted edge tiles are counted in two tiles.
+    assert s["splits"] == {"train": {"images": 42, "boxes": 677},  # crop2: 574 source boxes
+                           "test": {"images": 12, "boxes": 399},  # crop: 279 source boxes
+                           "test_other_sites": {"images": 2, "boxes": 98}}  # 61 + 37
 
 
 def test_cli_trees_handler(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -219,7 +223,7 @@ def test_cli_trees_handler(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch.setattr(trees, "import_tree_crowns",
                         functools.partial(import_tree_crowns, expected_sha256=_sha(wheel)))
     assert args.fn(args) == 0
-    assert "train: 7 images, 4 boxes" in capsys.readouterr().out
+    assert "train: 6 images, 3 boxes" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # --wheel and --download exclude each other
         parser.parse_args(["detection-data", "trees", "--out", "o", "--wheel", "w",
                            "--download"])

@@ -152,8 +152,8 @@ def cmd_detection_data_trees(args: argparse.Namespace) -> int:
 
 
 def _add_trees(sub: Any) -> None:
-    help_ = ("DeepForest's annotated aerial tree crowns (train: tiled YELL crops, test: "
-             "OSBS_029 + SOAP_061), one class")
+    help_ = ("DeepForest's annotated aerial tree crowns, one class (train / test: two YELL "
+             "crops, tiled; test_other_sites: OSBS_029 + SOAP_061)")
     p = sub.add_parser("trees", help=help_, description=help_)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (COCO layout)")
     src = p.add_mutually_exclusive_group()

@@ -16,8 +16,10 @@ image                                              size (WxH)   boxes  labels
 (measured on deepforest 2.1.0). Only those eight members (PNG + XML) are read from the zip;
 nothing else is extracted and deepforest is never installed.
 
-Fixed split: ``train`` = the two YELL crops cut into ``tile``-pixel tiles, ``test`` = OSBS_029
-and SOAP_061 whole. One class ``Tree``: SOAP_061's Alive/Dead labels are merged because a second
+Fixed splits: ``train`` = the larger YELL crop cut into ``tile``-pixel tiles (42 tiles), ``test``
+= the other YELL crop, 13 km east, tiled the same way (12 tiles): the same site and imagery, a
+different stand; ``test_other_sites`` = OSBS_029 (Florida) and SOAP_061 (California) whole, for
+a cross-site check. One class ``Tree``: SOAP_061's Alive/Dead labels are merged because a second
 class would exist in one test image only (no training example of it).
 
 Tiling follows DeepForest's own preprocessing (``deepforest.preprocess`` with the
@@ -66,9 +68,11 @@ DEEPFOREST_WHEEL = f"deepforest-{DEEPFOREST_VERSION}-py3-none-any.whl"
 DEEPFOREST_SHA256 = "8c2798d8e9be7f0004b194fe207b76c1d9fff6e711b3db67b9508dcd5d00ae54"
 DATA_DIR = "deepforest/data"
 #: Images tiled into the training split.
-TRAIN_IMAGES = ("2019_YELL_2_528000_4978000_image_crop2", "2019_YELL_2_541000_4977000_image_crop")
-#: Images kept whole as the test split.
-TEST_IMAGES = ("OSBS_029", "SOAP_061")
+TRAIN_IMAGES = ("2019_YELL_2_528000_4978000_image_crop2",)
+#: Images tiled into the (same-site) test split.
+TEST_IMAGES = ("2019_YELL_2_541000_4977000_image_crop",)
+#: Images of other sites, kept whole as the ``test_other_sites`` split.
+OTHER_SITE_IMAGES = ("OSBS_029", "SOAP_061")
 CLASS_NAME = "Tree"
 
 
@@ -189,13 +193,13 @@ def import_tree_crowns(
     ``cache_dir``: ``out_root/_wheel``) if present, else downloaded there with pip when
     ``download``. Its sha256 must equal ``expected_sha256`` (``None`` skips the check).
 
-    ``train``: the two YELL crops cut into ``tile x tile`` tiles (:func:`tile_offsets` with
-    ``overlap`` pixels; a box is kept when more than ``min_visible`` of its area lies in the
-    tile, :func:`tile_boxes`), named ``<image>_x<x0>_y<y0>.png``; ``test``: OSBS_029 and
-    SOAP_061 whole. Boxes follow the VOC conversion ``(xmin - 1, ymin - 1, xmax, ymax)`` of
+    ``train``: the larger YELL crop and ``test``: the other YELL crop, each cut into
+    ``tile x tile`` tiles (:func:`tile_offsets` with ``overlap`` pixels; a box is kept when more
+    than ``min_visible`` of its area lies in the tile, :func:`tile_boxes`), named
+    ``<image>_x<x0>_y<y0>.png``; ``test_other_sites``: OSBS_029 and SOAP_061 whole. Boxes follow the VOC conversion ``(xmin - 1, ymin - 1, xmax, ymax)`` of
     :mod:`kdlab.detection.voc`; every label becomes the single class ``Tree`` (id 1).
 
-    Returns ``{"splits": {"train"|"test": {"images", "boxes"}}, "annotation_files": {...},
+    Returns ``{"splits": {split: {"images", "boxes"}}, "annotation_files": {...},
     "wheel": path, "sha256": digest}``. Raises :class:`DatasetError` for a missing wheel, a
     checksum mismatch, a wheel without the expected members, or bad tiling parameters.
     """
@@ -245,8 +249,8 @@ def import_tree_crowns(
                                                   where=ann.source)
             return boxes
 
-        def train_items(counts: dict[str, int]) -> Iterator[CocoImage]:
-            for stem in TRAIN_IMAGES:
+        def tiled_items(stems: Sequence[str], counts: dict[str, int]) -> Iterator[CocoImage]:
+            for stem in stems:
                 image, ann = _load(zf, stem, wheel_path)
                 boxes = boxes_of(image, ann)
                 h, w = image.shape[:2]
@@ -259,17 +263,19 @@ def import_tree_crowns(
                         yield CocoImage(f"{stem}_x{x0}_y{y0}.png", image[y0:y0 + th, x0:x0 + tw],
                                         kept, [1] * len(kept))
 
-        def test_items(counts: dict[str, int]) -> Iterator[CocoImage]:
-            for stem in TEST_IMAGES:
+        def whole_items(stems: Sequence[str], counts: dict[str, int]) -> Iterator[CocoImage]:
+            for stem in stems:
                 image, ann = _load(zf, stem, wheel_path)
                 boxes = boxes_of(image, ann)
                 counts["images"] += 1
                 counts["boxes"] += len(boxes)
                 yield CocoImage(f"{stem}.png", image, boxes, [1] * len(boxes))
 
-        for split, make in (("train", train_items), ("test", test_items)):
+        for split, make, stems in (("train", tiled_items, TRAIN_IMAGES),
+                                   ("test", tiled_items, TEST_IMAGES),
+                                   ("test_other_sites", whole_items, OTHER_SITE_IMAGES)):
             counts = {"images": 0, "boxes": 0}
-            path = write_coco_split(out_root, split, make(counts), categories, info=info)
+            path = write_coco_split(out_root, split, make(stems, counts), categories, info=info)
             summary["splits"][split] = counts
             summary["annotation_files"][split] = str(path)
     merged = sorted(class_ids)
