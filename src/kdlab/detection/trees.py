@@ -196,7 +196,8 @@ def import_tree_crowns(
     ``train``: the larger YELL crop and ``test``: the other YELL crop, each cut into
     ``tile x tile`` tiles (:func:`tile_offsets` with ``overlap`` pixels; a box is kept when more
     than ``min_visible`` of its area lies in the tile, :func:`tile_boxes`), named
-    ``<image>_x<x0>_y<y0>.png``; ``test_other_sites``: OSBS_029 and SOAP_061 whole. Boxes follow the VOC conversion ``(xmin - 1, ymin - 1, xmax, ymax)`` of
+    ``<image>_x<x0>_y<y0>.png``; ``test_other_sites``: OSBS_029 and SOAP_061 whole. Boxes
+    follow the VOC conversion ``(xmin - 1, ymin - 1, xmax, ymax)`` of
     :mod:`kdlab.detection.voc`; every label becomes the single class ``Tree`` (id 1).
 
     Returns ``{"splits": {split: {"images", "boxes"}}, "annotation_files": {...},
