@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -52,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdlab.data.download import file_sha256
 from kdlab.errors import CheckpointError, ConfigError, KdlabError
 
 log = logging.getLogger(__name__)
@@ -198,14 +198,6 @@ def _machine() -> dict[str, Any]:
     info = machine_info(torch.device("cpu"))
     info["cpu_flags"] = cpu_flags()
     return info
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _require(*modules: str, what: str) -> None:
@@ -703,7 +695,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *,
         "precision": meta["precision"],
         "file": path.name,
         "size_bytes": size,
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
         "arch": meta["arch"],
         "num_classes": meta["num_classes"],
         "in_channels": meta["in_channels"],

@@ -31,7 +31,6 @@ and a box is kept in a tile when its clipped area is more than ``min_visible`` o
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -44,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from kdlab.data.download import file_sha256
 from kdlab.detection.coco import CocoImage, write_coco_split
 from kdlab.detection.voc import VocAnnotation, parse_voc_xml, voc_objects_to_boxes
 from kdlab.errors import DatasetError
@@ -113,14 +113,6 @@ def tile_boxes(
     keep = np.nonzero((area > 0) & (inside > min_visible * area))[0]
     shifted = clipped[keep] - np.array([wx0, wy0, wx0, wy0])
     return shifted, keep
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download_deepforest_wheel(cache_dir: str | os.PathLike[str], *, timeout: float = 600.0) -> Path:
@@ -224,7 +216,7 @@ def import_tree_crowns(
         raise DatasetError(f"the tree-crown data needs the deepforest {DEEPFOREST_VERSION} wheel: "
                            f"pass --wheel PATH (from 'pip download --no-deps "
                            f"deepforest=={DEEPFOREST_VERSION}') or --download")
-    digest = _sha256(wheel_path)
+    digest = file_sha256(wheel_path)
     if expected_sha256 is not None and digest != expected_sha256:
         raise DatasetError(f"{wheel_path} has sha256 {digest}, expected {expected_sha256} "
                            f"(deepforest {DEEPFOREST_VERSION} from PyPI); download it again")

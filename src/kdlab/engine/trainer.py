@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import logging
 import math
 import signal
@@ -30,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdlab.config import ExperimentConfig
 from kdlab.data.build import request_views
+from kdlab.data.download import file_sha256
 from kdlab.engine.build import (
     build_distiller,
     build_lr_schedule,
@@ -108,15 +108,6 @@ class StepResult:
     loss: Tensor
     output: Any
     skipped: bool = False
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (recorded for teacher checkpoints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Trainer:
