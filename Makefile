@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 
 lint: setup
 	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
+	$(VENV)/bin/lint-imports
 
 test: setup lint
 	$(VENV)/bin/pytest

@@ -32,11 +32,10 @@ from kdlab.bench import (  # noqa: E402
     BenchSettings,
     TrainBench,
     check_losses,
-    load_average,
-    machine_info,
     wait_for_quiet,
 )
 from kdlab.config import parse_override  # noqa: E402
+from kdlab.core.env import load_average, machine_info  # noqa: E402
 
 CHECK_METHODS = ("kd", "dkd", "sd_kd", "sd_dkd", "sd_nkd", "dckd")
 #: bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 0.2 % per op); through a network and

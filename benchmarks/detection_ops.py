@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.detection.ops import batched_nms, nms, roi_align
+from kdlab.core.vision_ops import batched_nms, nms, roi_align
 
 
 def grid_sample_roi_align(input: Tensor, rois: Tensor, out: int, scale: float, grid: int,

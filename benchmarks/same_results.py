@@ -36,7 +36,7 @@ RECIPES = r'''
 import sys
 from pathlib import Path
 from kdlab.config import validate_config
-from kdlab.demo import FULL, _config
+from kdlab.cli.demo import FULL, _config
 from kdlab.engine.trainer import Trainer
 
 out = Path(sys.argv[1])

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from kdlab.bench import BenchSettings, TrainBench, load_average, machine_info
+from kdlab.bench import BenchSettings, TrainBench
+from kdlab.core.env import load_average, machine_info
 
 SDD_PAIRS = (("kd", "sd_kd"), ("dkd", "sd_dkd"))
 TARGET_OVERHEAD = 0.05

@@ -47,7 +47,7 @@ def run_distill(folder: Path, cfg: dict[str, Any], *extra: str) -> Path:
     progress bar, ``extra`` CLI arguments appended), assert it succeeded; the run directory."""
     import yaml
 
-    from kdlab.cli import main
+    from kdlab.cli.main import main
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "cfg.yaml"

@@ -1,4 +1,4 @@
-"""kdlab.atomic.atomic_write: content, .prev, and failures that leave the old file intact."""
+"""kdlab.core.io.atomic_write: content, .prev, and failures that leave the old file intact."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import BinaryIO
 
 import pytest
 
-from kdlab import atomic
-from kdlab.atomic import atomic_write, fsync_dir
+from kdlab.core import io as atomic
+from kdlab.core.io import atomic_write, fsync_dir
 
 
 def _listing(folder: Path) -> list[str]:

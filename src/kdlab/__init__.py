@@ -7,7 +7,8 @@ partner methods, a CIFAR model zoo, data pipelines, a resumable trainer and a CL
 
 from __future__ import annotations
 
-from kdlab.errors import KdlabError
+from kdlab.core.errors import KdlabError
+from kdlab.core.version import __version__
 
 TYPE_CHECKING = False  # typing itself is not imported: it would double `import kdlab`'s time
 if TYPE_CHECKING:
@@ -15,7 +16,6 @@ if TYPE_CHECKING:
 
     from kdlab.api import load_student, run
 
-__version__ = "0.2.0"
 
 __all__ = ["KdlabError", "__version__", "load_student", "run"]
 

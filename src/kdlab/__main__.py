@@ -1,6 +1,6 @@
 """`python -m kdlab` is the `kdlab` command."""
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

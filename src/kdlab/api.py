@@ -33,14 +33,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from kdlab.errors import CheckpointError, ConfigError, RunError, RunInterrupted
+from kdlab.config import apply_overrides, load_config, validate_config_with_plugins
+from kdlab.core.errors import ConfigError, RunInterrupted
+from kdlab.engine.progress import TqdmProgress
+from kdlab.engine.trainer import Trainer
+from kdlab.runs.open import open_run
+from kdlab.runs.rundir import run_folder
 
 if TYPE_CHECKING:
     from torch import nn
 
     from kdlab.config import ExperimentConfig
-    from kdlab.engine.rundir import Resume
     from kdlab.engine.trainer import Progress
+    from kdlab.runs.rundir import Resume
 
 __all__ = ["default_run_dir", "load_experiment", "load_student", "run", "sigterm_interrupts",
            "train"]
@@ -56,7 +61,6 @@ def load_experiment(config: str | Path | Mapping[str, Any],
     Raises:
         ConfigError: one line naming the bad key, file or value.
     """
-    from kdlab.config import apply_overrides, load_config, validate_config_with_plugins
 
     if isinstance(config, Mapping):
         if "_base_" in config:
@@ -72,8 +76,7 @@ def load_experiment(config: str | Path | Mapping[str, Any],
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
     """``output_dir/name/seedSEED``; a ``name`` that would leave ``output_dir`` (absolute,
-    ``..``) is a :class:`~kdlab.errors.ConfigError`."""
-    from kdlab.engine.rundir import run_folder
+    ``..``) is a :class:`~kdlab.core.errors.ConfigError`."""
 
     return run_folder(cfg.output_dir, cfg.name, f"seed{cfg.seed}")
 
@@ -107,7 +110,6 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: Resume = False,
     True (``distill``) or False (``train``) checks the config's teacher section; None accepts
     either.
     """
-    from kdlab.engine.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir, resume=resume, progress=progress,
                       require_teacher=require_teacher, stop_after=stop_after,
@@ -149,8 +151,6 @@ def run(config: str | Path | Mapping[str, Any], overrides: Sequence[str] | None 
     folder = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     shown: Progress | None = None
     if progress:
-        from kdlab.engine.progress import TqdmProgress
-
         shown = TqdmProgress()
     return train(cfg, folder, resume=resume, progress=shown, stop_after=stop_after,
                  allow_teacher_change=allow_teacher_change)
@@ -178,76 +178,4 @@ def load_student(run_dir: str | Path, checkpoint: Literal["best", "last"] | str 
         RunError: ``run_dir`` is not a kdlab run.
         CheckpointError: the checkpoint is missing, corrupt, or does not fit the network.
     """
-    import torch
-
-    from kdlab.config import read_yaml_file, validate_config_with_plugins
-    from kdlab.engine.checkpoint import INTEGRITY_KEY, load_latest, state_digest
-    from kdlab.engine.rundir import RunDir
-    from kdlab.models.checkpoint import extract_state_dict, load_state_dict_strict, read_checkpoint
-
-    rd = RunDir(run_dir)
-    if not rd.exists():
-        raise RunError(f"{run_dir} is not a kdlab run directory (no config.yaml)")
-    stored = read_yaml_file(rd.config_path, "run config")
-    if not isinstance(stored, dict):
-        raise RunError(f"{rd.config_path} does not hold a config mapping")
-    cfg = validate_config_with_plugins(stored, str(rd.config_path))
-    if checkpoint == "last":
-        found = load_latest(rd.last_checkpoint)
-        if found is None:
-            raise CheckpointError(f"run {run_dir} has no readable checkpoints/last.pt yet (no "
-                                  "completed epoch)")
-        state, path = found
-    else:
-        path = rd.best_checkpoint if checkpoint == "best" else Path(checkpoint)
-        if checkpoint == "best" and not path.exists():
-            raise CheckpointError(f"run {run_dir} has no checkpoints/best.pt yet (no evaluated "
-                                  "epoch); use checkpoint='last'")
-        state = read_checkpoint(path)
-        stored = state.pop(INTEGRITY_KEY, None)
-        if stored is not None and stored != state_digest(state):
-            raise CheckpointError(f"checkpoint {path} fails its sha256 check (changed on disk "
-                                  "after it was written)")
-    meta = _model_meta(rd, state)
-    if cfg.task == "detection" and "num_classes" in state:  # no need to read the dataset
-        from kdlab.config import DetectionConfig
-        from kdlab.detection.model import build_detector
-
-        model = build_detector(cfg.student.arch, int(state["num_classes"]),
-                               cfg.detection or DetectionConfig())
-    elif meta is None:
-        model = _model_from_data(cfg)
-    else:
-        from kdlab.models import create_model
-
-        model = create_model(cfg.student.arch, num_classes=meta[0], in_channels=meta[1])
-    load_state_dict_strict(model, extract_state_dict(state, path), str(path))
-    return model.to(torch.device(device)).eval()
-
-
-def _model_meta(rd: Any, state: dict[str, Any]) -> tuple[int, int] | None:
-    """(classes, input channels) from the checkpoint, else from ``last.pt`` (best.pt of kdlab
-    0.2 and earlier does not record them); None for a task other than classification."""
-    from kdlab.engine.checkpoint import load_latest
-
-    candidates = [state]
-    if "num_classes" not in state:
-        found = load_latest(rd.last_checkpoint)
-        if found is not None:
-            candidates.append(found[0])
-    for c in candidates:
-        if "num_classes" in c and c.get("task", "classification") == "classification":
-            return int(c["num_classes"]), int(c.get("in_channels", 3))
-    return None
-
-
-def _model_from_data(cfg: ExperimentConfig) -> nn.Module:
-    """The student built as a run builds it: through the task, sized by the run's data."""
-    import torch
-
-    from kdlab.tasks import task_for
-
-    task = task_for(cfg)
-    data = task.build_data(cfg.data, seed=cfg.seed, device=torch.device("cpu"),
-                           channels_last=False, rank=0, world_size=1)
-    return task.create_model(cfg.student.arch, data)
+    return open_run(run_dir).student(checkpoint, device)

@@ -24,9 +24,7 @@ Nothing here prints; the CLI formats :func:`format_table` to stdout.
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -38,16 +36,24 @@ from typing import Any
 
 import torch
 
+from kdlab.config import MethodConfig, apply_overrides, validate_config
+from kdlab.core.env import load_average, machine_info
+from kdlab.core.runtime import autocast
+from kdlab.data import DeviceLoader
+from kdlab.data.synthetic import make_synthetic_dataset
+from kdlab.engine.trainer import Trainer
+from kdlab.methods.base import Batch, DistillContext
+from kdlab.methods.compose import build_method
+from kdlab.models import create_model
+from kdlab.tasks.classification.evaluate import evaluate
+
 __all__ = [
     "BF16_DENSE_PEAK_TFLOPS",
     "BenchSettings",
     "TrainBench",
     "check_losses",
-    "cpu_model",
     "current_rss_mb",
     "format_table",
-    "load_average",
-    "machine_info",
     "peak_rss_mb",
     "peak_tflops",
     "run_bench",
@@ -74,14 +80,6 @@ PART_NAMES = ("data", "teacher_fwd", "student_fwd", "loss", "backward_step")
 
 
 # --------------------------------------------------------------------------- machine
-def load_average() -> float:
-    """The 1-minute load average (``nan`` where the OS has none)."""
-    try:
-        return float(os.getloadavg()[0])
-    except (OSError, AttributeError):
-        return float("nan")
-
-
 def wait_for_quiet(max_load: float = 1.5, timeout_s: float = 600.0, poll_s: float = 30.0
                    ) -> tuple[float, bool]:
     """Poll the 1-minute load average until it is at most ``max_load`` or ``timeout_s`` passed.
@@ -94,18 +92,6 @@ def wait_for_quiet(max_load: float = 1.5, timeout_s: float = 600.0, poll_s: floa
         time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
         load = load_average()
     return load, load <= max_load
-
-
-def cpu_model() -> str:
-    """The CPU model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def current_rss_mb() -> float:
@@ -121,29 +107,6 @@ def current_rss_mb() -> float:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (``ru_maxrss``, KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def machine_info(device: torch.device | None = None) -> dict[str, Any]:
-    """Versions and hardware recorded next to every figure."""
-    from kdlab.engine.runtime import cpu_supports_bf16
-
-    info: dict[str, Any] = {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_native_bf16": cpu_supports_bf16(),
-        "load_avg_1m": load_average(),
-        "gpu": None,
-    }
-    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
-        idx = device.index if device is not None and device.index is not None else 0
-        info["gpu"] = torch.cuda.get_device_name(idx)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def peak_tflops(device_name: str | None) -> float | None:
@@ -192,7 +155,6 @@ class BenchSettings:
 
     def config_dict(self) -> dict[str, Any]:
         """The experiment config (a plain dict, overrides applied) this benchmark trains."""
-        from kdlab.config import apply_overrides
 
         n_train = self.batch_size * max(self.steps, 1)
         data = {
@@ -234,9 +196,6 @@ class TrainBench:
     """
 
     def __init__(self, settings: BenchSettings) -> None:
-        from kdlab.config import validate_config
-        from kdlab.engine.trainer import Trainer
-
         self.settings = settings
         self.cfg = validate_config(settings.config_dict(), "kdlab bench")
         self._tmp = tempfile.TemporaryDirectory(prefix="kdlab-bench-")
@@ -338,9 +297,6 @@ class TrainBench:
 
     def eval_pass(self, size: int, batch_size: int) -> dict[str, float]:
         """Seconds of one evaluation pass of the student over ``size`` synthetic test images."""
-        from kdlab.data import DeviceLoader
-        from kdlab.data.synthetic import make_synthetic_dataset
-        from kdlab.engine.evaluate import evaluate
 
         s = self.settings
         ds = make_synthetic_dataset(size, num_classes=s.num_classes, size=s.input_size,
@@ -469,13 +425,6 @@ def check_losses(
     variant, fp32 channels_last, separates the layout's effect from the precision's. Returns
     per-term values and the max absolute / relative differences of each variant.
     """
-    from kdlab.config import MethodConfig
-    from kdlab.data import DeviceLoader
-    from kdlab.data.synthetic import make_synthetic_dataset
-    from kdlab.engine.runtime import autocast
-    from kdlab.methods.base import Batch, DistillContext
-    from kdlab.methods.compose import build_method
-    from kdlab.models import create_model
 
     dev = torch.device(device)
     torch.manual_seed(seed)

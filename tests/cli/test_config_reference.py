@@ -8,9 +8,9 @@ from typing import Any, get_args, get_origin
 import pytest
 from pydantic import BaseModel
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 from kdlab.config import ExperimentConfig
-from kdlab.config_reference import NOTES, config_keys, config_reference
+from kdlab.config.reference import NOTES, config_keys, config_reference
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "config-reference.md"
 REGENERATE = "kdlab config reference > docs/config-reference.md"

@@ -2,7 +2,7 @@
 never breaks the other; the quick demo says that its numbers are a smoke test, not results.
 
 The demo runs here on tiny synthetic IDX files found through ``$KDLAB_DATA`` (never the real
-Fashion-MNIST) with tiny plans patched over ``kdlab.demo.FULL`` / ``QUICK``.
+Fashion-MNIST) with tiny plans patched over ``kdlab.cli.demo.FULL`` / ``QUICK``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kdlab import demo
-from kdlab.cli import main
+from kdlab.cli import demo
+from kdlab.cli.main import main
 from kdlab.data.synthetic import write_idx
 
 #: two plans whose configs differ (teacher epochs), as the real FULL and QUICK do.

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 from support import run_distill, save_random_teacher
 
 

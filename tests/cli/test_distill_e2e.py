@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 from kdlab.methods.registry import get_method, list_methods
 from kdlab.models import create_model
 

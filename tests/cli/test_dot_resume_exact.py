@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 from kdlab.engine import trainer as trainer_mod
 from support import assert_same, save_random_teacher
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 from kdlab.engine.progress import TqdmProgress, format_figures
 
 STEP_LINE = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+) loss \d+\.\d{4} acc [\d.]+ "

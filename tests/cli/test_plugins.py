@@ -20,14 +20,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 from kdlab.config import load_config
+from kdlab.core.errors import (
+    ConfigError,
+    DatasetError,
+    KdlabError,
+    MethodError,
+    ModelError,
+    PluginError,
+)
+from kdlab.core.plugins import import_plugins
+from kdlab.core.registry import Registry
 from kdlab.data.registry import DATASETS, load_dataset
-from kdlab.errors import ConfigError, DatasetError, KdlabError, MethodError, ModelError, PluginError
 from kdlab.methods.registry import METHODS, get_method
 from kdlab.models.registry import MODELS, create_model
-from kdlab.plugins import import_plugins
-from kdlab.registry import Registry
 from kdlab.sweep import plan_sweep
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
@@ -218,7 +225,7 @@ def test_registry_api_and_recursive_reentrant_discovery(
     pkg = tmp_path / "widgetpkg"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text(
-        "from kdlab.errors import KdlabError\nfrom kdlab.registry import Registry\n"
+        "from kdlab.core.errors import KdlabError\nfrom kdlab.core.registry import Registry\n"
         "WIDGETS = Registry('widget', KdlabError, packages=('widgetpkg',), "
         "list_hint='kdlab widgets')\n")
     (pkg / "alpha.py").write_text("from widgetpkg import WIDGETS\nWIDGETS.register('alpha', 1)\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 from kdlab.models import create_model
 from support import assert_same
 

@@ -15,7 +15,7 @@ import pytest
 
 import kdlab
 import kdlab.methods  # noqa: F401  (registers the methods)
-from kdlab.cli import main
+from kdlab.cli.main import main
 from kdlab.config import ExperimentConfig, load_config
 from kdlab.methods.compose import build_params
 from kdlab.methods.registry import get_method
@@ -329,7 +329,7 @@ def test_every_config_name_is_unique_and_matches_its_path():
 
 def test_config_check_validates_sweep_specs(tmp_path, capsys):
     """`*.sweep.yaml` files are checked as sweep specs, not as experiment configs."""
-    from kdlab.cli import main
+    from kdlab.cli.main import main
 
     (tmp_path / "exp.yaml").write_text("student: {arch: resnet8}\n")
     (tmp_path / "ok.sweep.yaml").write_text("name: s\nconfigs: [exp.yaml]\nseeds: [0, 1]\n")

@@ -17,7 +17,7 @@ import pytest
 
 import kdlab
 import kdlab.methods  # noqa: F401  (registers the methods)
-from kdlab.cli import main
+from kdlab.cli.main import main
 from kdlab.config import ExperimentConfig, load_config
 from kdlab.methods.compose import build_params
 from kdlab.methods.registry import get_method

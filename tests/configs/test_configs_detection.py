@@ -56,7 +56,7 @@ def _pairs() -> list[tuple[str, str]]:
 @pytest.mark.parametrize("arch,section", _pairs(), ids=lambda v: v if len(v) < 40 else "cfg")
 def test_detector_builds(arch: str, section: str) -> None:
     from kdlab.config import DetectionConfig
-    from kdlab.detection.model import build_detector
+    from kdlab.tasks.detection.model import build_detector
 
     det = build_detector(arch, 3, DetectionConfig.model_validate(json.loads(section)))
     assert det.model.roi_heads.box_predictor.cls_score.out_features == 4

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from kdlab.core.errors import DatasetError
 from kdlab.data import download as dl
 from kdlab.data import load_cifar, write_cifar
 from kdlab.data.cifar import CIFAR_SPECS
-from kdlab.errors import DatasetError
 
 
 class _FakeResponse(io.BytesIO):

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from kdlab.core.errors import DatasetError
 from kdlab.data import load_cifar, load_dataset, load_fashion_mnist, write_cifar, write_idx
 from kdlab.data.cifar import restricted_load
 from kdlab.data.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_MEAN
 from kdlab.data.idx import read_idx_images, read_idx_labels
-from kdlab.errors import DatasetError
 
 # ----------------------------------------------------------------------------- CIFAR
 

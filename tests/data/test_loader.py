@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kdlab.core.errors import DatasetError
 from kdlab.data import DeviceLoader, load_dataset, make_synthetic_dataset, subset
 from kdlab.data.dataset import ImageTensorDataset
-from kdlab.errors import DatasetError
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdlab.core.errors import DatasetError
 from kdlab.data import DeviceLoader, make_synthetic_dataset
 from kdlab.data import randaugment as ra
 from kdlab.data.randaugment import (
@@ -24,7 +25,6 @@ from kdlab.data.randaugment import (
     rand_augment_normalized,
     strong_view_seed,
 )
-from kdlab.errors import DatasetError
 
 RNG = np.random.default_rng(0)
 

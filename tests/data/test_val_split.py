@@ -23,14 +23,14 @@ import torch
 from PIL import Image
 
 from kdlab.config import ExperimentConfig, dict_fingerprint, validate_config
+from kdlab.core.errors import ConfigError, KdlabError, RunInterrupted
 from kdlab.data import load_dataset, subset
 from kdlab.data.build import build_data, load_resident_data, load_resident_splits
 from kdlab.data.split import split_indices, val_counts
 from kdlab.data.stream import read_image
 from kdlab.data.transforms import imagenet_eval_transform
 from kdlab.engine.trainer import Trainer
-from kdlab.errors import ConfigError, KdlabError, RunInterrupted
-from kdlab.tasks.classification import ClassificationTask
+from kdlab.tasks.classification.task import ClassificationTask
 
 CPU = torch.device("cpu")
 

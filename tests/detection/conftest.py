@@ -57,7 +57,7 @@ def _one_thread() -> Any:
 @pytest.fixture(scope="session")
 def tv() -> Any:
     """torchvision, through kdlab's loader (skips when it cannot be made to work here)."""
-    from kdlab.detection.torchvision_ops import import_torchvision
+    from kdlab.core.torchvision_shim import import_torchvision
 
     try:
         return import_torchvision()
@@ -66,7 +66,7 @@ def tv() -> Any:
 
 
 def _images(rng: np.random.Generator, n: int, prefix: str) -> list[Any]:
-    from kdlab.detection.coco import CocoImage
+    from kdlab.tasks.detection.coco import CocoImage
 
     colours = np.array([[230, 40, 40], [40, 230, 40], [40, 40, 230]], dtype=np.uint8)
     out = []
@@ -88,7 +88,7 @@ def _images(rng: np.random.Generator, n: int, prefix: str) -> list[Any]:
 @pytest.fixture(scope="session")
 def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny COCO-format dataset (``annotations/instances_{train,test}.json``)."""
-    from kdlab.detection.coco import write_coco_split
+    from kdlab.tasks.detection.coco import write_coco_split
 
     root = tmp_path_factory.mktemp("tiny_coco")
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""kdlab.detection.coco: the COCO-format writer and reader.
+"""kdlab.tasks.detection.coco: the COCO-format writer and reader.
 
 Round trips (write_coco_split -> CocoDetection) with exact boxes, labels, sizes and pixels;
 golden xywh <-> xyxy values; torchvision-reference target conversion (crowd removal, clamping,
@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from kdlab.detection.coco import (
+from kdlab.core.errors import DatasetError
+from kdlab.tasks.detection.coco import (
     CocoDetection,
     CocoImage,
     write_coco_split,
     xywh_to_xyxy,
     xyxy_to_xywh,
 )
-from kdlab.errors import DatasetError
 
 CATS = [{"id": 5, "name": "five", "supercategory": "num"}, {"id": 2, "name": "two"}]
 

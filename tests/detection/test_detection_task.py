@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kdlab.config import DataConfig, DetectionConfig, load_config
-from kdlab.errors import ConfigError
+from kdlab.core.errors import ConfigError
 from kdlab.models.output import ModelOutput
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
@@ -75,8 +75,8 @@ def test_config_refuses_mixed_tasks_and_data(tmp_path: Path, coco_root: Path, ru
 
 
 def test_distill_inputs_is_the_roi_view() -> None:
-    from kdlab.detection.model import DetectorOutput
-    from kdlab.tasks.detection import DetectionTask
+    from kdlab.tasks.detection.model import DetectorOutput
+    from kdlab.tasks.detection.task import DetectionTask
 
     def out(seed: int) -> DetectorOutput:
         g = torch.Generator().manual_seed(seed)
@@ -103,8 +103,8 @@ def test_distill_inputs_is_the_roi_view() -> None:
 
 def _loader(coco_root: Path, *, train: bool = True, hflip: bool = True, seed: int = 0,
             batch_size: int = 5) -> Any:
-    from kdlab.detection.coco import CocoDetection
-    from kdlab.detection.data import DetectionLoader
+    from kdlab.tasks.detection.coco import CocoDetection
+    from kdlab.tasks.detection.data import DetectionLoader
 
     ds = CocoDetection.from_split(coco_root, "train" if train else "test")
     return DetectionLoader(ds, batch_size, torch.device("cpu"), train=train, seed=seed,
@@ -185,7 +185,7 @@ def test_hflip_mirrors_image_and_boxes(coco_root: Path) -> None:
 
 
 def test_build_detection_data_refuses_fractions(coco_root: Path) -> None:
-    from kdlab.detection.data import build_detection_data
+    from kdlab.tasks.detection.data import build_detection_data
 
     det = DetectionConfig(train_split="train", test_split="test")
     for bad in ({"val_fraction": 0.1}, {"train_fraction": 0.5}):
@@ -203,7 +203,7 @@ def test_build_detection_data_refuses_fractions(coco_root: Path) -> None:
 
 
 def _main(*args: str) -> None:
-    from kdlab.cli import main
+    from kdlab.cli.main import main
 
     assert main(["-q", *args, "--no-progress"] if args[0] in ("train", "distill") else
                 ["-q", *args]) == 0
@@ -242,8 +242,8 @@ def test_load_student_rebuilds_the_detector_without_the_dataset(teacher_run: Pat
     """``kdlab.load_student`` reads the class count from best.pt (no dataset needed) and returns
     the trained detector: its detections equal those of the model the run evaluated."""
     import kdlab
-    from kdlab.detection.coco import CocoDetection
-    from kdlab.detection.model import Detector
+    from kdlab.tasks.detection.coco import CocoDetection
+    from kdlab.tasks.detection.model import Detector
 
     model = kdlab.load_student(teacher_run)
     assert isinstance(model, Detector) and not model.training
@@ -291,7 +291,7 @@ def test_eval_writes_scores_and_coco_detections(teacher_run: Path, coco_root: Pa
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from kdlab.detection.evaluation import coco_metrics
+    from kdlab.tasks.detection.evaluation import coco_metrics
 
     out = teacher_run / "eval"
     _main("eval", str(teacher_run))

@@ -1,5 +1,5 @@
-"""kdlab.detection.model: the Faster R-CNN FPN detector, the RoI distillation pass and SDD's RoI
-regions.
+"""kdlab.tasks.detection.model: the Faster R-CNN FPN detector, the RoI distillation pass and
+SDD's RoI regions.
 
 References computed here, independently of the code under test:
 
@@ -7,7 +7,7 @@ References computed here, independently of the code under test:
 * torchvision's own ``GeneralizedRCNN.forward`` losses (same seed, so same RoI sampling) and
   ``fastrcnn_loss``'s classification part (``F.cross_entropy(class_logits, labels)``, torchvision
   ``models/detection/roi_heads.py``) for the losses of :func:`roi_forward`;
-* RoIAlign (``kdlab.detection.ops.roi_align``, sampling ratio 2, not aligned) of every RoI on
+* RoIAlign (``kdlab.core.vision_ops.roi_align``, sampling ratio 2, not aligned) of every RoI on
   its own FPN level (torchvision's ``LevelMapper``: ``k = floor(4 + log2(sqrt(area) / 224) +
   1e-6)`` clamped to the pyramid, spatial scale ``2**-k``) followed by the detector's box head,
   for SDD's regions: quadrant sub-boxes (grid) and the official SDD detection code's interleaved
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.config import DataConfig, DetectionConfig, MethodConfig
-from kdlab.errors import MethodError, ModelError
+from kdlab.core.errors import MethodError, ModelError
 from kdlab.models import create_model
 from kdlab.models.output import KdModel, ModelOutput
 
@@ -38,7 +38,7 @@ K = 3  # foreground classes of the tiny set
 
 
 def _detector(cfg: DetectionConfig, seed: int, arch: str = ARCH) -> Any:
-    from kdlab.detection.model import build_detector
+    from kdlab.tasks.detection.model import build_detector
 
     torch.manual_seed(seed)
     det = build_detector(arch, K, cfg)
@@ -47,7 +47,7 @@ def _detector(cfg: DetectionConfig, seed: int, arch: str = ARCH) -> Any:
 
 
 def _two_images(root: Path) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-    from kdlab.detection.coco import CocoDetection
+    from kdlab.tasks.detection.coco import CocoDetection
 
     ds = CocoDetection.from_split(root, "train")
     samples = [ds[0], ds[1]]
@@ -64,7 +64,7 @@ def frozen_cfg(det_cfg: DetectionConfig) -> DetectionConfig:
 
 @pytest.fixture(scope="module")
 def data(coco_root: Path, det_cfg: DetectionConfig) -> Any:
-    from kdlab.detection.data import build_detection_data
+    from kdlab.tasks.detection.data import build_detection_data
 
     cfg = DataConfig(name="coco", root=str(coco_root), batch_size=2, eval_batch_size=2,
                      num_workers=0)
@@ -77,7 +77,7 @@ def _methods(task_data: Any, student: Any, teacher: Any, **methods: dict[str, An
              ) -> dict[str, Any]:
     """``{key: CompositeDistiller}`` built like a run does (the task's distill_context)."""
     from kdlab.methods.compose import build_method
-    from kdlab.tasks.detection import DetectionTask
+    from kdlab.tasks.detection.task import DetectionTask
 
     ctx = DetectionTask().distill_context(student, teacher, task_data)
     return {k: build_method(MethodConfig(**m), ctx) for k, m in methods.items()}
@@ -97,7 +97,7 @@ def _methods(task_data: Any, student: Any, teacher: Any, **methods: dict[str, An
 ])
 def test_pyramid_stages_of_zoo_backbones(tv: Any, arch: str, indices: list[int],
                                          channels: list[int]) -> None:
-    from kdlab.detection.model import pyramid_stages
+    from kdlab.tasks.detection.model import pyramid_stages
 
     body = create_model(arch, num_classes=1000, in_channels=3)
     with torch.no_grad():
@@ -129,7 +129,7 @@ class _Stages(KdModel):
 
 
 def test_pyramid_stages_takes_the_last_stage_of_each_stride(tv: Any) -> None:
-    from kdlab.detection.model import pyramid_stages
+    from kdlab.tasks.detection.model import pyramid_stages
 
     # indices: stride 4 -> 2 (not 1), stride 8 -> 5 (not 3, 4), 16 -> 6, 32 -> 7
     assert pyramid_stages(_Stages()) == ([2, 5, 6, 7], [3, 6, 7, 8], [4, 8, 16, 32])
@@ -148,7 +148,7 @@ def test_roi_head_has_k_plus_one_outputs(tv: Any, det_cfg: DetectionConfig) -> N
 @pytest.mark.parametrize("sizes", [[8, 16, 32, 64], [8, 16, 32, 64, 128, 256]])
 def test_bad_anchor_sizes_length_is_refused(tv: Any, det_cfg: DetectionConfig,
                                             sizes: list[int]) -> None:
-    from kdlab.detection.model import build_detector
+    from kdlab.tasks.detection.model import build_detector
 
     with pytest.raises(ModelError, match=r"detection\.anchor_sizes") as err:
         build_detector(ARCH, K, det_cfg.model_copy(update={"anchor_sizes": sizes}))
@@ -156,7 +156,7 @@ def test_bad_anchor_sizes_length_is_refused(tv: Any, det_cfg: DetectionConfig,
 
 
 def test_freeze_batchnorm_keeps_eval_outputs(tv: Any, det_cfg: DetectionConfig) -> None:
-    from kdlab.detection.model import _freeze_batchnorm
+    from kdlab.tasks.detection.model import _freeze_batchnorm
 
     frozen_cls = tv.ops.misc.FrozenBatchNorm2d
     torch.manual_seed(3)
@@ -198,7 +198,7 @@ def test_freeze_batchnorm_keeps_eval_outputs(tv: Any, det_cfg: DetectionConfig) 
 
 def test_roi_forward_equals_torchvision_forward(tv: Any, coco_root: Path,
                                                 det_cfg: DetectionConfig) -> None:
-    from kdlab.detection.model import roi_forward
+    from kdlab.tasks.detection.model import roi_forward
 
     det = _detector(det_cfg, 0)
     images, targets = _two_images(coco_root)
@@ -230,8 +230,8 @@ def test_roi_forward_equals_torchvision_forward(tv: Any, coco_root: Path,
 
 def test_roi_forward_teacher_copy_is_row_aligned_and_gets_no_grad(
         tv: Any, coco_root: Path, frozen_cfg: DetectionConfig, data: Any) -> None:
-    from kdlab.detection.model import roi_forward
-    from kdlab.tasks.detection import DetectionTask
+    from kdlab.tasks.detection.model import roi_forward
+    from kdlab.tasks.detection.task import DetectionTask
 
     student = _detector(frozen_cfg, 0)
     # parameters still requiring grad: roi_forward itself must keep the teacher out of autograd
@@ -268,7 +268,7 @@ def test_roi_forward_teacher_copy_is_row_aligned_and_gets_no_grad(
 def test_roi_losses_are_positive_for_a_different_teacher(
         tv: Any, coco_root: Path, frozen_cfg: DetectionConfig, data: Any) -> None:
     """The zero losses above are not zero by construction: another teacher gives > 0."""
-    from kdlab.detection.model import roi_forward
+    from kdlab.tasks.detection.model import roi_forward
 
     student, teacher = _detector(frozen_cfg, 0), _detector(frozen_cfg, 1).eval()
     images, targets = _two_images(coco_root)
@@ -278,7 +278,7 @@ def test_roi_losses_are_positive_for_a_different_teacher(
     assert not torch.allclose(out_s.roi.logits, out_t.roi.logits)
     ms = _methods(data, student, teacher, kd={"name": "kd"},
                   dkd={"name": "dkd", "params": {"warmup_epochs": 0}})
-    from kdlab.tasks.detection import DetectionTask
+    from kdlab.tasks.detection.task import DetectionTask
 
     roi_s, roi_t, batch = DetectionTask().distill_inputs(out_s, out_t, None)
     assert float(ms["kd"](roi_s, roi_t, batch, 1)["kd"].detach()) > 1e-6
@@ -309,7 +309,7 @@ def _levels(boxes: Tensor) -> list[int]:
 
 def _pool_each(fpn: dict[str, Tensor], boxes: Tensor, size: int) -> Tensor:
     """RoIAlign of each box on its own level at ``size x size`` (sampling ratio 2)."""
-    from kdlab.detection.ops import roi_align
+    from kdlab.core.vision_ops import roi_align
 
     rows = []
     for box, k in zip(boxes, _levels(boxes), strict=True):
@@ -339,7 +339,7 @@ def region_setup(tv: Any, det_cfg: DetectionConfig) -> tuple[Any, dict[str, Tens
 
 
 def _regions(setup: Any, scales: list[int], layout: str) -> Tensor:
-    from kdlab.detection.model import region_logits
+    from kdlab.tasks.detection.model import region_logits
 
     det, fpn, glob = setup
     with torch.no_grad():
@@ -367,7 +367,7 @@ def _sub_boxes(boxes: Tensor, m: int) -> Tensor:
 @pytest.mark.parametrize("scales", [[1, 2], [1, 2, 4]])
 def test_grid_regions_are_sub_boxes_on_the_rois_level(region_setup: Any,
                                                       scales: list[int]) -> None:
-    from kdlab.detection.ops import roi_align
+    from kdlab.core.vision_ops import roi_align
 
     det, fpn, glob = region_setup
     out = _regions(region_setup, scales, "grid")
@@ -431,8 +431,8 @@ def test_bad_region_layouts_are_refused(region_setup: Any, scales: list[int],
 def test_sd_dkd_with_scale_one_is_dkd_on_roi_logits(tv: Any, coco_root: Path,
                                                     frozen_cfg: DetectionConfig, data: Any,
                                                     temperature: float) -> None:
-    from kdlab.detection.model import roi_forward
-    from kdlab.tasks.detection import DetectionTask
+    from kdlab.tasks.detection.model import roi_forward
+    from kdlab.tasks.detection.task import DetectionTask
 
     student, teacher = _detector(frozen_cfg, 0), _detector(frozen_cfg, 1).eval()
     teacher.requires_grad_(False)
@@ -464,8 +464,8 @@ def test_sd_dkd_with_unit_weights_is_the_official_mean_over_regions(
     """The official SDD detection code averages DKD over its five views with equal weights
     (``dkd_sum / count_num``); kdlab's sd_dkd equals that with ``sdd_beta = 1`` (and the default
     ``consistent_weight = 1``): here on the grid regions of scales [1, 2]."""
-    from kdlab.detection.model import roi_forward
-    from kdlab.tasks.detection import DetectionTask
+    from kdlab.tasks.detection.model import roi_forward
+    from kdlab.tasks.detection.task import DetectionTask
 
     student, teacher = _detector(frozen_cfg, 0), _detector(frozen_cfg, 1).eval()
     images, targets = _two_images(coco_root)

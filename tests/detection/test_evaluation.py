@@ -1,4 +1,4 @@
-"""COCO mAP (kdlab.detection.evaluation): hand-computed golden values, COCO's area ranges and
+"""COCO mAP (kdlab.tasks.detection.evaluation): hand-computed golden values, COCO's area ranges and
 crowd handling, and agreement with an independent COCO-style AP written here."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import torch
 
 pytest.importorskip("pycocotools")
 
-from kdlab.detection import evaluation as ev  # noqa: E402
-from kdlab.detection.evaluation import (  # noqa: E402
+from kdlab.core.errors import ConfigError, DatasetError  # noqa: E402
+from kdlab.tasks.detection import evaluation as ev  # noqa: E402
+from kdlab.tasks.detection.evaluation import (  # noqa: E402
     METRIC_NAMES,
     coco_metrics,
     detections_to_coco,
     write_coco_results,
 )
-from kdlab.errors import ConfigError, DatasetError  # noqa: E402
 
 # The 101 recall thresholds of COCO's interpolated precision: 0, 0.01, ..., 1.
 N_REC = 101

@@ -1,4 +1,4 @@
-"""kdlab.detection.ops.nms / batched_nms against an independent re-derivation of torchvision's
+"""kdlab.core.vision_ops.nms / batched_nms against an independent re-derivation of torchvision's
 compiled CPU kernel (sort by score, greedy keep, suppress when IoU > threshold, no +1 in areas)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdlab.detection.ops import DetectionOpError, batched_nms, nms
+from kdlab.core.vision_ops import DetectionOpError, batched_nms, nms
 
 
 def reference_nms(boxes: list[list[float]], scores: list[float], thr: float) -> list[int]:

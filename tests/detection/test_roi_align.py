@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.detection.ops import DetectionOpError, roi_align
+from kdlab.core.vision_ops import DetectionOpError, roi_align
 
 
 def _roi_params(roi: np.ndarray, scale: float, ph: int, pw: int, sr: int, aligned: bool

@@ -1,4 +1,4 @@
-"""kdlab.detection.synthetic: the synthetic Fashion-MNIST detection set.
+"""kdlab.tools.synthetic_detection: the synthetic Fashion-MNIST detection set.
 
 Uses small IDX files generated here (train items of classes 0-2, test items of classes 7-9, all
 distinct) so the tests can tell which split an object came from.
@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 
 from kdlab import __version__
+from kdlab.cli.detection_data import add_detection_data_parser
+from kdlab.core.errors import ConfigError, DatasetError
 from kdlab.data.fashion_mnist import FASHION_MNIST_CLASSES
 from kdlab.data.idx import write_idx_file
-from kdlab.detection.cli import add_detection_data_parser
-from kdlab.detection.coco import CocoDetection
-from kdlab.detection.synthetic import make_fashion_mnist_detection
-from kdlab.errors import ConfigError, DatasetError
+from kdlab.tasks.detection.coco import CocoDetection
+from kdlab.tools.synthetic_detection import make_fashion_mnist_detection
 
 THRESHOLD = 8
 

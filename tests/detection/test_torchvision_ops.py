@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from kdlab.detection import ops as K
-from kdlab.detection.torchvision_ops import import_torchvision, install_kdlab_ops, ops_backend
-from kdlab.errors import ModelError
+from kdlab.core import vision_ops as K
+from kdlab.core.errors import ModelError
+from kdlab.core.torchvision_shim import import_torchvision, install_kdlab_ops, ops_backend
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 needs_tv = pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision is not installed")
@@ -139,7 +139,7 @@ def test_faster_rcnn_trains_and_evaluates(tv) -> None:
 
 
 def test_missing_torchvision_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kdlab.detection.torchvision_ops as tvo
+    import kdlab.core.torchvision_shim as tvo
 
     monkeypatch.setitem(tvo._STATE, "module", None)
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import raises ModuleNotFoundError
@@ -155,7 +155,7 @@ def test_compiled_ops_need_the_backward_operator(tv) -> None:
     # and a missing _has_ops() never does.
     import types
 
-    import kdlab.detection.torchvision_ops as tvo
+    import kdlab.core.torchvision_shim as tvo
 
     def fake(flag: bool) -> types.ModuleType:
         mod = types.ModuleType("fake_tv")

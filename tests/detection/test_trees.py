@@ -1,4 +1,4 @@
-"""DeepForest tree-crown importer (kdlab.detection.trees) on a tiny fake wheel built here; the
+"""DeepForest tree-crown importer (kdlab.tools.trees) on a tiny fake wheel built here; the
 real wheel is used only when KDLAB_DEEPFOREST_WHEEL points at it."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kdlab.detection import trees
-from kdlab.detection.cli import add_detection_data_parser
-from kdlab.detection.trees import import_tree_crowns, tile_boxes, tile_offsets
-from kdlab.errors import DatasetError
+from kdlab.cli.detection_data import add_detection_data_parser
+from kdlab.core.errors import DatasetError
+from kdlab.tools import trees
+from kdlab.tools.trees import import_tree_crowns, tile_boxes, tile_offsets
 
 (CROP2,), (CROP1,) = trees.TRAIN_IMAGES, trees.TEST_IMAGES
 

@@ -1,4 +1,4 @@
-"""Pascal-VOC importer (kdlab.detection.voc) on small VOC trees generated here."""
+"""Pascal-VOC importer (kdlab.tools.voc) on small VOC trees generated here."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kdlab.detection.cli import add_detection_data_parser
-from kdlab.detection.coco import CocoDetection
-from kdlab.detection.voc import clip_box, import_voc, parse_voc_xml, voc_box_to_xyxy
-from kdlab.errors import ConfigError, DatasetError
+from kdlab.cli.detection_data import add_detection_data_parser
+from kdlab.core.errors import ConfigError, DatasetError
+from kdlab.tasks.detection.coco import CocoDetection
+from kdlab.tools.voc import clip_box, import_voc, parse_voc_xml, voc_box_to_xyxy
 
 Obj = tuple[str, tuple[int, int, int, int], int]  # name, (xmin, ymin, xmax, ymax), difficult
 
@@ -73,7 +73,7 @@ def test_devkit_import_exact_boxes_classes_difficult(tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     root, pixels = _devkit(tmp_path)
     out = tmp_path / "coco"
-    with caplog.at_level(logging.WARNING, logger="kdlab.detection.voc"):
+    with caplog.at_level(logging.WARNING, logger="kdlab.tools.voc"):
         summary = import_voc(tmp_path / "VOCdevkit", out)  # one VOC20xx inside: found
     assert summary["classes"] == ["cat", "dog", "person"]
     assert summary["splits"] == {"train": {"images": 2, "boxes": 3, "crowd": 1},
@@ -110,7 +110,7 @@ def test_given_classes_order_and_unknown_skipped(tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     root, _ = _devkit(tmp_path)
     out = tmp_path / "coco"
-    with caplog.at_level(logging.WARNING, logger="kdlab.detection.voc"):
+    with caplog.at_level(logging.WARNING, logger="kdlab.tools.voc"):
         summary = import_voc(root, out, classes=["person", "dog"],
                              splits={"all": "trainval"})
     assert list(summary["splits"]) == ["all"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab.engine import checkpoint as ckpt_mod
-from kdlab.engine.checkpoint import load_latest, save_atomic
-from kdlab.errors import CheckpointError
+from kdlab.core.errors import CheckpointError
+from kdlab.runs import checkpoint as ckpt_mod
+from kdlab.runs.checkpoint import load_latest, save_atomic
 
 
 def test_save_keeps_previous_and_loads_latest(tmp_path: Path) -> None:

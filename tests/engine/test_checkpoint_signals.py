@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from kdlab.engine import checkpoint as ckpt
-from kdlab.engine.checkpoint import load_latest, save_atomic, signals_deferred
+from kdlab.runs import checkpoint as ckpt
+from kdlab.runs.checkpoint import load_latest, save_atomic, signals_deferred
 
 
 def _interrupting_save(monkeypatch: pytest.MonkeyPatch, sig: int) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kdlab.config import apply_overrides, load_config, parse_override, read_yaml
-from kdlab.errors import ConfigError
+from kdlab.core.errors import ConfigError
 
 
 def write(path: Path, text: str) -> Path:
@@ -111,11 +111,11 @@ def test_non_finite_policy_can_change_on_resume(tmp_path: Path) -> None:
 def test_auto_amp_needs_native_bf16(monkeypatch) -> None:
     import torch
 
-    from kdlab.engine import runtime
+    from kdlab.core import env, runtime
 
-    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
+    monkeypatch.setattr(env, "cpu_flags", lambda: {"avx512f", "avx512bw"})
     assert runtime.resolve_amp("auto", torch.device("cpu")) is None
-    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(env, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
     assert runtime.resolve_amp("auto", torch.device("cpu")) is expected
     assert runtime.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16

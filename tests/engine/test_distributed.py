@@ -70,9 +70,9 @@ def test_torchrun_two_processes_match_single_process(tmp_path: Path) -> None:
 
 def test_global_batch_must_divide_and_lr_rules() -> None:
     from kdlab.config import OptimConfig
-    from kdlab.engine.distributed import DistInfo, per_rank_batch
+    from kdlab.core.distributed import DistInfo, per_rank_batch
+    from kdlab.core.errors import ConfigError
     from kdlab.engine.trainer import scaled_lr
-    from kdlab.errors import ConfigError
 
     assert per_rank_batch(64, DistInfo(rank=1, world_size=4)) == 16
     with pytest.raises(ConfigError, match="multiple of the number of processes"):

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.config import OptimConfig, validate_config
+from kdlab.core.errors import ConfigError
 from kdlab.engine.dot import DistillationOrientedSGD
 from kdlab.engine.optimizers import DOT, build_optimizer, get_optimizer, list_optimizers
-from kdlab.errors import ConfigError
 from kdlab.methods.base import total_loss
 
 T = 4.0

@@ -23,7 +23,8 @@ import pytest
 
 from kdlab.api import load_experiment, train
 from kdlab.config import validate_config
-from kdlab.engine.distributed import DistInfo
+from kdlab.core.distributed import DistInfo
+from kdlab.core.errors import ConfigError
 from kdlab.engine.loggers import (
     LOGGERS,
     CsvLogger,
@@ -34,7 +35,6 @@ from kdlab.engine.loggers import (
     flatten,
     register_logger,
 )
-from kdlab.errors import ConfigError
 
 STEPS_PER_EPOCH = 4
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None

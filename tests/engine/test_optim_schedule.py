@@ -12,6 +12,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdlab.config import OptimConfig, validate_config
+from kdlab.core.errors import ConfigError
 from kdlab.engine.optimizers import (
     OPTIMIZERS,
     OptimizerArgs,
@@ -21,7 +22,6 @@ from kdlab.engine.optimizers import (
     register_optimizer,
 )
 from kdlab.engine.schedules import build_schedule, list_schedules
-from kdlab.errors import ConfigError
 
 
 def _params() -> list[Tensor]:

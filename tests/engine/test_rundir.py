@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from kdlab.config import validate_config
-from kdlab.engine.rundir import RunDir
-from kdlab.errors import RunError
+from kdlab.core.errors import RunError
+from kdlab.runs.rundir import RunDir
 
 
 def cfg(**optim):
@@ -232,8 +232,8 @@ def test_failed_start_is_abandoned(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- derived paths
 @pytest.mark.parametrize("name", ["../x", "/abs", "a/../../b", ".."])
 def test_run_folder_stays_inside(tmp_path: Path, name: str) -> None:
-    from kdlab.engine.rundir import run_folder
-    from kdlab.errors import ConfigError
+    from kdlab.core.errors import ConfigError
+    from kdlab.runs.rundir import run_folder
 
     with pytest.raises(ConfigError, match="config key 'name'"):
         run_folder(tmp_path / "runs", name, "seed0")

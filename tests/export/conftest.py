@@ -43,7 +43,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def student(tiny_run: Path) -> torch.nn.Module:
-    """The run's student rebuilt independently of kdlab.export: zoo model + best.pt weights."""
+    """The run's student rebuilt independently of kdlab.deploy.export: zoo model + best.pt
+    weights."""
     model = create_model(STUDENT, num_classes=NUM_CLASSES, in_channels=3)
     best = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
     model.load_state_dict(best["model"])

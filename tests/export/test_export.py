@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 from kdlab.config import load_config
 from kdlab.data.build import build_data
 
@@ -220,7 +220,7 @@ def test_missing_onnx_packages(tiny_run: Path, tmp_path: Path,
 def test_parity_counts_disagreement_and_nan() -> None:
     """check_parity on hand-made logits: 1 of 4 argmaxes differs; a NaN logit poisons the
     max difference (so a tolerance check fails)."""
-    from kdlab.export import check_parity
+    from kdlab.deploy.export import check_parity
 
     ref = torch.tensor([[2.0, 1.0], [0.0, 1.0], [3.0, 0.0], [0.0, 5.0]])
     cand = ref.clone()
@@ -244,7 +244,7 @@ def test_parity_counts_disagreement_and_nan() -> None:
 def test_deployable_mobilenetv2_exports(tmp_path: Path) -> None:
     """MobileNetV2's head lives at ``classifier.0`` behind the ``classifier`` property; the
     deployable copy lets torch.export walk it, with the same weights and the same logits."""
-    from kdlab.export import LogitsOnly, deployable
+    from kdlab.deploy.export import LogitsOnly, deployable
     from kdlab.models import create_model
 
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kdlab.cli import main
-from kdlab.latency import summarize
+from kdlab.cli.main import main
+from kdlab.deploy.latency import summarize
 from kdlab.models import create_model
 
 NUM_CLASSES = 4

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.errors import ModelError
+from kdlab.core.errors import ModelError
 from kdlab.losses import multiscale_logits
 from kdlab.models.adapter import adapt
 from kdlab.models.registry import create_model

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 from kdlab.models import create_model
 from support import run_distill
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from kdlab.core.errors import DatasetError
 from kdlab.data.cub import cub_index
 from kdlab.data.folder import imagenet_index, scan_class_folder
-from kdlab.errors import DatasetError
 
 
 def test_imagenet_layout(imagenet_root: Path) -> None:

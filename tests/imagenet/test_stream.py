@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdlab.core.errors import DatasetError
 from kdlab.data.stream import (
     StreamDataset,
     load_stream_dataset,
     make_stream_loader,
     verify_index,
 )
-from kdlab.errors import DatasetError
 
 
 def _ds(root: Path, train: bool = True, on_error: str = "skip", size: int = 32) -> StreamDataset:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses.dckd import dckd_loss
 from kdlab.losses.logit import dkd_loss
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses import dist_loss, kd_loss, ttm_loss, wttm_loss
 from kdlab.losses.dist import pearson_correlation
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses.logit import dkd_loss, kd_loss, nkd_loss
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses import mlkd_loss
 from kdlab.losses.mlkd import class_confidence_mask, confidence_mask
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses.logit import dkd_loss, kd_loss, nkd_loss
 from kdlab.losses.sdd import multiscale_logits, sdd_loss
 

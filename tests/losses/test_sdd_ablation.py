@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses.sdd import sdd_loss
 from kdlab.methods.sdd import SDDDKDParams, SDDKDParams, SDDNKDParams
 

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 import kdlab.methods.logit  # noqa: F401  (registers the methods)
 import kdlab.methods.sdd  # noqa: F401
 from kdlab.config import MethodConfig
+from kdlab.core.errors import MethodError
 from kdlab.engine.build import trainable_parameters
-from kdlab.errors import MethodError
 from kdlab.losses.logit import dkd_loss, kd_loss, nkd_loss
 from kdlab.methods.base import Batch, DistillContext
 from kdlab.methods.compose import build_method

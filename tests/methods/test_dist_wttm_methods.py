@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import kdlab.methods.dist  # noqa: F401  (registers the methods)
 import kdlab.methods.wttm  # noqa: F401
 from kdlab.config import MethodConfig
-from kdlab.errors import ConfigError
+from kdlab.core.errors import ConfigError
 from kdlab.losses import dist_loss, ttm_loss, wttm_loss
 from kdlab.methods.base import Batch, DistillContext
 from kdlab.methods.compose import build_method, build_params

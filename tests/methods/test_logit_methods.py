@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 import kdlab.methods.logit  # noqa: F401  (registers the methods)
 import kdlab.methods.sdd  # noqa: F401
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses.dckd import dckd_loss
 from kdlab.losses.logit import dkd_loss, kd_loss, nkd_loss
 from kdlab.losses.sdd import multiscale_logits, sdd_loss

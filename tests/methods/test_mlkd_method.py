@@ -15,20 +15,20 @@ import torch.nn.functional as F
 import yaml
 from pydantic import ValidationError
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 from kdlab.config import MethodConfig
+from kdlab.core.errors import ConfigError
 from kdlab.data import DeviceLoader, make_synthetic_dataset
 from kdlab.data.batch import Batch
 from kdlab.data.build import request_views
 from kdlab.data.randaugment import StrongViewLoader
 from kdlab.engine import trainer as trainer_module
-from kdlab.errors import ConfigError
 from kdlab.losses.mlkd import mlkd_loss
 from kdlab.methods import DistillContext, build_method
 from kdlab.methods.base import requested_views
 from kdlab.methods.mlkd import MLKDParams
 from kdlab.models import create_model
-from kdlab.tasks.classification import ClassificationTask
+from kdlab.tasks.classification.task import ClassificationTask
 from support import assert_same
 
 K = 10

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.methods.base import Batch, DistillContext, Distiller
 from kdlab.methods.crd import CRD, CRDParams
 from kdlab.methods.feature import AT, PKT, RKD, SP, ConvRegressor, FitNet

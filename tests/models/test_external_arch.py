@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 import kdlab
-from kdlab.cli import main
+from kdlab.cli.main import main
 from kdlab.config import validate_config
+from kdlab.core.errors import ConfigError, ModelError
 from kdlab.engine.build import build_model
-from kdlab.errors import ConfigError, ModelError
 from kdlab.models import create_model, load_pretrained
 from kdlab.models.adapter import AdaptedModel
 from kdlab.tasks import get_task

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab.errors import CheckpointError
+from kdlab.core.errors import CheckpointError
 from kdlab.models import create_model, load_checkpoint
 
 GOLDEN_DIR = Path(__file__).parent / "golden"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.errors import ModelError
+from kdlab.core.errors import ModelError
 from kdlab.models import KdModel, ModelOutput, create_model, list_models
 
 EXPECTED_MODELS = {

@@ -1,4 +1,4 @@
-"""Run ``kdlab.cli.main`` in a child process with one injected fault (used by the kill tests).
+"""Run ``kdlab.cli.main.main`` in a child process with one injected fault (used by the kill tests).
 
 Usage: ``python _faulty_child.py FAULT -- KDLAB ARGS...``. ``FAULT`` is one of
 
@@ -29,7 +29,8 @@ def install(fault: str) -> None:
     """Patch the one place named by ``fault``."""
     import torch
 
-    from kdlab.engine import checkpoint, rundir, trainer
+    from kdlab.engine import trainer
+    from kdlab.runs import checkpoint, rundir
 
     kind, _, rest = fault.partition(":")
     calls = {"n": 0}
@@ -58,7 +59,7 @@ def install(fault: str) -> None:
                     _die()
             real_replace(src, dst, *a, **k)
 
-        # kdlab.atomic.atomic_write looks os.replace up at call time: patch it process-wide.
+        # kdlab.core.io.atomic_write looks os.replace up at call time: patch it process-wide.
         os.replace = replace  # type: ignore[assignment]
     elif kind == "partial-save":
         name, _, count = rest.rpartition(":")
@@ -105,7 +106,7 @@ def main() -> int:
     fault = sys.argv[1]
     assert sys.argv[2] == "--"
     install(fault)
-    from kdlab.cli import main as kdlab_main
+    from kdlab.cli.main import main as kdlab_main
 
     return kdlab_main(sys.argv[3:])
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 from support import assert_same, save_random_teacher
 
 HERE = Path(__file__).resolve().parent

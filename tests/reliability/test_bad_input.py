@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from kdlab.config import MethodConfig, load_config
+from kdlab.core.errors import KdlabError, MethodError
 from kdlab.data.cifar import CIFAR_SPECS
-from kdlab.engine.rundir import RunDir
-from kdlab.errors import KdlabError, MethodError
 from kdlab.methods import DistillContext, build_method
 from kdlab.models import create_model
+from kdlab.runs.rundir import RunDir
 
 from .conftest import child_env, cli
 

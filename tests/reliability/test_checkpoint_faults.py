@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kdlab.engine import checkpoint as ckpt_mod
+from kdlab.runs import checkpoint as ckpt_mod
 
 from .conftest import assert_runs_equal, cli, load
 

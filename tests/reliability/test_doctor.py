@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kdlab import doctor
-from kdlab.cli import main
+from kdlab.cli import doctor
+from kdlab.cli.main import main
 
 
 def test_table_and_exit_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -102,7 +102,7 @@ def test_corrupt_teacher_checkpoint_fails(tmp_path: Path, write_cfg,
 
 
 def test_detection_section_never_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kdlab.detection import torchvision_ops
+    from kdlab.core import torchvision_shim as torchvision_ops
 
     det = doctor.environment()["detection"]
     assert {"torchvision", "pycocotools"} <= det.keys()

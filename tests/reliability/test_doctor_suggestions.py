@@ -1,9 +1,9 @@
 """Every command, option and config key that ``kdlab doctor`` suggests exists.
 
-All string constants of :mod:`kdlab.doctor` (messages, f-string parts, docstrings) are scanned for
-``kdlab COMMAND``, ``--option`` and dotted config keys (``data.download``); each is checked
-against the real parser (:func:`kdlab.cli.build_parser`) and the config schema
-(:class:`kdlab.config.ExperimentConfig`). The dataset warning, the one check whose message
+All string constants of :mod:`kdlab.cli.doctor` (messages, f-string parts, docstrings) are
+scanned for ``kdlab COMMAND``, ``--option`` and dotted config keys (``data.download``); each is
+checked against the real parser (:func:`kdlab.cli.main.build_parser`) and the config schema
+(:class:`kdlab.config.schema.ExperimentConfig`). The dataset warning, the one check whose message
 suggests what to do, is also triggered and checked the same way.
 """
 
@@ -15,8 +15,8 @@ import inspect
 import re
 from typing import Any
 
-from kdlab import doctor
-from kdlab.cli import build_parser
+from kdlab.cli import doctor
+from kdlab.cli.main import build_parser
 from kdlab.config import ExperimentConfig, model_in_annotation
 
 COMMAND = re.compile(r"\bkdlab ([a-z]+)((?: [a-z]+)?)([^`\n]*)")

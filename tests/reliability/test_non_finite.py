@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from kdlab.cli import main
+from kdlab.cli.main import main
+from kdlab.core.errors import NonFiniteLossError
 from kdlab.engine import trainer as trainer_mod
-from kdlab.errors import NonFiniteLossError
 
 from .conftest import STEPS_PER_EPOCH, cli, load, one_error_line
 

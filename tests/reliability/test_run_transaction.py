@@ -17,14 +17,14 @@ import pytest
 import yaml
 
 from kdlab.config import load_config
-from kdlab.engine.rundir import RunDir
+from kdlab.runs.rundir import RunDir
 
 from .conftest import assert_runs_equal, child_env, cli, one_error_line, run_faulty_child
 from .test_non_finite import _poison
 
 HOLDER = """
 import sys
-from kdlab.engine.rundir import RunDir
+from kdlab.runs.rundir import RunDir
 rd = RunDir(sys.argv[1])
 rd.acquire_lock()
 print("locked", flush=True)

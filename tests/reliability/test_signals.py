@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlab.engine.checkpoint import load_latest
+from kdlab.runs.checkpoint import load_latest
 
 from .conftest import assert_runs_equal, child_env, cli
 

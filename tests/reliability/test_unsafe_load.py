@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab.engine.checkpoint import load_latest, save_atomic
-from kdlab.engine.rundir import RunDir
-from kdlab.errors import CheckpointError, RunError
+from kdlab.core.errors import CheckpointError, RunError
+from kdlab.runs.checkpoint import load_latest, save_atomic
+from kdlab.runs.rundir import RunDir
 
 from .conftest import cli
 from .test_bad_input import _cifar_folder

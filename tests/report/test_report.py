@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 from kdlab.report import paper as paper_mod
 from kdlab.report.aggregate import strip_seed
 from kdlab.report.build import Report, build_report
@@ -65,7 +65,7 @@ def _curve(best: float, last: float, epochs: int = 4) -> list[float]:
 def write_run(root: Path, name: str, method: str, teacher: str | None, student: str, seed: int,
               best: float, last: float, top5: float | None, teacher_top1: float | None,
               finished: bool = True, state: str = "finished") -> Path:
-    """A run directory in the layout of kdlab.engine.rundir, written by hand."""
+    """A run directory in the layout of kdlab.runs.rundir, written by hand."""
     run = root / name / f"seed{seed}"
     (run / "checkpoints").mkdir(parents=True)
     cfg: dict[str, Any] = {"name": name, "seed": seed, "data": {"name": "cifar100"},

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kdlab.cli import main
-from kdlab.errors import ConfigError
+from kdlab.cli.main import main
+from kdlab.core.errors import ConfigError
 from kdlab.sweep import load_spec, matrix_tag, plan_sweep, run_sweep
 
 

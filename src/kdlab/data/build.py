@@ -1,4 +1,4 @@
-"""The loaders of one run, built from a :class:`~kdlab.config.DataConfig` alone.
+"""The loaders of one run, built from a :class:`~kdlab.config.schema.DataConfig` alone.
 
 ``build_data(cfg.data, ...)`` is what the trainer, ``kdlab eval`` and the benchmarks use to turn
 a data config into loaders. It takes a plain rank / world size (not the engine's process-group
@@ -19,15 +19,17 @@ import torch
 from torch import Tensor
 
 from kdlab.config import STREAMED_DATASETS, DataConfig
+from kdlab.core.distributed import split_batch
+from kdlab.core.errors import ConfigError
 from kdlab.data.dataset import ImageTensorDataset, subset
 from kdlab.data.folder import FileIndex
 from kdlab.data.loader import DeviceLoader
+from kdlab.data.randaugment import StrongViewLoader
 from kdlab.data.registry import load_dataset
 from kdlab.data.split import select, split_indices
-from kdlab.errors import ConfigError
 
 __all__ = ["DataBundle", "build_data", "load_resident_data", "load_resident_splits",
-           "per_rank_batch", "request_views"]
+           "request_views"]
 
 
 @dataclass
@@ -52,18 +54,6 @@ class DataBundle:
     def train_size(self) -> int:
         """Images in the training set (all ranks together)."""
         return int(self.train_labels.shape[0])
-
-
-def per_rank_batch(global_batch: int, world_size: int, key: str = "data.batch_size") -> int:
-    """The per-rank batch of a global batch split over ``world_size`` processes.
-
-    It must divide evenly, so that the ranks' batches of one step together are exactly the
-    single-process batch.
-    """
-    if global_batch % world_size:
-        raise ConfigError(f"config key {key!r}: the global batch {global_batch} must be a "
-                          f"multiple of the number of processes ({world_size})")
-    return global_batch // world_size
 
 
 def load_resident_data(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDataset | None,
@@ -124,7 +114,7 @@ def build_data(
     ``cfg.batch_size`` is the global batch: with ``world_size`` processes each rank gets its
     share, and the ranks' batches of one step together are the single-process batch.
     """
-    batch = per_rank_batch(cfg.batch_size, world_size)
+    batch = split_batch(cfg.batch_size, world_size)
     if cfg.name in STREAMED_DATASETS:
         from kdlab.data.stream import StreamDataset, load_stream_dataset, make_stream_loader
 
@@ -183,7 +173,6 @@ def request_views(loader: Any, views: tuple[str, ...], *, seed: int, rank: int =
     if isinstance(loader, DeviceLoader):
         loader.set_views(views)
         return loader
-    from kdlab.data.randaugment import StrongViewLoader
 
     ds = loader.dataset
     return StrongViewLoader(loader, ds.mean, ds.std, seed=seed, rank=rank)

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdlab.core.errors import DatasetError
 from kdlab.data.dataset import ImageTensorDataset, default_data_root
 from kdlab.data.download import download_and_extract
-from kdlab.errors import DatasetError
 
 __all__ = ["CIFAR_SPECS", "CifarSpec", "RestrictedUnpickler", "load_cifar", "restricted_load"]
 

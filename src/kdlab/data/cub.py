@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kdlab.core.errors import DatasetError
 from kdlab.data.folder import FileIndex
-from kdlab.errors import DatasetError
 
 __all__ = ["CUB_FILES", "cub_index", "find_cub_root"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdlab.errors import DatasetError
+from kdlab.core.errors import DatasetError
 
 __all__ = ["ImageTensorDataset", "default_data_root", "subset"]
 

@@ -15,31 +15,14 @@ import tarfile
 import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-from kdlab.atomic import atomic_write
-from kdlab.errors import DatasetError
+from kdlab.core.errors import DatasetError
+from kdlab.core.io import atomic_write, file_md5
 
-__all__ = ["download_and_extract", "download_file", "file_md5", "safe_extract_tar"]
+__all__ = ["download_and_extract", "download_file", "safe_extract_tar"]
 
 _CHUNK = 1 << 20
-
-
-def _file_digest(path: str | os.PathLike[str], digest: Any) -> str:
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return str(digest.hexdigest())
-
-
-def file_md5(path: str | os.PathLike[str]) -> str:
-    """The hex md5 digest of a file."""
-    return _file_digest(path, hashlib.md5(usedforsecurity=False))
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The hex sha256 digest of a file (teacher checkpoints, exported files, downloads)."""
-    return _file_digest(path, hashlib.sha256())
 
 
 def download_file(

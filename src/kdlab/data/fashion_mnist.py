@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdlab.core.errors import DatasetError
 from kdlab.data.dataset import ImageTensorDataset, default_data_root
 from kdlab.data.download import download_file
 from kdlab.data.idx import read_idx_images, read_idx_labels
-from kdlab.errors import DatasetError
 
 __all__ = [
     "DEBIAN_FASHION_MNIST_DIR",

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdlab.errors import DatasetError
+from kdlab.core.errors import DatasetError
 
 __all__ = ["IMG_EXTENSIONS", "FileIndex", "imagenet_index", "scan_class_folder"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdlab.errors import DatasetError
+from kdlab.core.errors import DatasetError
 
 __all__ = [
     "IDX_IMAGES_MAGIC",

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdlab.core.errors import DatasetError
 from kdlab.data.batch import Batch
 from kdlab.data.dataset import ImageTensorDataset
 from kdlab.data.randaugment import (
@@ -38,7 +39,6 @@ from kdlab.data.randaugment import (
     rand_augment,
     strong_view_seed,
 )
-from kdlab.errors import DatasetError
 
 __all__ = ["Batch", "DeviceLoader", "EpochPlan", "epoch_seed"]
 

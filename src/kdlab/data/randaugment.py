@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdlab.core.errors import DatasetError
 from kdlab.data.batch import Batch
-from kdlab.errors import DatasetError
 
 __all__ = [
     "CUTOUT_FILL",

@@ -11,12 +11,12 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from kdlab.core.errors import DatasetError
+from kdlab.core.registries import DATASETS
 from kdlab.data.cifar import load_cifar
 from kdlab.data.dataset import ImageTensorDataset
 from kdlab.data.fashion_mnist import load_fashion_mnist
 from kdlab.data.synthetic import make_synthetic_dataset
-from kdlab.errors import DatasetError
-from kdlab.registry import Registry
 
 __all__ = ["DATASETS", "DatasetLoader", "dataset_names", "load_dataset", "register_dataset"]
 
@@ -31,8 +31,6 @@ class DatasetLoader(Protocol):
     ) -> ImageTensorDataset: ...
 
 
-#: every registered loader, by dataset name (the device-resident datasets).
-DATASETS: Registry[DatasetLoader] = Registry("dataset", DatasetError, packages=("kdlab.data",))
 
 
 def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:

@@ -27,8 +27,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from kdlab.core.errors import ConfigError
 from kdlab.data.dataset import ImageTensorDataset
-from kdlab.errors import ConfigError
 
 __all__ = ["select", "split_indices", "val_counts"]
 

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from kdlab.core.errors import DatasetError
 from kdlab.data.cub import cub_index
 from kdlab.data.folder import FileIndex, imagenet_index, scan_class_folder
 from kdlab.data.loader import Batch
@@ -44,7 +45,6 @@ from kdlab.data.transforms import (
     imagenet_eval_transform,
     imagenet_train_transform,
 )
-from kdlab.errors import DatasetError
 
 __all__ = [
     "STREAM_DATASETS",

@@ -23,10 +23,10 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from kdlab.core.errors import DatasetError
 from kdlab.data.cifar import CIFAR_SPECS
 from kdlab.data.dataset import ImageTensorDataset
 from kdlab.data.idx import write_idx_file
-from kdlab.errors import DatasetError
 
 try:  # numpy >= 2
     from numpy._core import multiarray as _multiarray

@@ -3,8 +3,8 @@
 * ``stop`` (default): no host synchronisation per step. The guard records on the device, for
   every loss term, the first step at which it was not finite; :meth:`check` (every
   ``runtime.log_every`` steps and at the end of the epoch, the only synchronisation) raises
-  :class:`~kdlab.errors.NonFiniteLossError` naming the epoch, the step and the term(s) that broke
-  first, not those poisoned by the NaN weights after it.
+  :class:`~kdlab.core.errors.NonFiniteLossError` naming the epoch, the step and the term(s) that
+  broke first, not those poisoned by the NaN weights after it.
 * ``skip``: every step is checked on the host before its update; a bad step is skipped and
   counted, and the run stops once more than ``runtime.max_skipped_steps`` were skipped.
 """
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdlab.engine.distributed import DistInfo, all_reduce_sum
-from kdlab.errors import NonFiniteLossError
+from kdlab.core.distributed import DistInfo, all_reduce_sum
+from kdlab.core.errors import NonFiniteLossError
 
 __all__ = ["NonFiniteGuard"]
 

@@ -60,9 +60,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from kdlab.atomic import atomic_write
-from kdlab.errors import ConfigError
-from kdlab.registry import Registry, unknown_name_message
+from kdlab.core.errors import ConfigError
+from kdlab.core.io import atomic_write
+from kdlab.core.registries import LOGGERS
 
 if TYPE_CHECKING:
     from kdlab.config import ExperimentConfig
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["CsvLogger", "JsonlLogger", "LoggerStart", "MetricsLogger", "RunLoggers",
-           "TensorBoardLogger", "WandbLogger", "check_logger_names", "flatten", "get_logger",
+           "TensorBoardLogger", "WandbLogger", "flatten", "get_logger",
            "list_loggers", "open_loggers", "register_logger", "require_logger_packages",
            "step_record"]
 
@@ -122,7 +122,6 @@ class MetricsLogger:
         """End of the run (``summary``: the run's summary when it ended normally)."""
 
 
-LOGGERS: Registry[type[MetricsLogger]] = Registry("logger", ConfigError)
 
 
 def register_logger(cls: type[MetricsLogger]) -> type[MetricsLogger]:
@@ -138,15 +137,6 @@ def get_logger(name: str) -> type[MetricsLogger]:
 def list_loggers() -> list[str]:
     """Registered logger names."""
     return LOGGERS.names()
-
-
-def check_logger_names(names: list[str]) -> None:
-    """Raise ``ValueError`` (turned into a config error) for an unknown or repeated name."""
-    for i, name in enumerate(names):
-        if name not in LOGGERS:
-            raise ValueError(unknown_name_message("logger", name, LOGGERS.names()))
-        if name in names[:i]:
-            raise ValueError(f"logger {name!r} is listed twice")
 
 
 def require_logger_packages(names: list[str]) -> None:

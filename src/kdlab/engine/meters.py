@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdlab.engine.distributed import DistInfo, all_reduce_sum
+from kdlab.core.distributed import DistInfo, all_reduce_sum
 from kdlab.tasks.base import TrainMeter
 
 __all__ = ["EpochMeter"]

@@ -1,7 +1,7 @@
 """Optimizers by name (``optim.name``): a registry, so a new optimizer is one registered class.
 
 A registered optimizer builds a :class:`torch.optim.Optimizer` from the trainable tensors, the
-run's :class:`~kdlab.config.OptimConfig` and the learning rate after ``optim.lr_scaling``. It
+run's :class:`~kdlab.config.schema.OptimConfig` and the learning rate after ``optim.lr_scaling``. It
 declares which keys of ``optim`` it reads besides ``lr`` and ``weight_decay`` (``uses``), so
 that a key set for another optimizer is an error rather than silently ignored, and the schema
 of its own extra arguments (``Args``, given as ``optim.args``). ``backward`` and
@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from kdlab.config import OptimConfig
+from kdlab.core.errors import ConfigError
+from kdlab.core.registries import OPTIMIZERS
 from kdlab.engine.dot import DistillationOrientedSGD
-from kdlab.errors import ConfigError
-from kdlab.registry import Registry, check_keys_in_use
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,6 @@ class TrainOptimizer(ABC):
         torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
 
-OPTIMIZERS: Registry[type[TrainOptimizer]] = Registry(
-    "optimizer", ConfigError)
 
 
 def register_optimizer(cls: type[TrainOptimizer]) -> type[TrainOptimizer]:
@@ -254,18 +252,3 @@ class DOT(TrainOptimizer):
 def build_optimizer(cfg: OptimConfig, params: list[Tensor], lr: float) -> TrainOptimizer:
     """The registered optimizer ``cfg.name`` over ``params`` at learning rate ``lr``."""
     return get_optimizer(cfg.name)(params, cfg, lr)
-
-
-def check_optimizer_keys(name: str, explicitly_set: set[str], args: dict[str, Any]) -> None:
-    """Raise ``ValueError`` when a key read only by other optimizers is set, or ``args`` do not
-    fit optimizer ``name``'s schema (used by :class:`~kdlab.config.OptimConfig`'s validator)."""
-    check_keys_in_use(OPTIMIZERS, name, explicitly_set)
-    cls = get_optimizer(name)
-    from pydantic import ValidationError
-
-    try:
-        cls.Args.model_validate(args)
-    except ValidationError as e:
-        from kdlab.config import format_validation_error
-
-        raise ValueError(format_validation_error(e, cls.Args, prefix="optim.args")) from e

@@ -25,8 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from kdlab.config import OptimConfig
-from kdlab.errors import ConfigError
-from kdlab.registry import Registry, check_keys_in_use
+from kdlab.core.registries import SCHEDULES
 
 __all__ = ["Cosine", "LRSchedule", "MultiStep", "build_schedule", "get_schedule",
            "list_schedules", "register_schedule"]
@@ -68,8 +67,6 @@ class LRSchedule(ABC):
                 "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
 
 
-SCHEDULES: Registry[type[LRSchedule]] = Registry(
-    "scheduler", ConfigError)
 
 
 def register_schedule(cls: type[LRSchedule]) -> type[LRSchedule]:
@@ -122,8 +119,3 @@ class Cosine(LRSchedule):
 def build_schedule(cfg: OptimConfig, steps_per_epoch: int) -> LRSchedule:
     """The registered schedule ``cfg.scheduler`` for a run of ``steps_per_epoch``."""
     return get_schedule(cfg.scheduler)(cfg, steps_per_epoch)
-
-
-def check_schedule_keys(name: str, explicitly_set: set[str]) -> None:
-    """Raise ``ValueError`` when a key read only by other schedules is set (validation)."""
-    check_keys_in_use(SCHEDULES, name, explicitly_set)

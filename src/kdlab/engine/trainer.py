@@ -28,24 +28,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kdlab.config import ExperimentConfig
-from kdlab.data.build import request_views
-from kdlab.data.download import file_sha256
-from kdlab.engine.build import (
-    build_distiller,
-    build_lr_schedule,
-    build_model,
-    build_teacher,
-    build_training_optimizer,
-    scaled_lr,
-    trainable_parameters,
-)
-from kdlab.engine.checkpoint import load_latest, remove_checkpoint, save_atomic, signals_deferred
-from kdlab.engine.distributed import broadcast_object, init_distributed, shutdown
-from kdlab.engine.guard import NonFiniteGuard
-from kdlab.engine.loggers import LoggerStart, RunLoggers, open_loggers, require_logger_packages
-from kdlab.engine.meters import EpochMeter
-from kdlab.engine.rundir import Resume, RunDir
-from kdlab.engine.runtime import (
+from kdlab.core.distributed import broadcast_object, init_distributed, shutdown
+from kdlab.core.errors import CheckpointError, ConfigError, KdlabError, RunError, RunInterrupted
+from kdlab.core.io import file_sha256
+from kdlab.core.runtime import (
     autocast,
     configure_determinism,
     configure_threads,
@@ -55,10 +41,24 @@ from kdlab.engine.runtime import (
     seed_everything,
     set_rng_state,
 )
-from kdlab.errors import CheckpointError, ConfigError, KdlabError, RunError, RunInterrupted
+from kdlab.data.build import request_views
+from kdlab.engine.build import (
+    build_distiller,
+    build_lr_schedule,
+    build_model,
+    build_teacher,
+    build_training_optimizer,
+    scaled_lr,
+    trainable_parameters,
+)
+from kdlab.engine.guard import NonFiniteGuard
+from kdlab.engine.loggers import LoggerStart, RunLoggers, open_loggers, require_logger_packages
+from kdlab.engine.meters import EpochMeter
 from kdlab.methods.base import requested_views, total_loss
 from kdlab.methods.compose import method_display_name
 from kdlab.models.checkpoint import load_state_dict_strict
+from kdlab.runs.checkpoint import load_latest, remove_checkpoint, save_atomic, signals_deferred
+from kdlab.runs.rundir import Resume, RunDir
 from kdlab.tasks import task_for
 from kdlab.tasks.base import Mark
 
@@ -411,7 +411,6 @@ class Trainer:
                     "teacher.json"), "changes": changes})
             return
         self._teacher_guard(info.get(self.task.best_metric))
-
 
     # ------------------------------------------------------------------ training
     def step(self, batch: Any, epoch: int, *, t: int | None = None,

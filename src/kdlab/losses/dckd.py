@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses._common import (
     Reduction,
     Temperature,

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses._common import check_temperature, prepare, to_float
 from kdlab.losses.logit import kd_loss
 from kdlab.losses.standardize import standardize_logits

@@ -12,7 +12,7 @@ possibly overlapping, adaptive average pooling) or ``m`` is a multiple of ``H`` 
 then repeats every location exactly ``m / H`` times: the MobileNetV2 student on CIFAR has a 2x2
 map whose 4x4 cells are copies of its 4 locations, which the official code trains with). Any
 other ``m > H`` (say 4 cells on a side of 3) would make cells that mix unequal shares of
-locations, and raises :class:`~kdlab.errors.MethodError`.
+locations, and raises :class:`~kdlab.core.errors.MethodError`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses.logit import dkd_loss, kd_loss, nkd_loss
 
 __all__ = ["multiscale_logits", "sdd_loss", "sdd_pooling_grids"]

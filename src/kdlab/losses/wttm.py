@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses._common import Reduction, kl_from_logs, prepare, reduce
 
 __all__ = ["transformed_teacher", "ttm_loss", "wttm_loss"]

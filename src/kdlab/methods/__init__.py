@@ -3,7 +3,7 @@
 Logit methods: vanilla, kd, dkd, nkd, sd_kd, sd_dkd, sd_nkd, dckd, mlkd, dist, ttm, wttm.
 Partners: fitnet, at, rkd, sp, pkt, crd, reviewkd. See :mod:`kdlab.methods.base` for the
 contract. Every module of this package is imported on the first registry lookup
-(:mod:`kdlab.registry`), which registers it.
+(:mod:`kdlab.core.registry`), which registers it.
 """
 
 from kdlab.methods.base import Batch, DistillContext, Distiller, MethodParams, warmup_factor

@@ -26,8 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from kdlab.core.errors import MethodError
 from kdlab.data.batch import Batch
-from kdlab.errors import MethodError
 from kdlab.models.output import KdModel, ModelOutput
 
 __all__ = [

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from kdlab.config import MethodConfig, format_validation_error
-from kdlab.errors import ConfigError, MethodError
+from kdlab.core.errors import ConfigError, MethodError
 from kdlab.methods.base import Batch, DistillContext, Distiller, MethodParams
 from kdlab.methods.registry import get_method, list_methods
 from kdlab.models.output import ModelOutput

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses.crd import (
     class_layout,
     contrast_scores,

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
+from kdlab.core.registries import METHODS
 from kdlab.methods.base import Distiller
-from kdlab.registry import Registry
-
-#: every registered distiller class, by ``cls.name``.
-METHODS: Registry[type[Distiller]] = Registry(
-    "method", MethodError, packages=("kdlab.methods",), list_hint="kdlab methods")
 
 D = TypeVar("D", bound=type[Distiller])
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses.reviewkd import hcl_loss
 from kdlab.methods.base import Batch, DistillContext, Distiller, MethodParams, warmup_factor
 from kdlab.methods.feature import pooled_embedding

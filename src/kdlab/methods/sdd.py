@@ -8,7 +8,7 @@ with its base loss. The models are used through ``self.ctx`` and never registere
 Scales larger than a feature map: a scale ``m`` is accepted on an ``H x W`` map when, along each
 side, ``m <= H`` or ``m`` is a multiple of ``H`` (adaptive pooling then repeats each location
 exactly, e.g. the MobileNetV2 student's 2x2 CIFAR map under the 4x4 grid, as in the official
-code); otherwise the distiller raises :class:`~kdlab.errors.MethodError` when it is built,
+code); otherwise the distiller raises :class:`~kdlab.core.errors.MethodError` when it is built,
 naming the model whose map is too small. A 1x1 map (H = W = 1, e.g. a torchvision-style ResNet
 on tiny inputs) is refused too when a scale above 1 is asked for: every region would be a copy of
 the global one, so SD-X would silently be X. See ``docs/methods/sdd.md``.
@@ -35,7 +35,7 @@ import torch
 from pydantic import Field, PositiveInt, field_validator
 from torch import Tensor
 
-from kdlab.errors import MethodError
+from kdlab.core.errors import MethodError
 from kdlab.losses._common import Temperature
 from kdlab.losses.sdd import multiscale_logits, sdd_loss, sdd_pooling_grids
 from kdlab.methods.base import Batch, DistillContext, MethodParams, warmup_factor

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from kdlab.errors import ModelError
+from kdlab.core.errors import ModelError
 from kdlab.models.output import KdModel, ModelOutput
 
 __all__ = ["AdaptedModel", "NormLinearHead", "adapt"]

@@ -1,37 +1,21 @@
-"""Loading model weights safely: CRD/mdistiller teacher files and kdlab checkpoints."""
+"""Loading model weights safely: CRD/mdistiller teacher files and kdlab checkpoints.
+
+Files are read by :func:`kdlab.core.weights_file.read_verified` (weights only, integrity
+checked).
+"""
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdlab.errors import CheckpointError
+from kdlab.core.errors import CheckpointError
+from kdlab.core.weights_file import read_checkpoint, read_verified
 
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file with ``torch.load(weights_only=True)`` (no code can run).
-
-    Raises :class:`CheckpointError` with a one-line reason when the file is missing, truncated,
-    not a torch file, or holds objects outside the weights-only allow-list.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError,
-            OSError, IndexError, KeyError, TypeError, AttributeError, OverflowError) as e:
-        # a corrupt file makes the weights-only unpickler fail in many ways (all seen by fuzzing)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
-    return obj
+__all__ = ["extract_state_dict", "load_checkpoint", "load_state_dict_strict", "read_checkpoint"]
 
 
 def extract_state_dict(obj: dict[str, Any], path: str | Path = "<memory>") -> dict[str, Any]:
@@ -92,6 +76,6 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> dict[str, Any]:
     checkpoints. Raises :class:`CheckpointError` naming the mismatch for a wrong architecture or
     class count.
     """
-    obj = read_checkpoint(path)
+    obj = read_verified(path)
     load_state_dict_strict(model, extract_state_dict(obj, path), str(path))
     return obj

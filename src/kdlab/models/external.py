@@ -17,7 +17,7 @@ initialised), as timm does. Fetching needs the network the first time; without i
 says which file to put where.
 
 torchvision and timm stay optional: they are imported only when such an arch is used, and a
-missing (or unimportable) package is a one-line :class:`~kdlab.errors.ModelError`. They are
+missing (or unimportable) package is a one-line :class:`~kdlab.core.errors.ModelError`. They are
 not kdlab extras: pip would resolve torch again through them (a CUDA build from PyPI); install
 the build that matches your torch.
 """
@@ -33,26 +33,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdlab.errors import ModelError
+from kdlab.core.errors import ModelError
+from kdlab.core.registries import EXTERNAL_MODEL_LIBRARIES, split_external
+from kdlab.core.registry import unknown_name_message
+from kdlab.core.torchvision_shim import import_torchvision
 from kdlab.models.adapter import AdaptedModel, adapt
-from kdlab.registry import unknown_name_message
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LIBRARIES", "create_external", "load_pretrained", "split_external"]
 
 #: the libraries an arch may name as ``LIBRARY:MODEL``.
-LIBRARIES = ("torchvision", "timm")
-
-
-def split_external(arch: str) -> tuple[str, str] | None:
-    """``("torchvision", "resnet18")`` for ``"torchvision:resnet18"``; None for a zoo name."""
-    library, sep, name = arch.partition(":")
-    if not sep or library not in LIBRARIES:
-        return None
-    if not name:
-        raise ModelError(f"arch {arch!r} names no model; write {library}:MODEL_NAME")
-    return library, name
+LIBRARIES = EXTERNAL_MODEL_LIBRARIES
 
 
 def _first_line(e: BaseException) -> str:
@@ -63,8 +55,6 @@ def _import(library: str, arch: str) -> ModuleType:
     """``torchvision.models`` or ``timm``, or a one-line ModelError saying how to install it."""
     module = "torchvision.models" if library == "torchvision" else library
     if library == "torchvision":
-        from kdlab.detection.torchvision_ops import import_torchvision
-
         try:  # a CUDA torchvision next to a CPU torch: kdlab's op schemas and kernels first
             import_torchvision()
         except Exception:  # noqa: BLE001 - the plain import below says why, in this module's words

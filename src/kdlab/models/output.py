@@ -29,7 +29,8 @@ class ModelOutput:
             empty otherwise. The output itself is always the weak view's (the batch's images).
         region_logits: SDD's local logits ``B x K x N`` (region 0 global) as
             ``region_logits(scales, layout)``, for outputs whose "classifier" is not a linear
-            map of ``feature_map`` (detection: the RoI box head, :mod:`kdlab.detection.model`);
+            map of ``feature_map`` (detection: the RoI box head,
+            :mod:`kdlab.tasks.detection.model`);
             None for classifiers, where SDD pools ``feature_map`` itself.
     """
 

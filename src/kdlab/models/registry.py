@@ -13,13 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from kdlab.errors import ModelError
+from kdlab.core.errors import ModelError
+from kdlab.core.registries import MODELS
+from kdlab.models.external import create_external, split_external
 from kdlab.models.output import KdModel
-from kdlab.registry import Registry
-
-#: every registered model factory ``f(num_classes, in_channels) -> KdModel``, by name.
-MODELS: Registry[Callable[..., KdModel]] = Registry(
-    "model", ModelError, packages=("kdlab.models",), list_hint="kdlab models")
 
 F = TypeVar("F", bound=Callable[..., KdModel])
 
@@ -43,7 +40,6 @@ def create_model(name: str, num_classes: int = 100, in_channels: int = 3) -> KdM
     """Build a registered model by its community name (e.g. ``"resnet32x4"``, ``"ShuffleV1"``),
     or a torchvision/timm classifier as ``"torchvision:NAME"`` / ``"timm:NAME"`` (built by that
     library, wrapped by :func:`kdlab.models.adapter.adapt`: :mod:`kdlab.models.external`)."""
-    from kdlab.models.external import create_external, split_external
 
     factory = None if split_external(name) is not None else MODELS.get(name)
     if num_classes < 1:

@@ -1,6 +1,6 @@
 """Find run directories and aggregate finished runs over seeds.
 
-A run directory (see :mod:`kdlab.engine.rundir`) is finished when it has ``summary.json``; every
+A run directory (see :mod:`kdlab.runs.rundir`) is finished when it has ``summary.json``; every
 other run directory (``config.yaml`` but no summary) is *unfinished*: running, stopped, failed or
 killed. Unfinished runs are listed separately and never mixed into the numbers.
 

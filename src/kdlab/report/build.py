@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdlab.atomic import atomic_write
-from kdlab.errors import RunError
+from kdlab.core.errors import RunError
+from kdlab.core.io import atomic_write
 from kdlab.report.aggregate import (
     DEFAULT_TASK,
     TASK_METRICS,

@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdlab.errors import ConfigError
+from kdlab.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from kdlab.config import DataConfig, ExperimentConfig
-from kdlab.engine.distributed import DistInfo
-from kdlab.errors import ConfigError
+from kdlab.core.distributed import DistInfo
+from kdlab.core.registries import TASKS
 from kdlab.methods.base import DistillContext
+from kdlab.models import load_pretrained
 from kdlab.models.output import KdModel
-from kdlab.registry import Registry
 
 __all__ = ["Mark", "Task", "TrainMeter", "get_task", "list_tasks", "register_task", "task_for"]
 
@@ -69,6 +69,8 @@ class Task(ABC, Generic[D, B, O]):
     #: the evaluation metric (a key of :meth:`evaluate`'s result) that decides "best".
     best_metric: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
+    #: whether ``kdlab export`` can write this task's student as images in, logits out.
+    exportable: ClassVar[bool] = False
 
     def configure(self, cfg: ExperimentConfig) -> None:
         """Read the run's task-specific settings (detection: its ``detection`` section) before
@@ -93,8 +95,6 @@ class Task(ABC, Generic[D, B, O]):
     def load_pretrained(self, model: nn.Module) -> None:
         """Load the library weights of a ``pretrained: true`` model (classification: the
         torchvision/timm classifier's own)."""
-        from kdlab.models import load_pretrained
-
         load_pretrained(model)  # type: ignore[arg-type]
 
     @abstractmethod
@@ -105,6 +105,12 @@ class Task(ABC, Generic[D, B, O]):
     @abstractmethod
     def create_model(self, arch: str, data: D) -> KdModel:
         """A fresh (randomly initialised) network ``arch`` sized for ``data``."""
+
+    def model_from_checkpoint(self, arch: str, state: dict[str, Any]) -> KdModel | None:
+        """A fresh network ``arch`` sized by what checkpoint ``state`` records (its class count
+        and input channels), so that a reader needs no data set; None when ``state`` does not
+        record this task's model size (the reader then sizes it by the run's data)."""
+        return None
 
     @abstractmethod
     def distill_context(self, student: KdModel, teacher: KdModel | None, data: D
@@ -135,8 +141,6 @@ class Task(ABC, Generic[D, B, O]):
         return value > best if self.higher_is_better else value < best
 
 
-TASKS: Registry[type[Task[Any, Any, Any]]] = Registry(
-    "task", ConfigError, packages=("kdlab.tasks",))
 
 
 def register_task(cls: type[Task[Any, Any, Any]]) -> type[Task[Any, Any, Any]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlab.errors import ModelError
+from kdlab.core.errors import ModelError
 from kdlab.models.cifar._common import AliasedHeadModel, staged_output
 from kdlab.models.output import ModelOutput
 from kdlab.models.registry import register_model

@@ -13,7 +13,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlab.errors import ModelError
+from kdlab.core.errors import ModelError
 from kdlab.models.cifar._common import AliasedHeadModel, global_avg_pool
 from kdlab.models.output import ModelOutput
 from kdlab.models.registry import register_model

@@ -1,0 +1,3 @@
+"""kdlab's version (one place: the package, run records and exported artefacts read it)."""
+
+__version__ = "0.2.0"

@@ -1,0 +1,696 @@
+"""Deployment artefacts of a run's student (``kdlab export``), each checked against the eager model.
+
+A run's ``checkpoints/best.pt`` holds the student's weights alone (no teacher, no distiller helper
+modules). :func:`export_run` loads them into the student, wraps it in :class:`LogitsOnly` (images
+in, plain ``B x K`` logits out: no :class:`~kdlab.models.output.ModelOutput`) and writes one
+artefact:
+
+==============  ==================  =========================================================
+format          default file        how it is made / read back
+==============  ==================  =========================================================
+``state_dict``  ``student.pt``      weights + ``arch``/``num_classes``/``in_channels`` metadata
+                                    (:func:`save_student` / :func:`read_student`); ``kdlab eval
+                                    --checkpoint`` reads it too
+``torchscript`` ``student.ts``      :func:`torch.jit.trace`; :func:`torch.jit.load`
+``exported``    ``student.pt2``     :func:`torch.export.export` with a dynamic batch dimension,
+                                    :func:`torch.export.save`; :func:`torch.export.load`
+``onnx``        ``student.onnx``    ``torch.onnx.export(..., dynamo=True)`` with a dynamic batch
+                                    dimension (needs onnx + onnxscript); onnxruntime
+==============  ==================  =========================================================
+
+The default folder is ``RUN_DIR/export``. ``--int8`` (``student.int8.ts``) is post-training
+static quantisation for x86 CPUs: FX graph mode (``torch.ao.quantization.quantize_fx``
+``prepare_fx``/``convert_fx`` with the ``"x86"`` qconfig mapping, i.e. the oneDNN/FBGEMM x86
+kernels), calibrated on N training batches, saved as TorchScript, the only format that can carry
+the quantised modules in torch 2.13 (see :data:`INT8_FORMATS`).
+
+**Parity check.** Every artefact is read back from disk and run over the run's whole test set
+next to the eager fp32 student: top-1 agreement (% of test images whose argmax matches), the
+maximum absolute logit difference, and the top-1 accuracy of both. The figures are logged and
+written beside the file as ``FILE.parity.json`` with versions, date and machine. An fp32
+artefact fails when the agreement is below ``min_agreement`` (default 99.9 %) or the difference
+above ``tolerance`` (default 1e-3); an int8 one when the agreement is below 95 %. A failure
+raises :class:`ParityError` after the files are written (they are kept for inspection).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdlab.core.env import machine_info, named_cpu_flags
+from kdlab.core.errors import CheckpointError, KdlabError
+from kdlab.core.io import atomic_write, file_sha256
+from kdlab.core.plugins import import_plugins
+from kdlab.core.version import __version__
+from kdlab.core.weights_file import read_verified
+from kdlab.models import create_model
+from kdlab.models.checkpoint import extract_state_dict, load_state_dict_strict
+from kdlab.runs.checkpoint import save_atomic
+from kdlab.runs.open import open_run
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_CALIBRATION_BATCHES",
+    "DEFAULT_MIN_AGREEMENT",
+    "DEFAULT_MIN_AGREEMENT_INT8",
+    "DEFAULT_TOLERANCE",
+    "EXTENSIONS",
+    "FORMATS",
+    "INT8_FORMATS",
+    "ExportError",
+    "ExportResult",
+    "LogitsOnly",
+    "ParityError",
+    "StudentRun",
+    "calibration_images",
+    "check_parity",
+    "deployable",
+    "default_path",
+    "export_run",
+    "load_artefact",
+    "load_run",
+    "ort_session_options",
+    "parity_path",
+    "quantize_int8",
+    "read_student",
+    "save_exported",
+    "save_onnx",
+    "save_student",
+    "save_torchscript",
+    "versions",
+]
+
+#: the export formats, in the order the CLI lists them.
+FORMATS = ("state_dict", "torchscript", "exported", "onnx")
+#: file name extension of each format (``student`` + extension is the default file name).
+EXTENSIONS = {"state_dict": ".pt", "torchscript": ".ts", "exported": ".pt2", "onnx": ".onnx"}
+#: formats that can hold the int8 model. In torch 2.13 ``torch.export`` fails on FX-quantised
+#: modules (``Conv2dPackedParamsBase`` has no ``__obj_flatten__``), a state dict of packed
+#: parameters cannot be loaded without re-running ``prepare_fx``/``convert_fx`` on the exact
+#: float graph, and an ONNX int8 graph would be a different quantiser (onnxruntime's).
+INT8_FORMATS = ("torchscript",)
+#: ``kind`` of the student-only weights file written by :func:`save_student`.
+STUDENT_KIND = "kdlab-student"
+STUDENT_FORMAT_VERSION = 1
+#: fp32 parity: max |logit difference| allowed. Kernel differences between runtimes are ~1e-6
+#: on trained CIFAR-size models; an export bug (train-mode BatchNorm, a dropped layer, other
+#: weights) moves logits by far more.
+DEFAULT_TOLERANCE = 1e-3
+#: parity: minimum top-1 agreement (%) with the eager fp32 student.
+DEFAULT_MIN_AGREEMENT = 99.9
+DEFAULT_MIN_AGREEMENT_INT8 = 95.0
+#: training batches that calibrate the int8 observers.
+DEFAULT_CALIBRATION_BATCHES = 10
+#: the quantisation backend and qconfig mapping of ``--int8``.
+INT8_BACKEND = "x86"
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+INSTALL_HINT = "pip install 'kdlab[export]'"
+
+
+class ExportError(KdlabError):
+    """An artefact cannot be made: unsupported format or combination, a missing optional
+    package, or a model the exporter cannot trace."""
+
+
+class ParityError(ExportError):
+    """An artefact's outputs differ from the eager student's beyond the allowed bounds (its files
+    are kept). Exit status 4."""
+
+    exit_code = 4
+
+
+class LogitsOnly(nn.Module):
+    """``images -> model(images).logits``: the deployable view of a kdlab classifier.
+
+    kdlab models return a :class:`~kdlab.models.output.ModelOutput` (logits, features, ...) for
+    the distillation methods; a deployed student needs only the ``B x K`` logits. The wrapped
+    model is the attribute ``model`` (state-dict keys gain the prefix ``model.``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images).logits
+
+
+def deployable(model: nn.Module) -> nn.Module:
+    """``model`` as name-based tracers (``torch.export``, FX) can walk it.
+
+    :class:`~kdlab.models.cifar._common.AliasedHeadModel` keeps a head stored at a dotted path
+    (MobileNetV2: ``classifier.0``; the ImageNet MobileNetV2: ``classifier.1``) and exposes it as
+    the property ``classifier``, which shadows the stored ``classifier`` container: the tracers
+    resolve ``model.classifier.0`` by ``getattr`` and fail ("Linear has no attribute `0`"). The
+    copy returned here resolves ``classifier`` to the stored container instead. That container
+    holds only the head (plus, for ImageNet, a dropout that is the identity in eval mode), so the
+    function is unchanged; this is checked on a probe batch, and ``model`` itself is returned
+    when the outputs differ. Other models are returned as they are.
+    """
+    cls = type(model)
+    path = getattr(cls, "_head_path", None)
+    if not isinstance(path, str) or not path.startswith("classifier."):
+        return model
+    twin = copy.deepcopy(model).eval()
+    twin.__class__ = type(cls.__name__, (cls,), {
+        "__module__": cls.__module__,
+        "classifier": property(lambda self: self._modules["classifier"]),
+    })
+    size = 32
+    probe = torch.randn(2, int(getattr(model, "in_channels", 3)), size, size,
+                        generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        same = torch.equal(twin(probe).logits, model(probe).logits)
+    model.train(was_training)
+    return twin if same else model
+
+
+# --------------------------------------------------------------------------- versions, machine
+def versions() -> dict[str, str | None]:
+    """Installed versions of kdlab, torch and the optional export packages (None: missing).
+
+    Read from the package metadata, so nothing is imported."""
+    out: dict[str, str | None] = {"kdlab": __version__, "torch": torch.__version__}
+    for name in ("numpy", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _machine() -> dict[str, Any]:
+    info = machine_info(torch.device("cpu"))
+    info["cpu_flags"] = named_cpu_flags()
+    return info
+
+
+def _require(*modules: str, what: str) -> None:
+    """Import ``modules`` or raise :class:`ExportError` naming the extra to install."""
+    for name in modules:
+        try:
+            __import__(name)
+        except ImportError as e:
+            raise ExportError(f"{what} needs the {name} package, which is not installed: "
+                              f"{INSTALL_HINT}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+#: loggers whose INFO lines (ONNX optimiser passes) and registry warnings ("torchvision is not
+#: installed") are noise for a kdlab user.
+_NOISY_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnxscript", "onnx_ir")
+
+
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """Silence the exporters' known noise (not their real warnings): torch's own FutureWarnings,
+    the torch.ao and quantized-tensor deprecation notices (docs/deployment.md records them),
+    observer ``reduce_range`` notices, and the ONNX optimiser's log lines."""
+    quiet = {name: logging.getLogger(name) for name in _NOISY_LOGGERS}
+    levels = {name: lg.level for name, lg in quiet.items()}
+    for lg in quiet.values():
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated.*")
+            warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            yield
+    finally:
+        for name, lg in quiet.items():
+            lg.setLevel(levels[name])
+
+
+def _write_via_tmp(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``path.tmp`` and a rename: a reader never sees a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # torch.export wants a .pt2 name
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the run's student
+@dataclass
+class StudentRun:
+    """A run's trained student (eval mode, CPU) with its config, data and checkpoint record."""
+
+    run_dir: Path
+    cfg: Any
+    task: Any
+    checkpoint: Path
+    record: dict[str, Any]
+    data: Any
+    student: nn.Module
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one input image."""
+        return (int(self.data.in_channels), int(self.data.input_size), int(self.data.input_size))
+
+    def metadata(self) -> dict[str, Any]:
+        """What a deployment needs to know besides the weights: architecture, class count,
+        input layout and normalisation, where the weights come from."""
+        ds = getattr(self.data.test_loader, "dataset", None)
+        mean, std = getattr(ds, "mean", None), getattr(ds, "std", None)
+        return {
+            "kind": STUDENT_KIND,
+            "format_version": STUDENT_FORMAT_VERSION,
+            "arch": self.cfg.student.arch,
+            "num_classes": int(self.data.num_classes),
+            "in_channels": int(self.data.in_channels),
+            "input_size": int(self.data.input_size),
+            "task": self.cfg.task,
+            "plugins": list(self.cfg.plugins),
+            "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32",
+                      "normalisation": "(pixel / 255 - mean) / std",
+                      "mean": None if mean is None else list(mean),
+                      "std": None if std is None else list(std)},
+            "output": {"name": OUTPUT_NAME, "meaning": "class logits (B x num_classes)"},
+            "source": {"run_dir": str(self.run_dir), "checkpoint": str(self.checkpoint),
+                       "epoch": self.record.get("epoch"), "top1": self.record.get("top1")},
+        }
+
+
+def load_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Sequence[str] = (),
+             checkpoint: str | Path | None = None) -> StudentRun:
+    """The trained student of ``run_dir`` (``checkpoints/best.pt`` unless ``checkpoint``), on the
+    CPU in eval mode, with the run's config (plus ``overrides``) and its data on the CPU.
+
+    Raises :class:`~kdlab.core.errors.ConfigError` for a folder that is no run,
+    :class:`~kdlab.core.errors.CheckpointError` for a missing, corrupt or mismatching checkpoint and
+    :class:`ExportError` for a task other than classification.
+    """
+    run = open_run(run_dir, overrides, plugins)
+    if not run.task.exportable:
+        raise ExportError(f"run {run_dir} is a {run.cfg.task!r} run; export handles "
+                          "classification students (images in, logits out)")
+    state, path = run.read_checkpoint(checkpoint or "best")
+    record = {k: v for k, v in state.items() if isinstance(v, int | float | str)}
+    data = run.data()
+    student = run.task.create_model(run.cfg.student.arch, data)
+    load_state_dict_strict(student, extract_state_dict(state, path), str(path))
+    student.eval()
+    return StudentRun(run_dir=run.path, cfg=run.cfg, task=run.task, checkpoint=path,
+                      record=record, data=data, student=student)
+
+
+# --------------------------------------------------------------------------- the four formats
+def save_student(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -> None:
+    """Write the student-only weights file: ``metadata`` (``arch``, ``num_classes``,
+    ``in_channels``, ...) plus ``"model"``: the state dict, with kdlab's sha256 integrity key.
+
+    ``kdlab eval RUN --checkpoint FILE`` reads it (its weights sit under ``"model"``, like a
+    run's ``best.pt``), and :func:`read_student` rebuilds the model from it alone.
+    """
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_atomic({**metadata, "kind": STUDENT_KIND, "model": state}, path, keep_previous=False)
+
+
+def read_student(path: str | Path) -> nn.Module:
+    """The model of a :func:`save_student` file (eval mode, CPU): ``create_model(arch,
+    num_classes, in_channels)`` loaded strictly. Models of plugins need those plugins imported
+    (the file lists them under ``plugins``)."""
+
+    path = Path(path)
+    obj = read_verified(path)
+    if obj.get("kind") != STUDENT_KIND:
+        raise CheckpointError(f"{path} is not a kdlab student file (kind {obj.get('kind')!r}); "
+                              "make one with `kdlab export RUN --format state_dict`")
+    import_plugins(obj.get("plugins") or [])
+    model = create_model(str(obj["arch"]), num_classes=int(obj["num_classes"]),
+                         in_channels=int(obj["in_channels"]))
+    load_state_dict_strict(model, obj["model"], str(path))
+    return model.eval()
+
+
+def _dynamic_batch() -> dict[str, dict[int, Any]]:
+    from torch.export import Dim
+
+    return {INPUT_NAME: {0: Dim("batch", min=1)}}
+
+
+def save_torchscript(module: nn.Module, path: str | Path, example: Tensor,
+                     metadata: dict[str, Any] | None = None, quantized: bool = False) -> None:
+    """``torch.jit.trace(module, example)`` saved to ``path`` (``metadata`` as the extra file
+    ``kdlab.json``). The traced graph takes any batch size. ``quantized``: ``module`` comes from
+    :func:`quantize_int8`, whose scales and zero points are meant to become constants (the
+    tracer's warnings about that are silenced).
+
+    TorchScript is deprecated in torch 2.13 (``torch.jit.trace/save/load`` warn so) and not
+    supported on Python 3.14+; prefer ``exported`` for fp32 artefacts."""
+    try:
+        with _quiet_exporters(), torch.no_grad(), warnings.catch_warnings():
+            if quantized:
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(module.eval(), example)
+    except Exception as e:  # the tracer raises many types
+        raise ExportError(f"TorchScript tracing failed: {_first_line(e)}") from e
+    extra = {"kdlab.json": json.dumps(metadata or {})}
+
+    def write(p: Path) -> None:
+        with _quiet_exporters():
+            torch.jit.save(traced, str(p), _extra_files=extra)
+
+    _write_via_tmp(Path(path), write)
+
+
+def save_exported(module: nn.Module, path: str | Path, example: Tensor,
+                  metadata: dict[str, Any] | None = None) -> None:
+    """``torch.export.export`` with a dynamic batch dimension (``Dim("batch", min=1)``),
+    ``torch.export.save``d to ``path`` with ``metadata`` as the extra file ``kdlab.json``."""
+    try:
+        with _quiet_exporters():
+            program = torch.export.export(module.eval(), (example,),
+                                          dynamic_shapes=_dynamic_batch())
+    except Exception as e:
+        raise ExportError(f"torch.export failed: {_first_line(e)}") from e
+    extra = {"kdlab.json": json.dumps(metadata or {})}
+    _write_via_tmp(Path(path), lambda p: torch.export.save(program, str(p), extra_files=extra))
+
+
+def save_onnx(module: nn.Module, path: str | Path, example: Tensor) -> None:
+    """``torch.onnx.export(..., dynamo=True)`` with a dynamic batch dimension: input
+    ``images`` (``batch x C x H x W``), output ``logits``. Needs onnx and onnxscript."""
+    _require("onnx", "onnxscript", what="ONNX export")
+    try:
+        with _quiet_exporters():
+            program = torch.onnx.export(module.eval(), (example,), dynamo=True,
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes=_dynamic_batch(), verbose=False)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"ONNX export failed: {_first_line(e)}") from e
+    if program is None:  # pragma: no cover - only the legacy exporter returns None
+        raise ExportError("ONNX export returned no program")
+    _write_via_tmp(Path(path), lambda p: program.save(str(p)))
+
+
+def quantize_int8(model: nn.Module, calibration: Iterable[Tensor], example: Tensor
+                  ) -> nn.Module:
+    """Post-training static int8 quantisation of ``LogitsOnly(model)`` for x86 CPUs.
+
+    FX graph mode (``prepare_fx`` with ``get_default_qconfig_mapping("x86")``: per-channel
+    symmetric int8 weights, affine uint8 activations with histogram observers), the observers
+    calibrated on the ``calibration`` images, then ``convert_fx``. ``model`` is not changed.
+    Uses ``torch.ao.quantization``, which torch deprecates in favour of torchao but which still
+    works in torch 2.13 (its pt2e entry point ``quantize_pt2e`` is gone there).
+    """
+    if INT8_BACKEND not in torch.backends.quantized.supported_engines:
+        raise ExportError(f"int8 needs torch's {INT8_BACKEND!r} quantized engine, which this "
+                          f"build lacks (it has {torch.backends.quantized.supported_engines})")
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = INT8_BACKEND
+    float_model = LogitsOnly(copy.deepcopy(deployable(model)).cpu()).eval()
+    with _quiet_exporters():
+        try:
+            prepared = prepare_fx(float_model, get_default_qconfig_mapping(INT8_BACKEND),
+                                  example_inputs=(example,))
+        except Exception as e:
+            raise ExportError(f"int8: FX cannot trace this model: {_first_line(e)}") from e
+        seen = 0
+        with torch.no_grad():
+            for images in calibration:
+                prepared(images)
+                seen += 1
+        if seen == 0:
+            raise ExportError("int8: no calibration batch (empty training set?)")
+        return convert_fx(prepared).eval()
+
+
+def load_artefact(path: str | Path, fmt: str, threads: int | None = None
+                  ) -> Callable[[Tensor], Tensor]:
+    """Read an artefact back from disk as ``images -> logits`` (CPU tensors): the state-dict
+    file through :func:`read_student`, TorchScript (fp32 or int8) through ``torch.jit.load``,
+    a program through ``torch.export.load``, ONNX through an onnxruntime CPU session."""
+    path = Path(path)
+    if fmt == "state_dict":
+        return LogitsOnly(read_student(path)).eval()
+    if fmt == "torchscript":
+        if INT8_BACKEND in torch.backends.quantized.supported_engines:
+            torch.backends.quantized.engine = INT8_BACKEND  # int8 packed weights unpack for it
+        with _quiet_exporters():
+            return torch.jit.load(str(path), map_location="cpu").eval()
+    if fmt == "exported":
+        with _quiet_exporters():
+            return torch.export.load(str(path)).module()
+    if fmt == "onnx":
+        _require("onnxruntime", what="running ONNX models")
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), ort_session_options(threads),
+                                       providers=["CPUExecutionProvider"])
+
+        def run(images: Tensor) -> Tensor:
+            out = session.run([OUTPUT_NAME], {INPUT_NAME: images.detach().contiguous().numpy()})
+            return torch.from_numpy(out[0])
+
+        return run
+    raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def ort_session_options(threads: int | None = None) -> Any:
+    """onnxruntime CPU session options: ``threads`` intra-op threads (None: onnxruntime's
+    default), one inter-op thread, sequential execution, no spinning threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3  # errors only
+    return so
+
+
+# --------------------------------------------------------------------------- parity
+def check_parity(reference: Callable[[Tensor], Tensor], candidate: Callable[[Tensor], Tensor],
+                 batches: Iterable[Any]) -> dict[str, Any]:
+    """Compare ``candidate`` with ``reference`` on every ``(images, labels, ...)`` batch.
+
+    Returns ``test_images``; ``top1_agreement``: 100 * #{argmax candidate == argmax reference}
+    / N; ``max_abs_logit_diff``: max over images and classes of |candidate - reference| (NaN
+    if the candidate gave a non-finite logit); ``top1_eager`` / ``top1_exported``: top-1
+    accuracy (%) of each against the labels, and ``top1_change`` = exported - eager.
+    """
+    n = agree = hit_ref = hit_cand = 0
+    max_diff = 0.0
+    with torch.inference_mode():
+        for batch in batches:
+            images, labels = batch[0].contiguous(), batch[1]
+            ref = reference(images).float()
+            got = candidate(images).float()
+            if tuple(got.shape) != tuple(ref.shape):
+                raise ExportError(f"the artefact returned logits of shape {tuple(got.shape)}, "
+                                  f"the eager student {tuple(ref.shape)}")
+            d = float((got - ref).abs().max()) if got.isfinite().all() else math.nan
+            if math.isnan(d):
+                max_diff = math.nan
+            elif not math.isnan(max_diff):
+                max_diff = max(max_diff, d)
+            pr, pg = ref.argmax(1), got.argmax(1)
+            agree += int((pr == pg).sum())
+            hit_ref += int((pr == labels).sum())
+            hit_cand += int((pg == labels).sum())
+            n += int(labels.shape[0])
+    if n == 0:
+        raise ExportError("the test set is empty: nothing to check the artefact on")
+    top1_ref, top1_cand = 100.0 * hit_ref / n, 100.0 * hit_cand / n
+    return {"test_images": n, "top1_agreement": 100.0 * agree / n,
+            "max_abs_logit_diff": max_diff, "top1_eager": top1_ref,
+            "top1_exported": top1_cand, "top1_change": top1_cand - top1_ref}
+
+
+def parity_path(path: str | Path) -> Path:
+    """Where the parity report of artefact ``path`` goes: ``path`` + ``.parity.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".parity.json")
+
+
+def _tensor_elements(path: Path, fmt: str) -> int | None:
+    """Elements of all weight tensors stored in an fp32 artefact (parameters and buffers; the
+    ONNX exporter folds BatchNorm into the convolutions, so there it is smaller)."""
+    if fmt == "state_dict":
+        return sum(int(v.numel()) for v in read_verified(path)["model"].values())
+    if fmt == "torchscript":
+        with _quiet_exporters():
+            module = torch.jit.load(str(path))
+        return sum(int(v.numel()) for v in module.state_dict().values())
+    if fmt == "exported":
+        with _quiet_exporters():
+            return sum(int(v.numel()) for v in torch.export.load(str(path)).state_dict.values())
+    if fmt == "onnx":
+        import onnx
+
+        return sum(math.prod(t.dims) for t in onnx.load(str(path)).graph.initializer)
+    return None
+
+
+# --------------------------------------------------------------------------- the command
+@dataclass
+class ExportResult:
+    """What :func:`export_run` wrote: the artefact, its parity report and the report's content."""
+
+    path: Path
+    parity_path: Path
+    report: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report["passed"])
+
+
+def default_path(run_dir: str | Path, fmt: str, int8: bool = False) -> Path:
+    """``RUN_DIR/export/student<.int8><ext>``."""
+    return Path(run_dir) / "export" / f"student{'.int8' if int8 else ''}{EXTENSIONS[fmt]}"
+
+
+def calibration_images(loader: Any, n_batches: int) -> Iterator[Tensor]:
+    """The images of the first ``n_batches`` batches of ``loader`` (a training loader: epoch 0
+    of its order and augmentation, so the calibration set is reproducible)."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(0)
+    for i, batch in enumerate(loader):
+        if i >= n_batches:
+            return
+        yield batch[0].contiguous()
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *,
+               int8: bool = False, calibration_batches: int = DEFAULT_CALIBRATION_BATCHES,
+               tolerance: float | None = None, min_agreement: float | None = None,
+               overrides: Sequence[str] = (), plugins: Sequence[str] = (),
+               checkpoint: str | Path | None = None) -> ExportResult:
+    """Export the trained student of ``run_dir`` as ``fmt`` (see the module docstring), check
+    its parity with the eager student on the test set, write ``FILE.parity.json``.
+
+    Raises :class:`ExportError` (unknown format, ``int8`` with a format other than
+    TorchScript, missing package, untraceable model) before writing anything, and
+    :class:`ParityError` after writing when the check fails.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if int8 and fmt not in INT8_FORMATS:
+        raise ExportError(f"--int8 supports --format {' or '.join(INT8_FORMATS)} only: in torch "
+                          f"{torch.__version__.split('+')[0]} the FX-quantised model cannot be "
+                          f"saved as {fmt}")
+    if int8 and calibration_batches < 1:
+        raise ExportError(f"--batches must be >= 1, got {calibration_batches}")
+    if fmt == "onnx":  # fail before loading anything
+        _require("onnx", "onnxscript", what="ONNX export")
+        _require("onnxruntime", what="the ONNX parity check")
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+    if min_agreement is None:
+        min_agreement = DEFAULT_MIN_AGREEMENT_INT8 if int8 else DEFAULT_MIN_AGREEMENT
+    run = load_run(run_dir, overrides, plugins, checkpoint)
+    path = Path(out) if out else default_path(run.run_dir, fmt, int8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = run.metadata()
+    meta["precision"] = "int8" if int8 else "fp32"
+    example = torch.randn(2, *run.input_shape, generator=torch.Generator().manual_seed(0))
+    eager = LogitsOnly(run.student).eval()  # the reference of the parity check
+    traceable = LogitsOnly(deployable(run.student)).eval()
+
+    int8_info: dict[str, Any] | None = None
+    if int8:
+        n_cal = min(calibration_batches, len(run.data.train_loader))
+        log.info("int8: calibrating on %d training batches", n_cal)
+        calib = list(calibration_images(run.data.train_loader, n_cal))
+        qmodel = quantize_int8(run.student, calib, example)
+        save_torchscript(qmodel, path, example, meta, quantized=True)
+        int8_info = {"api": "torch.ao.quantization.quantize_fx (prepare_fx, convert_fx)",
+                     "qconfig_mapping": INT8_BACKEND, "engine": INT8_BACKEND,
+                     "calibration_batches": n_cal,
+                     "calibration_images": sum(int(x.shape[0]) for x in calib),
+                     "calibration_data": "training pipeline (augmented), epoch 0 order"}
+    elif fmt == "state_dict":
+        save_student(run.student, path, meta)
+    elif fmt == "torchscript":
+        save_torchscript(traceable, path, example, meta)
+    elif fmt == "exported":
+        save_exported(traceable, path, example, meta)
+    else:
+        save_onnx(traceable, path, example)
+    size = path.stat().st_size
+    log.info("wrote %s (%.2f MB)", path, size / 1e6)
+
+    candidate = load_artefact(path, fmt)
+    figures = check_parity(eager, candidate, run.data.test_loader)
+    failures = []
+    if not figures["top1_agreement"] >= min_agreement:
+        failures.append(f"top-1 agreement {figures['top1_agreement']:.2f}% < "
+                        f"{min_agreement:g}%")
+    diff = figures["max_abs_logit_diff"]
+    if not int8 and not diff <= tolerance:
+        failures.append(f"max |logit diff| {diff:.3g} > {tolerance:g}")
+    student_params = sum(int(p.numel()) for p in run.student.parameters())
+    report: dict[str, Any] = {
+        "kind": "kdlab-export-parity",
+        "format": fmt,
+        "precision": meta["precision"],
+        "file": path.name,
+        "size_bytes": size,
+        "sha256": file_sha256(path),
+        "arch": meta["arch"],
+        "num_classes": meta["num_classes"],
+        "in_channels": meta["in_channels"],
+        "input_size": meta["input_size"],
+        "input": meta["input"],
+        "dynamic_batch": fmt != "state_dict",
+        "source": meta["source"],
+        "student_parameters": student_params,
+        "student_tensor_elements": sum(int(v.numel())
+                                       for v in run.student.state_dict().values()),
+        "artefact_tensor_elements": None if int8 else _tensor_elements(path, fmt),
+        **figures,
+        "tolerance": None if int8 else tolerance,
+        "min_agreement": min_agreement,
+        "passed": not failures,
+        "failures": failures,
+        "int8": int8_info,
+        "versions": versions(),
+        "machine": _machine(),
+    }
+    report["date"] = report["machine"]["date"]
+    ppath = parity_path(path)
+
+    atomic_write(ppath, json.dumps(report, indent=2) + "\n")
+    change = f", change {figures['top1_change']:+.2f} pp" if int8 else ""
+    log.info("parity on %d test images: top-1 agreement %.2f%%, max |logit diff| %.3g, top-1 "
+             "eager %.2f%% vs %s %.2f%%%s", figures["test_images"], figures["top1_agreement"],
+             diff, figures["top1_eager"], meta["precision"], figures["top1_exported"], change)
+    if failures:
+        raise ParityError(f"parity check of {path} failed: {'; '.join(failures)} (files kept; "
+                          f"see {ppath.name})")
+    return ExportResult(path=path, parity_path=ppath, report=report)

@@ -1,0 +1,203 @@
+"""Detection batches and loaders over COCO-format splits (:class:`CocoDetection`).
+
+A :class:`DetectionBatch` is what torchvision's detection models take: a list of ``3 x H x W``
+float images in ``[0, 1]`` (sizes may differ; the detector's transform resizes, normalises and
+pads them) and a list of target dicts (``boxes`` ``N x 4`` xyxy pixels, ``labels`` ``N`` in
+``1..K``), on the run's device, plus the COCO image ids (for COCO evaluation).
+
+:class:`DetectionLoader` shuffles with a generator seeded from ``(seed, epoch)`` and flips each
+training image horizontally with probability 1/2 from the same generator, so an epoch's batches
+are a pure function of the seed and the epoch (resume, even mid-epoch, sees the same batches).
+Decoded images are kept in memory when the split is small (``cache_bytes``); larger splits (COCO)
+are decoded by ``num_workers`` DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from kdlab.config import DataConfig, DetectionConfig
+from kdlab.core.errors import ConfigError
+from kdlab.tasks.detection.coco import CocoDetection, DetectionSample
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DetectionBatch", "DetectionData", "DetectionLoader", "build_detection_data"]
+
+#: splits whose decoded images take at most this many bytes stay in memory after the first epoch.
+CACHE_BYTES = 2 * 1024**3
+
+
+class DetectionBatch(NamedTuple):
+    """One detection batch on the device (see the module docstring)."""
+
+    images: list[Tensor]
+    targets: list[dict[str, Tensor]]
+    image_ids: list[int]
+
+
+def hflip_sample(image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """The image mirrored left-right and its boxes mirrored with it: ``x1' = W - x2``,
+    ``x2' = W - x1`` (continuous pixel coordinates, as torchvision's reference transform)."""
+    width = image.shape[-1]
+    flipped = boxes.clone()
+    flipped[:, 0] = width - boxes[:, 2]
+    flipped[:, 2] = width - boxes[:, 0]
+    return image.flip(-1), flipped
+
+
+class _Decode(torch.utils.data.Dataset[DetectionSample]):
+    """The dataset as a torch Dataset (for DataLoader workers)."""
+
+    def __init__(self, dataset: CocoDetection) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> DetectionSample:
+        return self.dataset[index]
+
+
+class DetectionLoader:
+    """Batches of a COCO-format split (see the module docstring).
+
+    ``train=True``: shuffled, flipped (``hflip``), incomplete last batch dropped; otherwise every
+    image once, in order. ``set_epoch(epoch, start_batch)`` must be called before iterating a
+    training loader (the trainer does).
+    """
+
+    def __init__(self, dataset: CocoDetection, batch_size: int, device: torch.device, *,
+                 train: bool, seed: int = 0, hflip: bool = True, num_workers: int = 0,
+                 cache_bytes: int = CACHE_BYTES) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.device = device
+        self.train = train
+        self.seed = seed
+        self.hflip = hflip and train
+        self.num_workers = num_workers
+        self.epoch = 1
+        self.start_batch = 0
+        pixels = sum(3 * h * w for h, w in dataset.sizes)
+        self._cache: dict[int, DetectionSample] | None = {} if pixels <= cache_bytes else None
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch to iterate next (its shuffle and flips), from batch ``start_batch``."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _plan(self) -> tuple[list[list[int]], list[list[bool]]]:
+        """The epoch's index batches and flip decisions (a function of seed and epoch)."""
+        n = len(self.dataset)
+        if not self.train:
+            order = list(range(n))
+            flips = [False] * n
+        else:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+            flips = (torch.rand(n, generator=g) < 0.5).tolist() if self.hflip else [False] * n
+        batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+        flip_batches = [flips[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+        if self.train and batches and len(batches[-1]) < self.batch_size:
+            batches, flip_batches = batches[:-1], flip_batches[:-1]
+        return batches, flip_batches
+
+    def _samples(self, batches: list[list[int]]) -> Iterator[list[DetectionSample]]:
+        if self._cache is not None or self.num_workers == 0:
+            for idx in batches:
+                yield [self._sample(i) for i in idx]
+            return
+        loader = torch.utils.data.DataLoader(
+            _Decode(self.dataset), batch_sampler=batches, num_workers=self.num_workers,
+            collate_fn=list, persistent_workers=False)
+        yield from loader
+
+    def _sample(self, index: int) -> DetectionSample:
+        if self._cache is None:
+            return self.dataset[index]
+        sample = self._cache.get(index)
+        if sample is None:
+            sample = self._cache[index] = self.dataset[index]
+        return sample
+
+    def __iter__(self) -> Iterator[DetectionBatch]:
+        batches, flips = self._plan()
+        start = self.start_batch if self.train else 0
+        self.start_batch = 0
+        for samples, flip in zip(self._samples(batches[start:]), flips[start:], strict=True):
+            images, targets = [], []
+            for s, f in zip(samples, flip, strict=True):
+                image = s.image.to(self.device, non_blocking=True).float().div_(255)
+                boxes = s.boxes.to(self.device)
+                if f:
+                    image, boxes = hflip_sample(image, boxes)
+                images.append(image)
+                targets.append({"boxes": boxes, "labels": s.labels.to(self.device)})
+            yield DetectionBatch(images, targets, [s.image_id for s in samples])
+
+
+@dataclass
+class DetectionData:
+    """The loaders of a detection run and what the models need to know about the data."""
+
+    train_loader: DetectionLoader
+    test_loader: DetectionLoader
+    num_classes: int
+    detection: DetectionConfig
+    in_channels: int = 3
+    val_loader: Any = None
+
+    @property
+    def train_size(self) -> int:
+        """Images in the training split."""
+        return len(self.train_loader.dataset)
+
+    @property
+    def input_size(self) -> int:
+        """The side images are resized to (the shorter one)."""
+        return self.detection.min_size
+
+    @property
+    def train_labels(self) -> Tensor:
+        """Image-level labels do not exist in detection (methods needing them are refused)."""
+        return torch.empty(0, dtype=torch.long)
+
+
+def build_detection_data(cfg: DataConfig, detection: DetectionConfig, *, seed: int,
+                         device: torch.device) -> DetectionData:
+    """The train and test loaders of the COCO-format dataset at ``cfg.root``.
+
+    Uses ``detection.train_split``/``test_split``; the test split keeps every image (COCO
+    evaluation scores all of them). ``data.val_fraction`` and ``train_fraction`` are not
+    supported for detection (a ConfigError says so)."""
+    if cfg.val_fraction > 0 or cfg.train_fraction < 1:
+        raise ConfigError("data.val_fraction and data.train_fraction are not supported for "
+                          "detection; make a split with the importer instead")
+    assert cfg.root is not None  # the config requires it for detection datasets
+    train = CocoDetection.from_split(cfg.root, detection.train_split,
+                                     drop_empty=detection.drop_empty)
+    test = CocoDetection.from_split(cfg.root, detection.test_split)
+    if train.num_classes != test.num_classes or train.categories != test.categories:
+        raise ConfigError(f"the {detection.train_split!r} and {detection.test_split!r} splits of "
+                          f"{cfg.root} have different categories; they must share one list")
+    if len(train) < cfg.batch_size:
+        raise ConfigError(f"config key 'data.batch_size': {cfg.batch_size} is larger than the "
+                          f"training split ({len(train)} images)")
+    return DetectionData(
+        train_loader=DetectionLoader(train, cfg.batch_size, device, train=True, seed=seed,
+                                     hflip=cfg.hflip, num_workers=cfg.num_workers),
+        test_loader=DetectionLoader(test, cfg.eval_batch_size, device, train=False,
+                                    num_workers=cfg.num_workers),
+        num_classes=train.num_classes,
+        detection=detection,
+    )

@@ -1,0 +1,208 @@
+"""Object detection: Faster R-CNN with FPN on COCO-format data, scored by COCO mAP.
+
+A batch is :class:`~kdlab.tasks.detection.data.DetectionBatch` (images and box targets); the
+models are :class:`~kdlab.tasks.detection.model.Detector` (torchvision's Faster R-CNN around a
+kdlab backbone); the
+training pass (:func:`kdlab.tasks.detection.model.roi_forward`) gives the detector's RPN and
+box-regression losses as task terms (weight 1) and, for the method, the (K+1)-way class logits of
+the student's sampled RoIs with their labels and the teacher's logits on the same RoIs. So the
+registered logit methods distil RoI logits with the same loss functions as classification (the DKD
+detection recipe, Zhao et al., CVPR 2022), and their ``ce`` term IS Faster R-CNN's RoI
+classification loss. Evaluation is COCO mAP through pycocotools (AP decides the best epoch).
+
+Supported methods: vanilla, kd, dkd, nkd, dckd, sd_kd, sd_dkd, sd_nkd, dist, ttm, wttm, with the
+partners fitnet, at and reviewkd on the FPN levels. The image-level relation partners (rkd, sp,
+pkt, crd) and MLKD's two views are refused with a clear error; see docs/detection.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdlab.config import DataConfig, DetectionConfig, ExperimentConfig
+from kdlab.core.distributed import DistInfo
+from kdlab.core.errors import ConfigError
+from kdlab.methods.base import Batch, DistillContext
+from kdlab.models import load_pretrained
+from kdlab.models.output import KdModel
+from kdlab.tasks.base import Mark, Task, register_task
+from kdlab.tasks.detection.data import build_detection_data
+from kdlab.tasks.detection.evaluation import coco_metrics
+from kdlab.tasks.detection.model import build_detector, probe_output, roi_forward
+from kdlab.tasks.detection.predict import predict_coco
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DETECTION_METHODS", "DETECTION_PARTNERS", "DETECTOR_TERMS", "DetectionTask",
+           "RoIAccuracyMeter"]
+
+#: logit methods that distil RoI logits (they read only logits and labels, or SDD's regions).
+DETECTION_METHODS = ("vanilla", "kd", "dkd", "nkd", "dckd", "sd_kd", "sd_dkd", "sd_nkd", "dist",
+                     "ttm", "wttm")
+#: the detector's task terms: the RoI classification loss (the method's ``ce``) and
+#: :meth:`DetectionTask.task_terms`.
+DETECTOR_TERMS = ("ce", "rpn_objectness", "rpn_box_reg", "roi_box_reg")
+#: partners that work on the FPN levels (``features[1:]``).
+DETECTION_PARTNERS = ("fitnet", "at", "reviewkd")
+
+
+def _unwrap(model: nn.Module) -> Any:
+    """The detector inside a DDP or torch.compile wrapper."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+class RoIAccuracyMeter:
+    """Training accuracy of the RoI classifier (K+1 classes, background included) over an
+    epoch, counted on the device; ``samples`` counts images (for images/s)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.rois = 0
+        self._samples = 0
+
+    def update(self, output: Any, batch: Any) -> None:
+        """Count the batch's correctly classified RoIs (no host synchronisation)."""
+        self.correct += output.roi.logits.detach().argmax(dim=1).eq(output.labels).sum()
+        self.rois += int(output.labels.shape[0])
+        self._samples += len(batch.images)
+
+    def reduce(self, dist: DistInfo) -> None:
+        """Detection runs in one process (DDP is refused), so there is nothing to sum."""
+
+    @property
+    def samples(self) -> int:
+        """Images seen so far."""
+        return self._samples
+
+    def accuracy(self) -> float:
+        """RoI classification accuracy in % (synchronises the host)."""
+        return 100.0 * float(self.correct) / max(self.rois, 1)
+
+    def progress(self) -> dict[str, float]:
+        """``{"roi_acc": %}`` for the progress bar."""
+        return {"roi_acc": self.accuracy()}
+
+    def summary(self) -> dict[str, float]:
+        """``{"train_roi_acc": %}``."""
+        return {"train_roi_acc": self.accuracy()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counts so far."""
+        return {"correct": self.correct.cpu(), "rois": self.rois, "samples": self._samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.correct = state["correct"].to(self.correct.device)
+        self.rois, self._samples = int(state["rois"]), int(state["samples"])
+
+
+@register_task
+class DetectionTask(Task[Any, Any, Any]):
+    """Faster R-CNN FPN detection with RoI-logit distillation (see the module docstring)."""
+
+    name = "detection"
+    best_metric = "AP"
+
+    def __init__(self) -> None:
+        self.detection = DetectionConfig()
+        self.last_detections: list[dict[str, Any]] | None = None
+
+    def configure(self, cfg: ExperimentConfig) -> None:
+        """The detector settings, and a check that the method and partners apply to RoIs."""
+        self.detection = cfg.detection or DetectionConfig()
+        if cfg.method.name not in DETECTION_METHODS:
+            raise ConfigError(f"method {cfg.method.name!r} is not available for detection; use "
+                              f"one of {list(DETECTION_METHODS)}")
+        if cfg.optim.name == "dot":
+            terms = set(cfg.optim.args.get("task_terms", ["ce"]))
+            missing = sorted(set(DETECTOR_TERMS) - terms)
+            if missing:
+                raise ConfigError("config key 'optim.args.task_terms': with DOT on detection the "
+                                  f"detector's own losses are task terms too; add {missing} "
+                                  f"(e.g. task_terms: {list(DETECTOR_TERMS)})")
+        for partner in cfg.method.partners:
+            if partner.name not in DETECTION_PARTNERS:
+                raise ConfigError(f"partner {partner.name!r} is not available for detection "
+                                  f"(it relates whole images); use one of "
+                                  f"{list(DETECTION_PARTNERS)} on the FPN levels")
+
+    def dataset_label(self, cfg: DataConfig) -> str:
+        """``coco:<folder>`` (e.g. ``coco:fm-detection``): every COCO-format set is ``coco``."""
+        return f"{cfg.name}:{Path(cfg.root or '.').resolve().name}"
+
+    def build_data(self, cfg: DataConfig, *, seed: int, device: torch.device,
+                   channels_last: bool, rank: int, world_size: int) -> Any:
+        """Loaders of the COCO-format dataset at ``data.root``
+        (:func:`kdlab.tasks.detection.data.build_detection_data`)."""
+        if world_size > 1:
+            raise ConfigError("detection runs in one process in this kdlab version; run it "
+                              "without torchrun")
+        return build_detection_data(cfg, self.detection, seed=seed, device=device)
+
+    def create_model(self, arch: str, data: Any) -> KdModel:
+        """Faster R-CNN FPN with backbone ``arch`` for the dataset's classes."""
+        return build_detector(arch, data.num_classes, data.detection)  # type: ignore[return-value]
+
+    def model_from_checkpoint(self, arch: str, state: dict[str, Any]) -> KdModel | None:
+        """The detector sized by the checkpoint's ``num_classes`` (no data set needed)."""
+        if "num_classes" not in state or state.get("task", self.name) != self.name:
+            return None
+        return build_detector(arch, int(state["num_classes"]),  # type: ignore[return-value]
+                              self.detection)
+
+    def load_pretrained(self, model: nn.Module) -> None:
+        """The backbone's library weights (``torchvision:``/``timm:`` archs)."""
+        load_pretrained(model.backbone.body)  # type: ignore[union-attr, arg-type]
+
+    def distill_context(self, student: KdModel, teacher: KdModel | None, data: Any
+                        ) -> DistillContext:
+        """RoI-level probes of both detectors (K+1 classes; no image-level labels)."""
+        size = data.detection.min_size
+        return DistillContext(
+            student=student, teacher=teacher,
+            student_probe=probe_output(student, size),
+            teacher_probe=None if teacher is None else probe_output(teacher, size),
+            num_classes=data.num_classes + 1, train_labels=data.train_labels, input_size=size)
+
+    def forward(self, student: nn.Module, teacher: nn.Module | None, batch: Any,
+                mark: Mark | None = None) -> tuple[Any, Any]:
+        """:func:`kdlab.tasks.detection.model.roi_forward` (the teacher on the student's RoIs)."""
+        out_s, out_t = roi_forward(_unwrap(student), None if teacher is None else
+                                   _unwrap(teacher), batch.images, batch.targets)
+        if mark is not None:
+            mark("student_fwd")
+        return out_s, out_t
+
+    def distill_inputs(self, out_s: Any, out_t: Any, batch: Any) -> tuple[Any, Any, Any]:
+        """The RoI view: RoI outputs and a Batch of the RoIs' labels (0 = background)."""
+        labels = out_s.labels
+        rois = Batch(out_s.roi.feature_map, labels,
+                     torch.arange(labels.shape[0], device=labels.device))
+        return out_s.roi, None if out_t is None else out_t.roi, rois
+
+    def task_terms(self, out_s: Any) -> dict[str, torch.Tensor]:
+        """Faster R-CNN's RPN objectness, RPN box and RoI box losses (weight 1)."""
+        return dict(out_s.losses)
+
+    def train_meter(self, device: torch.device) -> RoIAccuracyMeter:
+        """RoI classification accuracy of one epoch."""
+        return RoIAccuracyMeter(device)
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device,
+                 amp_dtype: torch.dtype | None, dist: DistInfo | None = None
+                 ) -> dict[str, float]:
+        """COCO box AP, AP50, AP75, APs/m/l and AR1/10/100 (%), pycocotools' COCOeval."""
+        detections = predict_coco(model, batches, device, amp_dtype)
+        #: the last evaluation's detections (``kdlab eval`` writes them as detections.json)
+        self.last_detections = detections
+        dataset = batches.dataset  # type: ignore[attr-defined]
+        metrics = coco_metrics(dataset.annotation_file, detections)
+        metrics["count"] = float(len(dataset))
+        return metrics
