@@ -7,7 +7,10 @@ working tree is the other side. Recipes (real Fashion-MNIST, 2 % of the training
 
 * the demo's teacher recipe (resnet14, 3 epochs, lr x0.1 after epoch 2);
 * four resnet8 students of that teacher, 2 epochs with an lr drop: KD, SD-DKD + CRD,
-  DCKD + FitNet, ReviewKD.
+  DCKD + FitNet, ReviewKD;
+* detection: a synthetic Fashion-MNIST COCO set (48 train / 16 test images of 64 px, written
+  once by the working tree and read by both sides), a MobileNetV2 FPN teacher (2 epochs) and
+  an SD-DKD student of it with a FitNet partner on the FPN levels (1 epoch).
 
 For each run it compares the final checkpoint's student and method tensors (bit for bit) and
 ``metrics.jsonl`` without its timing fields. Exit status 1 when anything differs.
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 
 from kdlab.engine.loggers import flatten
+from kdlab.tools.synthetic_detection import make_fashion_mnist_detection
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("train_img_per_s", "train_time_s", "eval_time_s")
@@ -36,8 +40,11 @@ RECIPES = r'''
 import sys
 from pathlib import Path
 from kdlab.config import validate_config
-from kdlab.cli.demo import FULL, _config
 from kdlab.engine.trainer import Trainer
+try:  # kdlab 0.3 (Architecture v3)
+    from kdlab.cli.demo import FULL, _config
+except ImportError:  # kdlab 0.1 and 0.2
+    from kdlab.demo import FULL, _config
 
 out = Path(sys.argv[1])
 teacher = _config("teacher", FULL.teacher, 3, 0.02, FULL)
@@ -56,7 +63,40 @@ for tag, method in students.items():
     cfg["optim"]["milestones"] = [1]
     Trainer(validate_config(cfg, tag), out / tag, require_teacher=True).run()
 '''
-RUNS = ("teacher", "kd", "sd_dkd_crd", "dckd_fitnet", "reviewkd")
+DETECTION_RECIPES = r'''
+import sys
+from pathlib import Path
+from kdlab.config import validate_config
+from kdlab.engine.trainer import Trainer
+
+out, data = Path(sys.argv[1]), sys.argv[2]
+detection = {"train_split": "train", "test_split": "test", "min_size": 64, "max_size": 64,
+             "fpn_channels": 16, "anchor_sizes": [8, 16, 32, 64, 128],
+             "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 100,
+             "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 50,
+             "box_batch_size_per_image": 16, "representation_size": 32}
+base = {"task": "detection", "seed": 0, "detection": detection,
+        "data": {"name": "coco", "root": data, "batch_size": 4, "eval_batch_size": 8,
+                 "num_workers": 0},
+        "student": {"arch": "MobileNetV2_imagenet"},
+        "optim": {"lr": 0.02, "weight_decay": 0.0001, "epochs": 2, "scheduler": "cosine",
+                  "clip_grad_norm": 10.0},
+        "runtime": {"amp": "off", "channels_last": False, "threads": 1}}
+Trainer(validate_config({**base, "name": "det_teacher"}, "det_teacher"), out / "det_teacher",
+        require_teacher=False).run()
+student = {**base, "name": "det_sd_dkd_fitnet",
+           "optim": {**base["optim"], "epochs": 1},
+           "teacher": {"arch": "MobileNetV2_imagenet",
+                       "checkpoint": str(out / "det_teacher" / "checkpoints" / "best.pt")},
+           "method": {"name": "sd_dkd",
+                      "params": {"alpha": 1.0, "beta": 0.25, "temperature": 1.0,
+                                 "warmup_epochs": 0, "scales": [1, 2], "sdd_beta": 2.0},
+                      "partners": [{"name": "fitnet"}]}}
+Trainer(validate_config(student, "det_sd_dkd_fitnet"), out / "det_sd_dkd_fitnet",
+        require_teacher=True).run()
+'''
+DETECTION_RUNS = ("det_teacher", "det_sd_dkd_fitnet")
+RUNS = ("teacher", "kd", "sd_dkd_crd", "dckd_fitnet", "reviewkd", *DETECTION_RUNS)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -80,10 +120,14 @@ def main() -> int:
         archive = subprocess.run(["git", "archive", args.ref], cwd=ROOT, check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        data = out / "fm-detection"
+        make_fashion_mnist_detection(data, n_train=48, n_test=16, size=64, objects=(1, 2),
+                                     scale=(1.0, 1.5), seed=0)
         for side, src in (("a", Path(tmp) / "src"), ("b", ROOT / "src")):
             env = dict(os.environ, PYTHONPATH=str(src))
-            subprocess.run([sys.executable, "-c", RECIPES, str(out / side)], check=True,
-                           env=env, cwd=tmp, stdout=subprocess.DEVNULL)
+            for recipe in (RECIPES, DETECTION_RECIPES):
+                subprocess.run([sys.executable, "-c", recipe, str(out / side), str(data)],
+                               check=True, env=env, cwd=tmp, stdout=subprocess.DEVNULL)
     bad = 0
     for run in RUNS:
         a = torch.load(out / "a" / run / "checkpoints" / "last.pt", weights_only=True)

@@ -25,6 +25,7 @@ _API = frozenset({"run", "load_student"})
 
 def __getattr__(name: str) -> Any:
     if name in _API:
+        # PEP 562 lazy attribute: `import kdlab` stays light (no torch until the API is used)
         from kdlab import api
 
         return getattr(api, name)

@@ -27,14 +27,13 @@ light (this module, and torch, load at the first use).
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from kdlab.config import apply_overrides, load_config, validate_config_with_plugins
 from kdlab.core.errors import ConfigError, RunInterrupted
+from kdlab.core.signals import sigterm_raises
 from kdlab.engine.progress import TqdmProgress
 from kdlab.engine.trainer import Trainer
 from kdlab.runs.open import open_run
@@ -81,22 +80,10 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
     return run_folder(cfg.output_dir, cfg.name, f"seed{cfg.seed}")
 
 
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
+def sigterm_interrupts() -> contextlib.AbstractContextManager[None]:
     """While a run trains, SIGTERM raises :class:`RunInterrupted`: the run ends "interrupted",
     like Ctrl-C, and can be continued with ``resume``. (Main thread only; elsewhere a no-op.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise RunInterrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return sigterm_raises(RunInterrupted)
 
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: Resume = False,

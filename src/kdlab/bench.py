@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from kdlab.config import MethodConfig, apply_overrides, validate_config
 from kdlab.core.env import load_average, machine_info
@@ -287,7 +288,6 @@ class TrainBench:
     def count_flops(self) -> int:
         """FLOPs of one :meth:`Trainer.step`: teacher forward + student forward + loss +
         backward (matmuls and convolutions; the optimizer's element-wise update counts none)."""
-        from torch.utils.flop_counter import FlopCounterMode
 
         self._train_mode()
         batch = self.next_batch()

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from tqdm import tqdm
 
 from kdlab.config import (
     format_validation_error,
@@ -55,6 +56,7 @@ from kdlab.config import (
 )
 from kdlab.core.errors import ConfigError, RunError
 from kdlab.core.io import atomic_write
+from kdlab.core.signals import sigterm_raises
 from kdlab.runs.rundir import RunDir, run_folder
 
 log = logging.getLogger(__name__)
@@ -547,6 +549,7 @@ def _lock(path: Path) -> Iterator[IO[str]]:
     f = open(path, "a+")
     try:
         try:
+            # POSIX only: fcntl does not exist on Windows
             import fcntl
 
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -559,23 +562,9 @@ def _lock(path: Path) -> Iterator[IO[str]]:
         f.close()
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
+def _sigterm_interrupts() -> contextlib.AbstractContextManager[None]:
     """Within the main thread, SIGTERM raises :class:`_Interrupted` (workers are stopped)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise _Interrupted()
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    return sigterm_raises(lambda signum: _Interrupted())
 
 
 def run_sweep(spec_path: str | Path, jobs: int = 1, retry_failed: bool = False,
@@ -600,7 +589,6 @@ class TqdmSweepProgress:
         if not self.enabled:
             return
         if self.bar is None:
-            from tqdm import tqdm
 
             tqdm.monitor_interval = 0  # no monitor thread: workers are forked from this process
             self.bar = tqdm(total=total, desc="sweep", unit="run", dynamic_ncols=True,

@@ -33,6 +33,7 @@ def bench_json(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.e2e
 def test_bench_writes_expected_json(bench_json: dict) -> None:
     r = bench_json
     assert TOP_KEYS <= set(r)
@@ -48,6 +49,7 @@ def test_bench_writes_expected_json(bench_json: dict) -> None:
     assert r["config"]["amp_dtype"] is None and r["config"]["batch_size"] == 8
 
 
+@pytest.mark.e2e
 def test_part_shares_sum_to_one(bench_json: dict) -> None:
     shares = bench_json["parts"]["share"]
     assert math.isclose(sum(shares.values()), 1.0, rel_tol=1e-9)
@@ -56,6 +58,7 @@ def test_part_shares_sum_to_one(bench_json: dict) -> None:
                         rel_tol=1e-9)
 
 
+@pytest.mark.e2e
 def test_bench_sdd_method_with_override(tmp_path: Path) -> None:
     out = tmp_path / "sdd.json"
     argv = ["-q", "bench", "--teacher", "resnet14", "--student", "resnet8", "--method",

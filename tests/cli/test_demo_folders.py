@@ -44,6 +44,7 @@ def test_default_folders_differ() -> None:
     assert demo.default_out(quick=True) == Path("runs/demo-quick")
 
 
+@pytest.mark.e2e
 def test_quick_and_full_demo_do_not_collide(tiny_demo: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["-q", "demo", "--quick", "--no-progress"]) == 0
@@ -69,6 +70,7 @@ def test_quick_and_full_demo_do_not_collide(tiny_demo: Path,
         assert (tiny_demo / out / "sddkd" / "summary.json").is_file()
 
 
+@pytest.mark.e2e
 def test_out_overrides_the_default(tiny_demo: Path) -> None:
     assert main(["-q", "demo", "--quick", "--no-progress", "--out", "elsewhere"]) == 0
     assert (tiny_demo / "elsewhere" / "results.md").is_file()

@@ -21,6 +21,8 @@ from kdlab.cli.main import main
 from kdlab.methods.registry import get_method, list_methods
 from kdlab.models import create_model
 
+pytestmark = pytest.mark.e2e  # trains runs end to end
+
 #: every registered method (logit methods and partners; a partner alone runs as vanilla + it).
 METHODS = list_methods()
 #: per-name expectations on top of the defaults: partners that train helper modules

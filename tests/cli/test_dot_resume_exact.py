@@ -18,6 +18,8 @@ from kdlab.cli.main import main
 from kdlab.engine import trainer as trainer_mod
 from support import assert_same, save_random_teacher
 
+pytestmark = pytest.mark.e2e  # trains runs end to end
+
 STEPS_PER_EPOCH = 4  # 32 images, batch 8
 METHODS = {
     "sd_dkd": {"name": "sd_dkd", "params": {"warmup_epochs": 2}},

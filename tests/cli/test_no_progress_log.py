@@ -17,6 +17,7 @@ STEP_LINE = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+) loss \d+\.\d{4} acc
                        r"img_s \d+$")
 
 
+@pytest.mark.e2e
 def test_cli_logs_a_line_every_log_every_steps(tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
     cfg = {

@@ -37,6 +37,7 @@ def run_example(code: str, folder: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.e2e
 def test_loss_example_runs(tmp_path: Path) -> None:
     code = readme_example("loss")
     assert len(code.splitlines()) <= 14, "the loss example is the short entry point"
@@ -44,6 +45,7 @@ def test_loss_example_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.e2e
 def test_training_loop_example_runs(tmp_path: Path) -> None:
     code = readme_example("training-loop")
     for name in ("multiscale_logits(", "sdd_loss(", "load_checkpoint(", "loader", "optimizer"):

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from kdlab.cli.main import main
 from kdlab.models import create_model
 from support import assert_same
+
+pytestmark = pytest.mark.e2e  # trains runs end to end
 
 
 def config(tmp_path: Path, epochs: int, teacher_ckpt: Path) -> Path:

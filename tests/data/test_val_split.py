@@ -269,6 +269,7 @@ VAL_CURVE = {1: 10.0, 2: 30.0, 3: 20.0, 4: 25.0}
 TEST_CURVE = {1: 40.0, 2: 15.0, 3: 35.0, 4: 50.0}
 
 
+@pytest.mark.e2e
 def test_best_epoch_is_chosen_on_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                             ) -> None:
     """Validation and test disagree by construction: validation peaks at epoch 2, test at 4.
@@ -322,6 +323,7 @@ class _StopMidEpoch(Trainer):
         return out
 
 
+@pytest.mark.e2e
 def test_real_run_summary_and_exact_resume(tmp_path: Path) -> None:
     """A real run with validation: the summary agrees with metrics.jsonl, and a run stopped
     after an epoch, or in the middle of one, resumes to the same numbers and weights."""
@@ -356,6 +358,7 @@ def test_real_run_summary_and_exact_resume(tmp_path: Path) -> None:
             assert summary[key] == full[key], (name, key)
 
 
+@pytest.mark.e2e
 def test_zero_fraction_summary_has_the_old_keys_only(tmp_path: Path) -> None:
     cfg = _cfg(val_fraction=0.0)
     cfg.optim.epochs = 2

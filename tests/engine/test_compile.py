@@ -18,8 +18,11 @@ from kdlab.config import validate_config
 from kdlab.engine.trainer import Trainer
 from kdlab.models import create_model
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="torch.compile on CPU needs a C++ compiler")
+pytestmark = [
+    pytest.mark.e2e,  # compiles and runs trainer steps: several seconds
+    pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                       reason="torch.compile on CPU needs a C++ compiler"),
+]
 
 
 def _trainer(tmp_path, teacher_ckpt, compile_: bool, name: str) -> Trainer:

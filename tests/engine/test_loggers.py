@@ -214,6 +214,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
     return rd, summary
 
 
+@pytest.mark.e2e
 def test_csv_rows_equal_metrics_jsonl_and_the_step_records(logged: tuple[Path, Any]) -> None:
     rd, _ = logged
     records = metrics(rd)
@@ -237,6 +238,7 @@ def test_csv_rows_equal_metrics_jsonl_and_the_step_records(logged: tuple[Path, A
     assert float(steps[0]["lr"]) == 0.05 and float(steps[-1]["lr"]) == pytest.approx(0.005)
 
 
+@pytest.mark.e2e
 def test_a_registered_logger_gets_every_record(logged: tuple[Path, Any]) -> None:
     rd, summary = logged
     assert [(k, s) for k, s, _ in RECORDED] == [
@@ -248,6 +250,7 @@ def test_a_registered_logger_gets_every_record(logged: tuple[Path, Any]) -> None
                                    "train_top1", "train_img_per_s"}
 
 
+@pytest.mark.e2e
 @needs_tensorboard
 def test_tensorboard_scalars_are_the_records(logged: tuple[Path, Any]) -> None:
     rd, _ = logged
@@ -265,6 +268,7 @@ def test_tensorboard_scalars_are_the_records(logged: tuple[Path, Any]) -> None:
     assert "step/step" not in series and "step/epoch" not in series
 
 
+@pytest.mark.e2e
 @needs_wandb
 def test_wandb_offline_run_holds_the_history(logged: tuple[Path, Any]) -> None:
     rd, summary = logged
@@ -337,6 +341,7 @@ def test_a_failing_logger_is_dropped_with_one_warning(caplog: pytest.LogCaptureF
 
 
 # --------------------------------------------------------------------------- resume
+@pytest.mark.e2e
 def test_resume_from_an_earlier_checkpoint_duplicates_nothing(tmp_path: Path) -> None:
     """A run killed after epoch 2 whose last.pt is lost resumes from last.pt.prev (epoch 1):
     what the loggers held beyond epoch 1 is dropped (csv, tensorboard) or not sent again
@@ -371,6 +376,7 @@ def test_resume_from_an_earlier_checkpoint_duplicates_nothing(tmp_path: Path) ->
 
 
 # --------------------------------------------------------------------------- rank 0 only
+@pytest.mark.e2e
 def test_ranks_other_than_0_log_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A trainer that is not the main process (is_main False: what ranks 1.. see) opens no
     logger and writes no logger file."""

@@ -352,6 +352,7 @@ def test_composite_owns_theta_trains_and_reports_it() -> None:
     assert list(plain.parameters()) == [] and plain.epoch_metrics() == {}
 
 
+@pytest.mark.e2e
 def test_distill_records_the_temperature_and_checkpoints_theta(tmp_path: Path) -> None:
     """``kdlab distill`` (2 epochs, synthetic data): ``temperature`` and ``ctkd_lambda`` in every
     epoch record, theta trained (weight decay included) and in the checkpoint."""

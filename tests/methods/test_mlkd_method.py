@@ -173,6 +173,7 @@ def run(argv: list[str]) -> int:
     return main(["-q", *argv, "--no-progress"])
 
 
+@pytest.mark.e2e
 def test_distill_mlkd_end_to_end(tmp_path: Path, teacher_ckpt: Path, monkeypatch) -> None:
     import kdlab.methods.mlkd as mlkd_module
 
@@ -194,6 +195,7 @@ def test_distill_mlkd_end_to_end(tmp_path: Path, teacher_ckpt: Path, monkeypatch
     assert method["logit"]["params"]["code_exact"] is True
 
 
+@pytest.mark.e2e
 def test_mid_epoch_resume_is_bit_exact(tmp_path: Path, teacher_ckpt: Path,
                                        monkeypatch) -> None:
     cfg = write_config(tmp_path, teacher_ckpt, 2, {})

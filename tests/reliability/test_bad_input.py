@@ -200,6 +200,7 @@ def test_bad_input_is_one_line(case: str, tmp_path: Path, write_cfg: Callable[..
         cli(["--debug", *argv])
 
 
+@pytest.mark.e2e
 def test_real_process_one_line_and_debug_traceback(tmp_path: Path,
                                                    write_cfg: Callable[..., Path]) -> None:
     """The same through ``python -m kdlab``: stderr is one line; ``--debug`` prints the
@@ -282,6 +283,7 @@ def test_malformed_config_file_is_one_line(command: str, case: str, tmp_path: Pa
         cli(["--debug", *argv])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("command", "case"), [
     ("distill", "duplicate_key"), ("config_show", "base_number"), ("sweep", "not_utf8")])
 def test_malformed_config_file_real_process(command: str, case: str, tmp_path: Path) -> None:

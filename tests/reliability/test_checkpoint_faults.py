@@ -17,6 +17,8 @@ from kdlab.runs import checkpoint as ckpt_mod
 
 from .conftest import assert_runs_equal, cli, load
 
+pytestmark = pytest.mark.e2e  # damages checkpoints of real runs and resumes them
+
 
 def _one_error_line(err: str) -> str:
     lines = err.strip().splitlines()

@@ -105,13 +105,19 @@ def test_detection_section_never_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     from kdlab.core import torchvision_shim as torchvision_ops
 
     det = doctor.environment()["detection"]
-    assert {"torchvision", "pycocotools"} <= det.keys()
-    if det["torchvision"] != "not installed":
-        assert det["nms"] in ("kdlab (pure PyTorch)", "torchvision (compiled)")
+    assert {"torchvision", "pycocotools", "shim_policy", "shim_installed"} <= det.keys()
+    if det["torchvision"] != "not installed" and "unusable" not in det["torchvision"]:
+        assert det["nms"] in ("kdlab (pure PyTorch)", "torchvision (compiled)",
+                              "missing (torchvision's compiled ops do not load)")
         assert det["roi_align"] == det["nms"]
+        kdlab_serves = det["nms"] == "kdlab (pure PyTorch)"
+        assert det["shim_installed"] == ("yes: nms, roi_align" if kdlab_serves else "no")
+    assert det["shim_policy"] == torchvision_ops.shim_state()["policy"]
 
     def broken() -> dict[str, str]:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(torchvision_ops, "ops_backend", broken)
-    assert doctor.detection() == {"torchvision": "unknown (RuntimeError: boom)"}
+    monkeypatch.setattr(torchvision_ops, "shim_state", broken)
+    assert doctor.detection() == {"torchvision": "unknown (RuntimeError: boom)",
+                                  "shim_policy": "unknown (RuntimeError: boom)"}

@@ -28,6 +28,8 @@ from .conftest import (
     run_faulty_child,
 )
 
+pytestmark = pytest.mark.e2e  # kills real runs and resumes them
+
 # fault -> (what it simulates, checkpoint epoch that must be loaded on resume)
 FAULTS = {
     # SIGKILL in the middle of epoch 2 (step 4 of 8): last.pt holds epoch 1.

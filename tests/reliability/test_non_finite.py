@@ -17,6 +17,8 @@ from kdlab.engine import trainer as trainer_mod
 
 from .conftest import STEPS_PER_EPOCH, cli, load, one_error_line
 
+pytestmark = pytest.mark.e2e  # trains runs end to end
+
 
 def _poison(monkeypatch: pytest.MonkeyPatch, calls: set[int], term: str = "crd") -> None:
     """Make loss term ``term`` NaN at the given (1-based) forward calls of the process."""

@@ -36,6 +36,7 @@ rd.release_lock()
 
 
 # --------------------------------------------------------------------------- the lock
+@pytest.mark.e2e
 def test_second_process_is_refused_naming_the_holder(cfg_path: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """Another live process holds the run directory: a second ``kdlab distill`` refuses, with
@@ -59,6 +60,7 @@ def test_second_process_is_refused_naming_the_holder(cfg_path: Path, tmp_path: P
     assert not run.exists()  # the holder made the folder and removed it again
 
 
+@pytest.mark.e2e
 def test_stale_lock_of_a_killed_run_is_taken_over(write_cfg: Callable[..., Path], tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """``kill -9`` leaves ``lock.json`` behind; ``--resume`` takes it over with a warning
@@ -87,6 +89,7 @@ def test_resume_on_a_missing_path_or_an_empty_folder(cfg_path: Path, tmp_path: P
 
 
 # --------------------------------------------------------------------------- failed starts
+@pytest.mark.e2e
 def test_rerun_after_a_failure_in_epoch_1_needs_no_resume(reference: Path, cfg_path: Path,
                                                           tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,6 +105,7 @@ def test_rerun_after_a_failure_in_epoch_1_needs_no_resume(reference: Path, cfg_p
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
 
 
+@pytest.mark.e2e
 def test_failed_start_leaves_no_run_directory(write_cfg: Callable[..., Path], tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """A start that fails before training (an unreadable teacher checkpoint) leaves no run
@@ -127,6 +131,7 @@ def _copy_of(reference: Path, tmp_path: Path) -> Path:
     return run
 
 
+@pytest.mark.e2e
 def test_different_run_names_the_differing_keys(reference: Path, cfg_path: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     run = _copy_of(reference, tmp_path)
@@ -148,6 +153,7 @@ def _fake_finished_run(tmp_path: Path, cfg: Path) -> Path:
     return rd.path
 
 
+@pytest.mark.e2e
 def test_extension_of_a_multistep_run_equals_the_longer_run(
         reference: Path, cfg_path: Path, tmp_path: Path) -> None:
     """A finished 2-epoch multistep run, resumed with 4 epochs, continues to epoch 4 and equals

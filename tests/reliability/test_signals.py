@@ -17,6 +17,8 @@ from kdlab.runs.checkpoint import load_latest
 
 from .conftest import assert_runs_equal, child_env, cli
 
+pytestmark = pytest.mark.e2e  # kills real runs and resumes them
+
 
 def _default_sigint() -> None:
     """The child handles SIGINT as Python does by default, even when this shell ignores it."""

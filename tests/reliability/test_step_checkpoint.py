@@ -27,6 +27,7 @@ from .conftest import (
 EVERY = ["--set", "runtime.checkpoint_every_steps=3"]
 
 
+@pytest.mark.e2e
 def test_sigkill_mid_epoch_resumes_from_the_step_checkpoint(cfg_path: Path, reference: Path,
                                                             tmp_path: Path) -> None:
     run = tmp_path / "run"
@@ -41,6 +42,7 @@ def test_sigkill_mid_epoch_resumes_from_the_step_checkpoint(cfg_path: Path, refe
     assert not (run / "checkpoints" / "step.pt").exists()  # superseded by the epoch's
 
 
+@pytest.mark.e2e
 def test_resume_mid_epoch_without_step_checkpoints_configured(cfg_path: Path, reference: Path,
                                                               tmp_path: Path) -> None:
     """The option is a runtime knob: the resumed process need not set it to use the file."""
@@ -51,6 +53,7 @@ def test_resume_mid_epoch_without_step_checkpoints_configured(cfg_path: Path, re
     assert_runs_equal(reference, run)
 
 
+@pytest.mark.e2e
 def test_sigterm_writes_a_step_checkpoint_and_resume_is_exact(cfg_path: Path, reference: Path,
                                                               tmp_path: Path) -> None:
     run = tmp_path / "run"

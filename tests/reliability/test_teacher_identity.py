@@ -16,6 +16,8 @@ from kdlab.models import create_model
 
 from .conftest import cli, one_error_line
 
+pytestmark = pytest.mark.e2e  # trains runs end to end
+
 
 def _own_teacher(tmp_path: Path, teacher_ckpt: Path) -> Path:
     path = tmp_path / "teacher.pth"

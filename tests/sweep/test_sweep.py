@@ -111,6 +111,7 @@ def test_plan_matrix_threads_and_dry_run(tmp_path: Path,
 
 
 # --------------------------------------------------------------------------- real runs
+@pytest.mark.e2e
 def test_sweep_runs_then_skips(tmp_path: Path) -> None:
     write_config(tmp_path / "cfg", "a")
     write_config(tmp_path / "cfg", "b")
@@ -133,6 +134,7 @@ def test_sweep_runs_then_skips(tmp_path: Path) -> None:
     assert all(v["attempts"] == 1 for v in state(spec).values())
 
 
+@pytest.mark.e2e
 def test_failing_worker_and_retry(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_config(tmp_path / "cfg", "good")
     write_config(tmp_path / "cfg", "bad", arch="no_such_net")
@@ -175,6 +177,7 @@ def _dead(pid: int) -> bool:
     return "\nState:\tZ" in text or "\nState:\tX" in text
 
 
+@pytest.mark.e2e
 def test_sweep_survives_kill_9(tmp_path: Path) -> None:
     epochs = 8
     write_config(tmp_path / "cfg", "k", epochs=epochs)

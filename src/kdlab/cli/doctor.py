@@ -4,8 +4,8 @@ The report has three parts:
 
 * **environment**: kdlab/torch/Python versions, the torch build (CPU-only or CUDA version), CPU
   bf16 support, threads, GPUs with their memory, and **detection**: the torchvision and
-  pycocotools versions and which ``nms``/``roi_align`` detection uses (kdlab's pure-PyTorch
-  kernels or torchvision's compiled ones);
+  pycocotools versions, which ``nms``/``roi_align`` detection uses (kdlab's pure-PyTorch
+  kernels or torchvision's compiled ones) and the torchvision shim's policy and state;
 * **datasets**: where Fashion-MNIST and CIFAR-10/100 were found (``$KDLAB_DATA``, ``./data``,
   Debian's ``/usr/share/datasets/fashion-mnist``);
 * **checks**, each ``ok``, ``warn`` or ``fail``: the run directory can be created and written, a
@@ -105,13 +105,23 @@ def environment() -> dict[str, Any]:
 
 
 def detection() -> dict[str, str]:
-    """torchvision / pycocotools versions and which nms and roi_align detection uses (kdlab's
-    pure-PyTorch kernels or torchvision's compiled ones); torchvision is imported only when it is
+    """torchvision / pycocotools versions, which nms and roi_align detection uses (kdlab's
+    pure-PyTorch kernels or torchvision's compiled ones), and the torchvision shim's
+    ``shim_policy`` (``KDLAB_TORCHVISION_SHIM``) and ``shim_installed`` ("yes: nms, roi_align"
+    or "no"). torchvision is imported for detection (its policy applies) only when it is
     installed, and this never raises."""
     try:
-        return torchvision_shim.ops_backend()
+        info = torchvision_shim.ops_backend()
     except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail
-        return {"torchvision": f"unknown ({type(exc).__name__}: {exc})"}
+        info = {"torchvision": f"unknown ({type(exc).__name__}: {exc})"}
+    try:
+        state = torchvision_shim.shim_state()
+        info["shim_policy"] = str(state["policy"])
+        info["shim_installed"] = (f"yes: {', '.join(state['kdlab_ops'])}" if state["installed"]
+                                  else "no")
+    except Exception as exc:  # noqa: BLE001
+        info["shim_policy"] = f"unknown ({type(exc).__name__}: {exc})"
+    return info
 
 
 def datasets() -> list[dict[str, Any]]:

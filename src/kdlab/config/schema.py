@@ -199,9 +199,10 @@ class ModelConfig(_Strict):
     #: ``torchvision:``/``timm:`` archs only: start from the library's pretrained weights
     #: (fetched into its cache on first use; a new head when the class count differs).
     pretrained: bool = False
-    #: teacher only: the accuracy (top-1, %) the checkpoint is known to reach on the test set.
+    #: teacher only: the value of the task's best metric (top-1 %, AP %) the checkpoint is known
+    #: to reach on the test set.
     expected_accuracy: float | None = Field(None, ge=0.0, le=100.0)
-    #: teacher only: how far (percentage points) below ``expected_accuracy`` stops the run.
+    #: teacher only: how far (percentage points) worse than ``expected_accuracy`` stops the run.
     accuracy_tolerance: float = Field(2.0, ge=0.0)
 
     @model_validator(mode="after")
@@ -422,15 +423,21 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _task_data(self) -> ExperimentConfig:
-        detection_data = self.data.name in DETECTION_DATASETS
-        if self.task == "detection" and not detection_data:
-            raise ValueError(f"task 'detection' reads COCO-format data: set data.name to one of "
-                             f"{list(DETECTION_DATASETS)} (got {self.data.name!r})")
-        if self.task != "detection" and detection_data:
-            raise ValueError(f"dataset {self.data.name!r} is a detection dataset: set "
-                             "task: detection")
-        if self.detection is not None and self.task != "detection":
-            raise ValueError("the detection section applies to task: detection only")
+        """The data set and the task-specific sections fit the task (each task declares the data
+        sets it reads and its config section: :class:`kdlab.tasks.base.Task`)."""
+        task = TASKS.get(self.task)
+        claimed = {n: cls for _, cls in TASKS.items() for n in (cls.data_sets or ())}
+        if task.data_sets is not None and self.data.name not in task.data_sets:
+            raise ValueError(f"task {self.task!r} reads {task.data_description}: set data.name "
+                             f"to one of {list(task.data_sets)} (got {self.data.name!r})")
+        owner = claimed.get(self.data.name)
+        if task.data_sets is None and owner is not None:
+            raise ValueError(f"dataset {self.data.name!r} is a {owner.name} dataset: set "
+                             f"task: {owner.name}")
+        for _, cls in TASKS.items():
+            section = cls.config_section
+            if section and getattr(self, section, None) is not None and cls is not task:
+                raise ValueError(f"the {section} section applies to task: {cls.name} only")
         return self
 
     def to_dict(self) -> dict[str, Any]:

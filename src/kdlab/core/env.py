@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kdlab.core.torchvision_shim import shim_state
 from kdlab.core.version import __version__
 
 __all__ = ["DEPLOY_CPU_FLAGS", "NATIVE_BF16_FLAGS", "cpu_flags", "cpu_model", "cpu_supports_bf16",
@@ -117,7 +118,10 @@ def git_commit() -> str | None:
 
 
 def environment_info() -> dict[str, Any]:
-    """Versions, hardware and git commit, recorded in every run's ``env.json``."""
+    """Versions, hardware and git commit, recorded in every run's ``env.json``.
+
+    ``torchvision_shim`` is :func:`kdlab.core.torchvision_shim.shim_state` at call time (whether
+    kdlab's nms/roi_align stand in for torchvision's compiled ops in this process)."""
     return {
         "kdlab": __version__,
         "torch": torch.__version__,
@@ -131,4 +135,5 @@ def environment_info() -> dict[str, Any]:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "git_commit": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torchvision_shim": shim_state(),
     }

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kdlab.core.errors import KdlabError
 
-__all__ = ["batched_nms", "box_iou_matrix", "nms", "roi_align"]
+__all__ = ["DetectionOpError", "batched_nms", "box_iou_matrix", "nms", "roi_align"]
 
 
 class DetectionOpError(KdlabError, ValueError):
@@ -206,14 +206,11 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
                            n, ch, h, w).to(out_dtype)
 
 
-def _roi_align_impl(input: Tensor, rois: Tensor, ph: int, pw: int, scale: float,
-                    sampling_ratio: int, aligned: bool, n: int, ch: int, h: int, w: int
-                    ) -> Tensor:
-    k = rois.shape[0]
-    rois = rois.to(input.device)
-    table = input.permute(0, 2, 3, 1).reshape(n * h * w, ch)
-    if k == 0 or h == 0 or w == 0:
-        return (table[:0].sum() * 0).expand(k, ch, ph, pw).contiguous()
+_Geometry = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _roi_geometry(rois: Tensor, scale: float, aligned: bool) -> _Geometry:
+    """``(x1, y1, roi_w, roi_h, batch_index)`` of each RoI in ``input`` pixels."""
     offset = 0.5 if aligned else 0.0
     scale_t = torch.tensor(scale, dtype=rois.dtype, device=rois.device)
     x1 = rois[:, 1] * scale_t - offset
@@ -223,16 +220,48 @@ def _roi_align_impl(input: Tensor, rois: Tensor, ph: int, pw: int, scale: float,
     if not aligned:
         rw = rw.clamp(min=1.0)
         rh = rh.clamp(min=1.0)
-    batch = rois[:, 0].long()
+    return x1, y1, rw, rh, rois[:, 0].long()
+
+
+def _sampling_groups(rw: Tensor, rh: Tensor, ph: int, pw: int,
+                     sampling_ratio: int) -> list[tuple[int, int, Tensor | None]]:
+    """RoIs grouped by sampling grid ``(gh, gw, RoI indices)``: one group of all RoIs
+    (indices ``None``) for a fixed ``sampling_ratio``, else one per distinct adaptive grid."""
     if sampling_ratio > 0:
-        groups = [(sampling_ratio, sampling_ratio, None)]
-    else:
-        gh_all = torch.ceil(rh / ph).clamp(min=0).long()
-        gw_all = torch.ceil(rw / pw).clamp(min=0).long()
-        key = gh_all * (int(gw_all.max().item()) + 1) + gw_all
-        uniq = torch.unique(key).tolist()
-        stride = int(gw_all.max().item()) + 1
-        groups = [(u // stride, u % stride, torch.nonzero(key == u).squeeze(1)) for u in uniq]
+        return [(sampling_ratio, sampling_ratio, None)]
+    gh_all = torch.ceil(rh / ph).clamp(min=0).long()
+    gw_all = torch.ceil(rw / pw).clamp(min=0).long()
+    key = gh_all * (int(gw_all.max().item()) + 1) + gw_all
+    uniq = torch.unique(key).tolist()
+    stride = int(gw_all.max().item()) + 1
+    return [(u // stride, u % stride, torch.nonzero(key == u).squeeze(1)) for u in uniq]
+
+
+def _bag_taps(geometry: _Geometry, out_hw: tuple[int, int], grid: tuple[int, int],
+              in_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Flat table indices and weights of the ``K x ph x pw`` bags of one group of RoIs, each
+    bag ``gh * gw * 4`` bilinear taps (``grid = (gh, gw)``) weighted by ``1 / (gh * gw)``."""
+    gx1, gy1, grw, grh, gb = geometry
+    (ph, pw), (gh, gw), (h, w) = out_hw, grid, in_hw
+    ylo, yhi, wylo, wyhi = _axis_samples(gy1, grh, ph, gh, h)
+    xlo, xhi, wxlo, wxhi = _axis_samples(gx1, grw, pw, gw, w)
+    yi = torch.stack([ylo, yhi], dim=-1)  # K, ph, gh, 2
+    xi = torch.stack([xlo, xhi], dim=-1)  # K, pw, gw, 2
+    wy = torch.stack([wylo, wyhi], dim=-1)
+    wx = torch.stack([wxlo, wxhi], dim=-1)
+    # K, ph, pw, gh, gw, 2, 2
+    idx = (gb[:, None, None, None, None, None, None] * (h * w)
+           + yi[:, :, None, :, None, :, None] * w + xi[:, None, :, None, :, None, :])
+    wt = wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :] / (gh * gw)
+    return idx.reshape(-1), wt.reshape(-1)
+
+
+def _bags(groups: list[tuple[int, int, Tensor | None]], geometry: _Geometry,
+          out_hw: tuple[int, int], in_hw: tuple[int, int], device: torch.device
+          ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """Per group: the taps' table indices and weights, the bag offsets, and (adaptive
+    groups) the RoI indices, whose concatenation is the order of the output rows."""
+    ph, pw = out_hw
     all_idx: list[Tensor] = []
     all_w: list[Tensor] = []
     all_off: list[Tensor] = []
@@ -240,29 +269,34 @@ def _roi_align_impl(input: Tensor, rois: Tensor, ph: int, pw: int, scale: float,
     base = 0
     for gh, gw, sel in groups:
         if sel is None:
-            gx1, gy1, grw, grh, gb = x1, y1, rw, rh, batch
+            group = geometry
         else:
-            gx1, gy1, grw, grh, gb = x1[sel], y1[sel], rw[sel], rh[sel], batch[sel]
+            x1, y1, rw, rh, batch = geometry
+            group = (x1[sel], y1[sel], rw[sel], rh[sel], batch[sel])
             order.append(sel)
-        kg = gb.shape[0]
+        kg = group[4].shape[0]
         bag = gh * gw * 4
-        all_off.append(torch.arange(kg * ph * pw, device=rois.device, dtype=torch.long) * bag
-                       + base)
+        all_off.append(torch.arange(kg * ph * pw, device=device, dtype=torch.long) * bag + base)
         base += kg * ph * pw * bag
         if bag == 0:
             continue
-        ylo, yhi, wylo, wyhi = _axis_samples(gy1, grh, ph, gh, h)
-        xlo, xhi, wxlo, wxhi = _axis_samples(gx1, grw, pw, gw, w)
-        yi = torch.stack([ylo, yhi], dim=-1)  # K, ph, gh, 2
-        xi = torch.stack([xlo, xhi], dim=-1)  # K, pw, gw, 2
-        wy = torch.stack([wylo, wyhi], dim=-1)
-        wx = torch.stack([wxlo, wxhi], dim=-1)
-        # K, ph, pw, gh, gw, 2, 2
-        idx = (gb[:, None, None, None, None, None, None] * (h * w)
-               + yi[:, :, None, :, None, :, None] * w + xi[:, None, :, None, :, None, :])
-        wt = wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :] / (gh * gw)
-        all_idx.append(idx.reshape(-1))
-        all_w.append(wt.reshape(-1))
+        idx, wt = _bag_taps(group, out_hw, (gh, gw), in_hw)
+        all_idx.append(idx)
+        all_w.append(wt)
+    return all_idx, all_w, all_off, order
+
+
+def _roi_align_impl(input: Tensor, rois: Tensor, ph: int, pw: int, scale: float,
+                    sampling_ratio: int, aligned: bool, n: int, ch: int, h: int, w: int
+                    ) -> Tensor:
+    k = rois.shape[0]
+    rois = rois.to(input.device)
+    table = input.permute(0, 2, 3, 1).reshape(n * h * w, ch)
+    if k == 0 or h == 0 or w == 0:
+        return (table[:0].sum() * 0).expand(k, ch, ph, pw).contiguous()
+    geometry = _roi_geometry(rois, scale, aligned)
+    groups = _sampling_groups(geometry[2], geometry[3], ph, pw, sampling_ratio)
+    all_idx, all_w, all_off, order = _bags(groups, geometry, (ph, pw), (h, w), rois.device)
     flat_idx = torch.cat(all_idx) if all_idx else torch.zeros(0, dtype=torch.long,
                                                                 device=rois.device)
     flat_w = torch.cat(all_w) if all_w else torch.zeros(0, dtype=input.dtype, device=rois.device)

@@ -116,6 +116,7 @@ def build_data(
     """
     batch = split_batch(cfg.batch_size, world_size)
     if cfg.name in STREAMED_DATASETS:
+        # optional heavy dependency: Pillow, needed by streamed (folder) data sets only
         from kdlab.data.stream import StreamDataset, load_stream_dataset, make_stream_loader
 
         assert cfg.root is not None  # DataConfig requires a root for streamed datasets

@@ -60,6 +60,27 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+def _check_loader_args(batch_size: int, rank: int, world_size: int, padding: int,
+                       normalize: bool, dtype: torch.dtype) -> None:
+    if batch_size < 1:
+        raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DatasetError(f"need 0 <= rank < world_size, got rank={rank}, ws={world_size}")
+    if padding < 0:
+        raise DatasetError(f"padding must be >= 0, got {padding}")
+    if normalize and not dtype.is_floating_point:
+        raise DatasetError(f"dtype must be a floating type when normalising, got {dtype}")
+
+
+def _shard_bounds(n: int, rank: int, world_size: int, train: bool) -> tuple[int, int]:
+    """``[start, stop)`` of this rank's positions: ``n // world_size`` each in training, else
+    contiguous blocks that cover all ``n`` samples."""
+    if train:
+        per_rank = n // world_size
+        return rank * per_rank, (rank + 1) * per_rank
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
 class DeviceLoader:
     """Iterate over an :class:`ImageTensorDataset` kept on ``device``, in batches.
 
@@ -105,14 +126,7 @@ class DeviceLoader:
         dtype: torch.dtype = torch.float32,
         normalize: bool = True,
     ) -> None:
-        if batch_size < 1:
-            raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DatasetError(f"need 0 <= rank < world_size, got rank={rank}, ws={world_size}")
-        if padding < 0:
-            raise DatasetError(f"padding must be >= 0, got {padding}")
-        if normalize and not dtype.is_floating_point:
-            raise DatasetError(f"dtype must be a floating type when normalising, got {dtype}")
+        _check_loader_args(batch_size, rank, world_size, padding, normalize, dtype)
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.device = torch.device(device) if device is not None else dataset.images.device
@@ -133,19 +147,19 @@ class DeviceLoader:
         self.strong_view = False
 
         n = len(dataset)
-        if self.train:
-            per_rank = n // self.world_size
-            self._start, self._stop = self.rank * per_rank, (self.rank + 1) * per_rank
-        else:
-            self._start = n * self.rank // self.world_size
-            self._stop = n * (self.rank + 1) // self.world_size
+        self._start, self._stop = _shard_bounds(n, self.rank, self.world_size, self.train)
         self.num_samples = self._stop - self._start
         if self.num_samples == 0:
             raise DatasetError(
                 f"{dataset.name}: {n} samples leave none for rank {rank} of {world_size}"
             )
+        self._stage(dataset)
 
+    def _stage(self, dataset: ImageTensorDataset) -> None:
+        """Copy the split to the device: gather tables (augmenting) or the images, labels and
+        the normalisation constants."""
         dev = self.device
+        n = len(dataset)
         c, h, w = dataset.images.shape[1:]
         self._chw = (int(c), int(h), int(w))
         images = dataset.images.to(dev)

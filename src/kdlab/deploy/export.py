@@ -50,6 +50,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.ao.quantization import get_default_qconfig_mapping
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+from torch.export import Dim
 
 from kdlab.core.env import machine_info, named_cpu_flags
 from kdlab.core.errors import CheckpointError, KdlabError
@@ -71,7 +74,13 @@ __all__ = [
     "DEFAULT_TOLERANCE",
     "EXTENSIONS",
     "FORMATS",
+    "INPUT_NAME",
+    "INSTALL_HINT",
+    "INT8_BACKEND",
     "INT8_FORMATS",
+    "OUTPUT_NAME",
+    "STUDENT_FORMAT_VERSION",
+    "STUDENT_KIND",
     "ExportError",
     "ExportResult",
     "LogitsOnly",
@@ -352,8 +361,6 @@ def read_student(path: str | Path) -> nn.Module:
 
 
 def _dynamic_batch() -> dict[str, dict[int, Any]]:
-    from torch.export import Dim
-
     return {INPUT_NAME: {0: Dim("batch", min=1)}}
 
 
@@ -427,9 +434,6 @@ def quantize_int8(model: nn.Module, calibration: Iterable[Tensor], example: Tens
     if INT8_BACKEND not in torch.backends.quantized.supported_engines:
         raise ExportError(f"int8 needs torch's {INT8_BACKEND!r} quantized engine, which this "
                           f"build lacks (it has {torch.backends.quantized.supported_engines})")
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
     torch.backends.quantized.engine = INT8_BACKEND
     float_model = LogitsOnly(copy.deepcopy(deployable(model)).cpu()).eval()
     with _quiet_exporters():
@@ -466,7 +470,7 @@ def load_artefact(path: str | Path, fmt: str, threads: int | None = None
             return torch.export.load(str(path)).module()
     if fmt == "onnx":
         _require("onnxruntime", what="running ONNX models")
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional heavy dependency: onnxruntime
 
         session = ort.InferenceSession(str(path), ort_session_options(threads),
                                        providers=["CPUExecutionProvider"])
@@ -482,7 +486,7 @@ def load_artefact(path: str | Path, fmt: str, threads: int | None = None
 def ort_session_options(threads: int | None = None) -> Any:
     """onnxruntime CPU session options: ``threads`` intra-op threads (None: onnxruntime's
     default), one inter-op thread, sequential execution, no spinning threads."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional heavy dependency: onnxruntime
 
     so = ort.SessionOptions()
     if threads is not None:
@@ -551,7 +555,7 @@ def _tensor_elements(path: Path, fmt: str) -> int | None:
         with _quiet_exporters():
             return sum(int(v.numel()) for v in torch.export.load(str(path)).state_dict.values())
     if fmt == "onnx":
-        import onnx
+        import onnx  # optional heavy dependency: onnx
 
         return sum(math.prod(t.dims) for t in onnx.load(str(path)).graph.initializer)
     return None
@@ -587,18 +591,8 @@ def calibration_images(loader: Any, n_batches: int) -> Iterator[Tensor]:
         yield batch[0].contiguous()
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *,
-               int8: bool = False, calibration_batches: int = DEFAULT_CALIBRATION_BATCHES,
-               tolerance: float | None = None, min_agreement: float | None = None,
-               overrides: Sequence[str] = (), plugins: Sequence[str] = (),
-               checkpoint: str | Path | None = None) -> ExportResult:
-    """Export the trained student of ``run_dir`` as ``fmt`` (see the module docstring), check
-    its parity with the eager student on the test set, write ``FILE.parity.json``.
-
-    Raises :class:`ExportError` (unknown format, ``int8`` with a format other than
-    TorchScript, missing package, untraceable model) before writing anything, and
-    :class:`ParityError` after writing when the check fails.
-    """
+def _check_request(fmt: str, int8: bool, calibration_batches: int) -> None:
+    """Raise :class:`ExportError` for a request that cannot succeed, before loading anything."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if int8 and fmt not in INT8_FORMATS:
@@ -610,43 +604,41 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *,
     if fmt == "onnx":  # fail before loading anything
         _require("onnx", "onnxscript", what="ONNX export")
         _require("onnxruntime", what="the ONNX parity check")
-    tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
-    if min_agreement is None:
-        min_agreement = DEFAULT_MIN_AGREEMENT_INT8 if int8 else DEFAULT_MIN_AGREEMENT
-    run = load_run(run_dir, overrides, plugins, checkpoint)
-    path = Path(out) if out else default_path(run.run_dir, fmt, int8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = run.metadata()
-    meta["precision"] = "int8" if int8 else "fp32"
-    example = torch.randn(2, *run.input_shape, generator=torch.Generator().manual_seed(0))
-    eager = LogitsOnly(run.student).eval()  # the reference of the parity check
-    traceable = LogitsOnly(deployable(run.student)).eval()
 
-    int8_info: dict[str, Any] | None = None
-    if int8:
-        n_cal = min(calibration_batches, len(run.data.train_loader))
-        log.info("int8: calibrating on %d training batches", n_cal)
-        calib = list(calibration_images(run.data.train_loader, n_cal))
-        qmodel = quantize_int8(run.student, calib, example)
-        save_torchscript(qmodel, path, example, meta, quantized=True)
-        int8_info = {"api": "torch.ao.quantization.quantize_fx (prepare_fx, convert_fx)",
-                     "qconfig_mapping": INT8_BACKEND, "engine": INT8_BACKEND,
-                     "calibration_batches": n_cal,
-                     "calibration_images": sum(int(x.shape[0]) for x in calib),
-                     "calibration_data": "training pipeline (augmented), epoch 0 order"}
-    elif fmt == "state_dict":
-        save_student(run.student, path, meta)
+
+def _write_int8(run: StudentRun, path: Path, example: Tensor, meta: dict[str, Any],
+                calibration_batches: int) -> dict[str, Any]:
+    """Quantise the student (calibrated on training batches), save it as TorchScript at
+    ``path``; the ``int8`` section of the parity report."""
+    n_cal = min(calibration_batches, len(run.data.train_loader))
+    log.info("int8: calibrating on %d training batches", n_cal)
+    calib = list(calibration_images(run.data.train_loader, n_cal))
+    qmodel = quantize_int8(run.student, calib, example)
+    save_torchscript(qmodel, path, example, meta, quantized=True)
+    return {"api": "torch.ao.quantization.quantize_fx (prepare_fx, convert_fx)",
+            "qconfig_mapping": INT8_BACKEND, "engine": INT8_BACKEND,
+            "calibration_batches": n_cal,
+            "calibration_images": sum(int(x.shape[0]) for x in calib),
+            "calibration_data": "training pipeline (augmented), epoch 0 order"}
+
+
+def _write_fp32(student: nn.Module, traceable: nn.Module, fmt: str, path: Path,
+                example: Tensor, meta: dict[str, Any]) -> None:
+    """Save the fp32 student as ``fmt`` at ``path`` (``traceable``: its :func:`deployable`
+    :class:`LogitsOnly` view, which the tracing formats take)."""
+    if fmt == "state_dict":
+        save_student(student, path, meta)
     elif fmt == "torchscript":
         save_torchscript(traceable, path, example, meta)
     elif fmt == "exported":
         save_exported(traceable, path, example, meta)
     else:
         save_onnx(traceable, path, example)
-    size = path.stat().st_size
-    log.info("wrote %s (%.2f MB)", path, size / 1e6)
 
-    candidate = load_artefact(path, fmt)
-    figures = check_parity(eager, candidate, run.data.test_loader)
+
+def _parity_failures(figures: dict[str, Any], int8: bool, tolerance: float,
+                     min_agreement: float) -> list[str]:
+    """Why the parity figures fail their bounds (empty: they pass)."""
     failures = []
     if not figures["top1_agreement"] >= min_agreement:
         failures.append(f"top-1 agreement {figures['top1_agreement']:.2f}% < "
@@ -654,13 +646,22 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *,
     diff = figures["max_abs_logit_diff"]
     if not int8 and not diff <= tolerance:
         failures.append(f"max |logit diff| {diff:.3g} > {tolerance:g}")
+    return failures
+
+
+def _parity_report(run: StudentRun, fmt: str, path: Path, meta: dict[str, Any], *,
+                   figures: dict[str, Any], failures: list[str],
+                   int8_info: dict[str, Any] | None, tolerance: float,
+                   min_agreement: float) -> dict[str, Any]:
+    """The content of ``FILE.parity.json``."""
+    int8 = int8_info is not None
     student_params = sum(int(p.numel()) for p in run.student.parameters())
     report: dict[str, Any] = {
         "kind": "kdlab-export-parity",
         "format": fmt,
         "precision": meta["precision"],
         "file": path.name,
-        "size_bytes": size,
+        "size_bytes": path.stat().st_size,
         "sha256": file_sha256(path),
         "arch": meta["arch"],
         "num_classes": meta["num_classes"],
@@ -683,13 +684,52 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *,
         "machine": _machine(),
     }
     report["date"] = report["machine"]["date"]
-    ppath = parity_path(path)
+    return report
 
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *,
+               int8: bool = False, calibration_batches: int = DEFAULT_CALIBRATION_BATCHES,
+               tolerance: float | None = None, min_agreement: float | None = None,
+               overrides: Sequence[str] = (), plugins: Sequence[str] = (),
+               checkpoint: str | Path | None = None) -> ExportResult:
+    """Export the trained student of ``run_dir`` as ``fmt`` (see the module docstring), check
+    its parity with the eager student on the test set, write ``FILE.parity.json``.
+
+    Raises :class:`ExportError` (unknown format, ``int8`` with a format other than
+    TorchScript, missing package, untraceable model) before writing anything, and
+    :class:`ParityError` after writing when the check fails.
+    """
+    _check_request(fmt, int8, calibration_batches)
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+    if min_agreement is None:
+        min_agreement = DEFAULT_MIN_AGREEMENT_INT8 if int8 else DEFAULT_MIN_AGREEMENT
+    run = load_run(run_dir, overrides, plugins, checkpoint)
+    path = Path(out) if out else default_path(run.run_dir, fmt, int8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = run.metadata()
+    meta["precision"] = "int8" if int8 else "fp32"
+    example = torch.randn(2, *run.input_shape, generator=torch.Generator().manual_seed(0))
+    eager = LogitsOnly(run.student).eval()  # the reference of the parity check
+    traceable = LogitsOnly(deployable(run.student)).eval()
+    int8_info: dict[str, Any] | None = None
+    if int8:
+        int8_info = _write_int8(run, path, example, meta, calibration_batches)
+    else:
+        _write_fp32(run.student, traceable, fmt, path, example, meta)
+    log.info("wrote %s (%.2f MB)", path, path.stat().st_size / 1e6)
+
+    figures = check_parity(eager, load_artefact(path, fmt), run.data.test_loader)
+    failures = _parity_failures(figures, int8, tolerance, min_agreement)
+    report = _parity_report(run, fmt, path, meta, figures=figures, failures=failures,
+                            int8_info=int8_info, tolerance=tolerance,
+                            min_agreement=min_agreement)
+    ppath = parity_path(path)
     atomic_write(ppath, json.dumps(report, indent=2) + "\n")
     change = f", change {figures['top1_change']:+.2f} pp" if int8 else ""
     log.info("parity on %d test images: top-1 agreement %.2f%%, max |logit diff| %.3g, top-1 "
              "eager %.2f%% vs %s %.2f%%%s", figures["test_images"], figures["top1_agreement"],
-             diff, figures["top1_eager"], meta["precision"], figures["top1_exported"], change)
+             figures["max_abs_logit_diff"], figures["top1_eager"], meta["precision"],
+             figures["top1_exported"], change)
     if failures:
         raise ParityError(f"parity check of {path} failed: {'; '.join(failures)} (files kept; "
                           f"see {ppath.name})")

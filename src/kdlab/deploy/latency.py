@@ -25,8 +25,9 @@ The protocol (one row = one model x runtime x batch size):
    before and after each row; a load above the thread count is warned about (re-run then).
 
 Runtimes whose package is missing are skipped with a note. Results: ``latency.json`` and
-``latency.md`` in ``RUN_DIR/latency`` (or ``--out``). This module imports neither torch nor
-onnxruntime at import time, so an onnxruntime worker never loads torch's thread pools.
+``latency.md`` in ``RUN_DIR/latency`` (or ``--out``). onnxruntime is imported only by the worker
+that times it; an onnxruntime worker imports torch (with :mod:`kdlab.deploy.export`) but runs no
+torch operation.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 from kdlab.core.env import machine_info, named_cpu_flags
 from kdlab.core.errors import CheckpointError, KdlabError
 from kdlab.core.io import atomic_write
@@ -57,9 +62,14 @@ from kdlab.models.checkpoint import load_checkpoint
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_BATCH_SIZES",
+    "DEFAULT_THREADS",
     "MIN_RUNS",
     "MIN_WARMUP",
+    "PRECISION",
+    "ROLES",
     "RUNTIMES",
+    "WORKER_TIMEOUT_S",
     "LatencyError",
     "LatencySettings",
     "count_macs",
@@ -132,8 +142,6 @@ def _load() -> float:
 # --------------------------------------------------------------------------- the worker side
 def summarize(times_ms: Sequence[float]) -> dict[str, float]:
     """p50, p90 (numpy linear-interpolation percentiles), min and mean of ``times_ms``."""
-    import numpy as np
-
     arr = np.asarray(times_ms, dtype=np.float64)
     p50, p90 = np.percentile(arr, [50, 90])
     return {"p50_ms": float(p50), "p90_ms": float(p90), "min_ms": float(arr.min()),
@@ -142,8 +150,7 @@ def summarize(times_ms: Sequence[float]) -> dict[str, float]:
 
 def _ort_callable(path: str, threads: int, shape: list[int]
                   ) -> tuple[Callable[[], Any], AbstractContextManager[Any]]:
-    import numpy as np
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional heavy dependency: onnxruntime
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -159,8 +166,6 @@ def _ort_callable(path: str, threads: int, shape: list[int]
 
 def _torch_callable(runtime: str, path: str, threads: int, shape: list[int],
                     plugins: list[str]) -> tuple[Callable[[], Any], AbstractContextManager[Any]]:
-    import torch
-
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
     if runtime == "eager":
@@ -220,9 +225,6 @@ def count_macs(model: Any, input_shape: Sequence[int]) -> int:
     sum over convolutions of ``C_out x H_out x W_out x C_in/groups x k_h x k_w`` plus
     ``in x out`` per linear layer.
     """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     x = torch.zeros(1, *[int(s) for s in input_shape])
     was_training = model.training
     model.eval()
@@ -240,8 +242,6 @@ def _unavailable(runtime: str) -> str | None:
         if missing:
             return f"onnxruntime skipped: {', '.join(missing)} not installed ({INSTALL_HINT})"
     if runtime == "int8":
-        import torch
-
         if "x86" not in torch.backends.quantized.supported_engines:
             return "int8 skipped: this torch build has no x86 quantized engine"
     return None
@@ -295,25 +295,10 @@ def _spawn(spec: dict[str, Any], work: Path, index: int, timeout_s: float) -> di
     return {**out, **json.loads(Path(spec["result"]).read_text())}
 
 
-def run_latency(run_dir: str | Path, settings: LatencySettings | None = None,
-                out: str | Path | None = None, overrides: Sequence[str] = (),
-                plugins: Sequence[str] = ()) -> dict[str, Any]:
-    """Time the run's teacher and student in every runtime and batch size (module docstring),
-    write ``latency.json`` and ``latency.md`` to ``out`` (default ``RUN_DIR/latency``) and
-    return the result (its ``markdown`` and ``json`` keys give the files).
-
-    Rows whose worker failed carry an ``error``; the CLI exits 1 when there is one.
-    """
-    settings = settings or LatencySettings()
-    settings.check()
-    import torch
-
-    run = ex.load_run(run_dir, overrides, plugins)
-    out_dir = Path(out) if out else run.run_dir / "latency"
-    notes: list[str] = []
-    warn: list[str] = []
+def _available_runtimes(wanted: Sequence[str], notes: list[str]) -> list[str]:
+    """The runtimes of ``wanted`` that can run here; a note (and a warning) for each other."""
     runtimes = []
-    for rt in settings.runtimes:
+    for rt in wanted:
         why = _unavailable(rt)
         if why is None:
             runtimes.append(rt)
@@ -322,84 +307,126 @@ def run_latency(run_dir: str | Path, settings: LatencySettings | None = None,
             log.warning("%s", why)
     if not runtimes:
         raise LatencyError(f"no runtime left to time ({'; '.join(notes)})")
+    return runtimes
+
+
+def _models(run: Any, notes: list[str]) -> dict[str, Any]:
+    """The models to time by role: the teacher (when the run has one), then the student."""
     models: dict[str, Any] = {}
     teacher = _teacher(run, notes)
     if teacher is not None:
         models["teacher"] = teacher
     models["student"] = run.student
+    return models
+
+
+def _model_info(run: Any, models: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per role: ``arch``, ``parameters`` and ``macs_per_image``."""
     c, h, w = run.input_shape
-    info = {role: {"arch": (run.cfg.teacher.arch if role == "teacher" else run.cfg.student.arch),
+    return {role: {"arch": (run.cfg.teacher.arch if role == "teacher"
+                            else run.cfg.student.arch),
                    "parameters": sum(int(p.numel()) for p in m.parameters()),
                    "macs_per_image": count_macs(m, (c, h, w))}
             for role, m in models.items()}
+
+
+def _machine_warnings(threads: int, load_start: float) -> list[str]:
+    """Warnings (also logged) about an oversubscribed or busy machine."""
+    warn: list[str] = []
     cpu_count = os.cpu_count() or 1
-    if settings.threads > cpu_count:
-        warn.append(f"{settings.threads} threads on {cpu_count} logical CPUs: oversubscribed")
-    load_start = _load()
-    if load_start > settings.threads:
-        warn.append(f"load average {load_start:.2f} > {settings.threads} thread(s) at the start:"
+    if threads > cpu_count:
+        warn.append(f"{threads} threads on {cpu_count} logical CPUs: oversubscribed")
+    if load_start > threads:
+        warn.append(f"load average {load_start:.2f} > {threads} thread(s) at the start:"
                     " other processes compete for the CPU, so the figures are slow and noisy; "
                     "re-run on a quiet machine")
     for line in warn:
         log.warning("%s", line)
+    return warn
 
+
+def _save_artefact(rt: str, model: Any, path: Path, meta: dict[str, Any], example: Any,
+                   calib: list[Any]) -> None:
+    """Write ``model`` as the artefact that runtime ``rt`` times."""
+    if rt == "eager":
+        ex.save_student(model, path, meta)
+    elif rt == "torchscript":
+        ex.save_torchscript(ex.LogitsOnly(ex.deployable(model)), path, example)
+    elif rt == "onnxruntime":
+        ex.save_onnx(ex.LogitsOnly(ex.deployable(model)), path, example)
+    else:
+        ex.save_torchscript(ex.quantize_int8(model, calib, example), path, example,
+                            quantized=True)
+
+
+def _write_artefacts(run: Any, models: dict[str, Any], info: dict[str, dict[str, Any]],
+                     runtimes: list[str], work: Path, notes: list[str],
+                     calibration_batches: int) -> dict[tuple[str, str], Path]:
+    """Every model in every runtime, written to ``work``; the paths by ``(role, runtime)``.
+    A model a runtime cannot take is skipped with a note."""
+    c, h, w = run.input_shape
     example = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
     calib: list[Any] = []
     if "int8" in runtimes:
-        n_cal = min(settings.calibration_batches, len(run.data.train_loader))
+        n_cal = min(calibration_batches, len(run.data.train_loader))
         calib = list(ex.calibration_images(run.data.train_loader, n_cal))
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="kdlab-latency-") as tmp:
-        work = Path(tmp)
-        artefacts: dict[tuple[str, str], Path] = {}
-        for role, model in models.items():
-            meta = {"arch": info[role]["arch"], "num_classes": int(run.data.num_classes),
-                    "in_channels": c, "input_size": h, "plugins": list(run.cfg.plugins)}
-            for rt in runtimes:
-                path = work / f"{role}{_SUFFIX[rt]}"
-                try:
-                    if rt == "eager":
-                        ex.save_student(model, path, meta)
-                    elif rt == "torchscript":
-                        ex.save_torchscript(ex.LogitsOnly(ex.deployable(model)), path, example)
-                    elif rt == "onnxruntime":
-                        ex.save_onnx(ex.LogitsOnly(ex.deployable(model)), path, example)
-                    else:
-                        ex.save_torchscript(ex.quantize_int8(model, calib, example), path,
-                                            example, quantized=True)
-                except ex.ExportError as e:
-                    notes.append(f"{role} {rt} skipped: {e}")
-                    log.warning("%s %s skipped: %s", role, rt, e)
-                    continue
-                artefacts[(role, rt)] = path
-        index = 0
+    artefacts: dict[tuple[str, str], Path] = {}
+    for role, model in models.items():
+        meta = {"arch": info[role]["arch"], "num_classes": int(run.data.num_classes),
+                "in_channels": c, "input_size": h, "plugins": list(run.cfg.plugins)}
         for rt in runtimes:
-            for bs in settings.batch_sizes:
-                for role in models:
-                    path = artefacts.get((role, rt))
-                    if path is None:
-                        continue
-                    spec = {"runtime": rt, "path": str(path), "input_shape": [bs, c, h, w],
-                            "threads": settings.threads, "warmup": settings.warmup,
-                            "runs": settings.runs, "plugins": list(run.cfg.plugins)}
-                    log.info("timing %s %s (%s) bs %d", role, info[role]["arch"], rt, bs)
-                    res = _spawn(spec, work, index, settings.timeout_s)
-                    index += 1
-                    row = {"model": role, "arch": info[role]["arch"], "runtime": rt,
-                           "precision": PRECISION[rt], "batch_size": bs,
-                           "threads": settings.threads, "warmup": settings.warmup,
-                           "runs": settings.runs, **info[role],
-                           "artefact_mb": round(path.stat().st_size / 1e6, 3), **res}
-                    if "p50_ms" in row:
-                        row["images_per_s"] = bs * 1e3 / row["p50_ms"]
-                    else:
-                        log.warning("%s %s bs %d failed: %s", role, rt, bs, row["error"])
-                    rows.append(row)
+            path = work / f"{role}{_SUFFIX[rt]}"
+            try:
+                _save_artefact(rt, model, path, meta, example, calib)
+            except ex.ExportError as e:
+                notes.append(f"{role} {rt} skipped: {e}")
+                log.warning("%s %s skipped: %s", role, rt, e)
+                continue
+            artefacts[(role, rt)] = path
+    return artefacts
+
+
+def _time_artefacts(run: Any, info: dict[str, dict[str, Any]], runtimes: list[str],
+                    artefacts: dict[tuple[str, str], Path], settings: LatencySettings,
+                    work: Path) -> list[dict[str, Any]]:
+    """One worker per runtime x batch size x model (in that nesting); the table's rows."""
+    c, h, w = run.input_shape
+    rows: list[dict[str, Any]] = []
+    index = 0
+    for rt in runtimes:
+        for bs in settings.batch_sizes:
+            for role in info:
+                path = artefacts.get((role, rt))
+                if path is None:
+                    continue
+                spec = {"runtime": rt, "path": str(path), "input_shape": [bs, c, h, w],
+                        "threads": settings.threads, "warmup": settings.warmup,
+                        "runs": settings.runs, "plugins": list(run.cfg.plugins)}
+                log.info("timing %s %s (%s) bs %d", role, info[role]["arch"], rt, bs)
+                res = _spawn(spec, work, index, settings.timeout_s)
+                index += 1
+                row = {"model": role, "arch": info[role]["arch"], "runtime": rt,
+                       "precision": PRECISION[rt], "batch_size": bs,
+                       "threads": settings.threads, "warmup": settings.warmup,
+                       "runs": settings.runs, **info[role],
+                       "artefact_mb": round(path.stat().st_size / 1e6, 3), **res}
+                if "p50_ms" in row:
+                    row["images_per_s"] = bs * 1e3 / row["p50_ms"]
+                else:
+                    log.warning("%s %s bs %d failed: %s", role, rt, bs, row["error"])
+                rows.append(row)
+    return rows
+
+
+def _result(run: Any, settings: LatencySettings, info: dict[str, dict[str, Any]],
+            rows: list[dict[str, Any]], notes: list[str], warn: list[str],
+            load_start: float) -> dict[str, Any]:
+    """The ``latency.json`` record (without its ``json`` and ``markdown`` paths)."""
     load_end = _load()
     machine = machine_info(torch.device("cpu"))
     machine["cpu_flags"] = named_cpu_flags()
     machine["load_avg_1m"] = load_start
-    result: dict[str, Any] = {
+    return {
         "kind": "kdlab-latency",
         "run_dir": str(run.run_dir),
         "date": machine["date"],
@@ -419,6 +446,33 @@ def run_latency(run_dir: str | Path, settings: LatencySettings | None = None,
         "notes": notes,
         "warnings": warn,
     }
+
+
+def run_latency(run_dir: str | Path, settings: LatencySettings | None = None,
+                out: str | Path | None = None, overrides: Sequence[str] = (),
+                plugins: Sequence[str] = ()) -> dict[str, Any]:
+    """Time the run's teacher and student in every runtime and batch size (module docstring),
+    write ``latency.json`` and ``latency.md`` to ``out`` (default ``RUN_DIR/latency``) and
+    return the result (its ``markdown`` and ``json`` keys give the files).
+
+    Rows whose worker failed carry an ``error``; the CLI exits 1 when there is one.
+    """
+    settings = settings or LatencySettings()
+    settings.check()
+    run = ex.load_run(run_dir, overrides, plugins)
+    out_dir = Path(out) if out else run.run_dir / "latency"
+    notes: list[str] = []
+    runtimes = _available_runtimes(settings.runtimes, notes)
+    models = _models(run, notes)
+    info = _model_info(run, models)
+    load_start = _load()
+    warn = _machine_warnings(settings.threads, load_start)
+    with tempfile.TemporaryDirectory(prefix="kdlab-latency-") as tmp:
+        work = Path(tmp)
+        artefacts = _write_artefacts(run, models, info, runtimes, work, notes,
+                                     settings.calibration_batches)
+        rows = _time_artefacts(run, info, runtimes, artefacts, settings, work)
+    result = _result(run, settings, info, rows, notes, warn, load_start)
     out_dir.mkdir(parents=True, exist_ok=True)
     result["json"] = str(out_dir / "latency.json")
     result["markdown"] = str(out_dir / "latency.md")

@@ -354,6 +354,7 @@ class TensorBoardLogger(MetricsLogger):
 
     def __init__(self, start: LoggerStart) -> None:
         super().__init__(start)
+        # optional heavy dependency: tensorboard (the `tensorboard` extra)
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer_type = SummaryWriter
@@ -407,6 +408,7 @@ class WandbLogger(MetricsLogger):
 
     def __init__(self, start: LoggerStart) -> None:
         super().__init__(start)
+        # optional heavy dependency: wandb (the `wandb` extra)
         import wandb
 
         cfg = start.cfg

@@ -8,6 +8,10 @@ import logging
 import sys
 from typing import Any
 
+from tqdm import tqdm
+
+from kdlab.tasks.base import Metric, Task
+
 log = logging.getLogger("kdlab")
 
 __all__ = ["TqdmProgress", "format_figure", "format_figures"]
@@ -53,7 +57,6 @@ class TqdmProgress:
         self._epoch, self._total_epochs, self._steps = epoch, total_epochs, steps
         if not self.enabled:
             return
-        from tqdm import tqdm
 
         self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{total_epochs}", unit="step",
                         leave=False, dynamic_ncols=True, file=sys.stderr)
@@ -69,31 +72,26 @@ class TqdmProgress:
         self.bar.set_postfix({k: format_figure(k, v) for k, v in info.items()}, refresh=False)
         self.bar.refresh()
 
-    def end_epoch(self, record: dict[str, Any]) -> None:
+    def end_epoch(self, record: dict[str, Any], task: Task[Any, Any, Any]) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
         log.info("epoch %d: loss %.4f, %s%.0f img/s%s", record["epoch"], record["train_loss"],
-                 _train_metric(record), record["train_img_per_s"], _test_metric(record))
+                 _train_metric(record, task.train_metric), record["train_img_per_s"],
+                 _test_metric(record, task.metric(task.best_metric)))
 
 
-#: how the epoch line names each task's headline metrics
-_NAMES = {"top1": "top-1", "roi_acc": "RoI acc", "AP": "AP"}
-
-
-def _train_metric(record: dict[str, Any]) -> str:
+def _train_metric(record: dict[str, Any], metric: Metric) -> str:
     """``"train top-1 93.10, "`` (classification) or ``"train RoI acc 88.00, "`` (detection)."""
-    for key, name in _NAMES.items():
-        if f"train_{key}" in record:
-            return f"train {name} {record[f'train_{key}']:.2f}, "
-    return ""
+    key = f"train_{metric.name}"
+    return f"train {metric.label} {record[key]:.2f}, " if key in record else ""
 
 
-def _test_metric(record: dict[str, Any]) -> str:
+def _test_metric(record: dict[str, Any], metric: Metric) -> str:
     """``" test top-1 71.20 (best 71.50)"`` for the task's evaluation metric, if evaluated."""
-    for key, name in _NAMES.items():
-        if f"test_{key}" in record and f"best_{key}" in record:
-            best = record[f"best_{key}"]
-            best_text = "n/a" if best is None else f"{best:.2f}"
-            return f" test {name} {record[f'test_{key}']:.2f} (best {best_text})"
-    return ""
+    key = metric.name
+    if f"test_{key}" not in record or f"best_{key}" not in record:
+        return ""
+    best = record[f"best_{key}"]
+    best_text = "n/a" if best is None else f"{best:.2f}"
+    return f" test {metric.label} {record[f'test_{key}']:.2f} (best {best_text})"

@@ -16,7 +16,6 @@ import gc
 import logging
 import math
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +40,8 @@ from kdlab.core.runtime import (
     seed_everything,
     set_rng_state,
 )
+from kdlab.core.signals import handling, signals_deferred
+from kdlab.core.torchvision_shim import shim_state
 from kdlab.data.build import request_views
 from kdlab.engine.build import (
     build_distiller,
@@ -57,10 +58,10 @@ from kdlab.engine.meters import EpochMeter
 from kdlab.methods.base import requested_views, total_loss
 from kdlab.methods.compose import method_display_name
 from kdlab.models.checkpoint import load_state_dict_strict
-from kdlab.runs.checkpoint import load_latest, remove_checkpoint, save_atomic, signals_deferred
+from kdlab.runs.checkpoint import load_latest, remove_checkpoint, save_atomic
 from kdlab.runs.rundir import Resume, RunDir
 from kdlab.tasks import task_for
-from kdlab.tasks.base import Mark
+from kdlab.tasks.base import Mark, Task
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ class Progress(Protocol):
 
     def update(self, steps_done: int, info: dict[str, float]) -> None: ...
 
-    def end_epoch(self, record: dict[str, Any]) -> None: ...
+    def end_epoch(self, record: dict[str, Any], task: Task[Any, Any, Any]) -> None:
+        """The epoch's record; ``task`` names its metrics (:attr:`Task.train_metric`,
+        :meth:`Task.metric`)."""
 
 
 @dataclass
@@ -155,6 +158,20 @@ class Trainer:
             return mode
         self._configure_runtime()
         self.task = task_for(cfg)
+        self._build_data_and_models()
+        self._build_optimization()
+        self._wrap_for_speed()
+        self.state = TrainState()
+        if mode == "resume":
+            self._restore()
+        else:
+            self._record_start()
+        self.loggers = self._open_loggers(mode)
+        return mode
+
+    def _build_data_and_models(self) -> None:
+        """The task's loaders, the student, the teacher and the distiller (with its views)."""
+        cfg = self.cfg
         self.data = self.task.build_data(
             cfg.data, seed=cfg.seed, device=self.device,
             channels_last=cfg.runtime.channels_last, rank=self.dist.rank,
@@ -178,6 +195,11 @@ class Trainer:
                               "process")
         self.train_loader = request_views(self.train_loader, views, seed=cfg.seed)
         self._sync_batchnorm()
+
+    def _build_optimization(self) -> None:
+        """The trainable parameters, the optimizer, the learning-rate schedule, the gradient
+        clipping norm and the fp16 gradient scaler."""
+        cfg = self.cfg
         self.trainable = trainable_parameters(self.student, self.distiller)
         self.optim = build_training_optimizer(cfg, self.trainable)
         self.optimizer = self.optim.optimizer
@@ -186,14 +208,6 @@ class Trainer:
                      if cfg.optim.clip_grad_norm == "auto" else cfg.optim.clip_grad_norm)
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
-        self._wrap_for_speed()
-        self.state = TrainState()
-        if mode == "resume":
-            self._restore()
-        else:
-            self._record_start()
-        self.loggers = self._open_loggers(mode)
-        return mode
 
     def _open_loggers(self, mode: str) -> RunLoggers:
         """Rank 0's metrics loggers, continuing from the checkpoint the run resumes from."""
@@ -249,9 +263,12 @@ class Trainer:
                 self.teacher_fwd = torch.compile(self.teacher, mode=mode)
 
     def _record_start(self) -> None:
-        """A new run records its method and checks its teacher."""
+        """A new run records its method and the torchvision shim's state (env.json is written
+        before the models are built), and checks its teacher."""
         if self.is_main:
             self.run_dir.write_json("method.json", self.distiller.describe())
+            self.run_dir.write_json("env.json", {**self.run_dir.read_json("env.json"),
+                                                 "torchvision_shim": shim_state()})
         if self.teacher is not None:
             self._check_teacher()
 
@@ -286,7 +303,8 @@ class Trainer:
         ev = self.task.evaluate(self.teacher, self.test_loader, self.device, self.amp_dtype,
                                 self.dist)
         info: dict[str, Any] = {"arch": tcfg.arch, "checkpoint": tcfg.checkpoint,
-                                **_reported(ev), f"expected_{metric}": tcfg.expected_accuracy}
+                                **_reported(ev, metric),
+                                f"expected_{metric}": tcfg.expected_accuracy}
         if tcfg.checkpoint:
             info["sha256"] = file_sha256(tcfg.checkpoint)
         if self.is_main:
@@ -299,12 +317,15 @@ class Trainer:
         tcfg = self.cfg.teacher
         if tcfg is None or tcfg.expected_accuracy is None or value is None:
             return
-        if value < tcfg.expected_accuracy - tcfg.accuracy_tolerance:
+        metric = self.task.metric(self.task.best_metric)
+        floor = tcfg.expected_accuracy - tcfg.accuracy_tolerance
+        ceiling = tcfg.expected_accuracy + tcfg.accuracy_tolerance
+        if (value < floor) if metric.higher_is_better else (value > ceiling):
             raise RunError(
-                f"teacher {tcfg.arch} from {tcfg.checkpoint} reaches {value:.2f}% "
-                f"{self.task.best_metric} on the test set, expected "
-                f"{tcfg.expected_accuracy:.2f}% (tolerance {tcfg.accuracy_tolerance}); the "
-                "checkpoint does not match its claimed accuracy"
+                f"teacher {tcfg.arch} from {tcfg.checkpoint} reaches {value:.2f} "
+                f"{metric.label} on the test set, expected {tcfg.expected_accuracy:.2f} "
+                f"(tolerance {tcfg.accuracy_tolerance}); the checkpoint does not match its "
+                "claimed accuracy"
             )
 
     # ------------------------------------------------------------------ checkpoint
@@ -583,8 +604,7 @@ class Trainer:
     def _deferred_stop_signals(self) -> Iterator[None]:
         """With step checkpoints on, SIGTERM and SIGINT stop the run at the next step boundary
         after a step checkpoint (a second Ctrl-C stops at once); without, they act at once."""
-        if (self.cfg.runtime.checkpoint_every_steps <= 0
-                or threading.current_thread() is not threading.main_thread()):
+        if self.cfg.runtime.checkpoint_every_steps <= 0:
             yield
             return
 
@@ -593,15 +613,10 @@ class Trainer:
                 raise RunInterrupted(signum)
             self._stop_signal = signum
             log.info("%s received: stopping after the current step",
-                        signal.Signals(signum).name)
+                     signal.Signals(signum).name)
 
-        previous = {sig: signal.signal(sig, request_stop)
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
+        with handling(request_stop):
             yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def _leave_process_group(self) -> None:
         """Free the DDP wrappers, then leave the process group (distributed runs).
@@ -674,7 +689,7 @@ class Trainer:
             s.history.append(record)
         remove_checkpoint(self.run_dir.step_checkpoint)  # the epoch's checkpoint supersedes it
         if self.progress:
-            self.progress.end_epoch(record)
+            self.progress.end_epoch(record, self.task)
         if self._stop_signal is not None:
             raise RunInterrupted(self._stop_signal)
 
@@ -710,7 +725,7 @@ class Trainer:
         }
         for name in names or [metric]:
             summary[f"last_{name}"] = last.get(f"test_{name}", math.nan)
-            summary[f"best_{name}"] = max((r[f"test_{name}"] for r in evals), default=math.nan)
+            summary[f"best_{name}"] = self.task.metric(name).best(r[f"test_{name}"] for r in evals)
         if self.val_loader is None:
             summary[f"best_{metric}"] = math.nan if s.best is None else s.best
         else:  # best_epoch was chosen on validation; the test set is scored there and at the end
@@ -725,6 +740,8 @@ class Trainer:
         return summary
 
 
-def _reported(metrics: dict[str, float]) -> dict[str, float]:
-    """The evaluation figures worth recording for a teacher (not the loss or the count)."""
-    return {k: v for k, v in metrics.items() if k not in ("loss", "count")}
+def _reported(metrics: dict[str, float], best_metric: str) -> dict[str, float]:
+    """The evaluation figures worth recording for a teacher: not the count, nor the loss
+    unless the task's best metric is the loss."""
+    return {k: v for k, v in metrics.items()
+            if k != "count" and (k != "loss" or k == best_metric)}

@@ -29,7 +29,7 @@ Neither torchvision nor timm is imported: models are recognised by their attribu
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -265,6 +265,106 @@ def _head_norm_in(container: nn.Module, container_path: str, linear_name: str) -
     return None
 
 
+class _Plan(NamedTuple):
+    """What :func:`adapt` hands to :class:`AdaptedModel`: the preset and the module paths."""
+
+    preset: str
+    classifier: str | None
+    feature_map: str | None
+    stages: list[str] | None
+    head_norm: str | None
+
+
+def _is_timm_like(model: nn.Module) -> bool:
+    return all(
+        callable(getattr(model, a, None))
+        for a in ("forward_features", "forward_head", "get_classifier")
+    )
+
+
+def _timm_stages(model: nn.Module) -> list[str] | None:
+    """The stage paths named by timm's ``feature_info``, if it names them all."""
+    info = getattr(model, "feature_info", None)
+    names = [d.get("module") for d in info] if isinstance(info, list) else []
+    if names and all(isinstance(n, str) and n for n in names):
+        return [str(n) for n in names]
+    return None
+
+
+def _timm_plan(
+    model: nn.Module,
+    classifier: str | None,
+    feature_layers: list[str] | None,
+    feature_map: str | None,
+    head_norm: str | None,
+) -> _Plan:
+    """The timm preset: head from ``get_classifier()``, stages from ``feature_info``, a
+    ``norm`` next to the head; ``forward_features`` gives the map unless a path is forced."""
+    cls_path, stages, norm_path = classifier, feature_layers, head_norm
+    head = model.get_classifier()  # type: ignore[operator]
+    if cls_path is None:
+        if not isinstance(head, nn.Linear):
+            raise ModelError(
+                f"adapt: get_classifier() returned a {type(head).__name__}, expected "
+                "nn.Linear (was the model built with num_classes=0?)"
+            )
+        cls_path = _path_of(model, head)
+    if stages is None:
+        stages = _timm_stages(model)
+    if norm_path is None and "." in cls_path:
+        parent_path = cls_path.rsplit(".", 1)[0]
+        norm = getattr(_get(model, parent_path), "norm", None)
+        if isinstance(norm, nn.Module) and _is_layer_norm(norm):
+            norm_path = f"{parent_path}.norm"
+    preset = "timm" if feature_map is None else "explicit"
+    return _Plan(preset, cls_path, feature_map, stages, norm_path)
+
+
+def _features_plan(
+    model: nn.Module,
+    feature_layers: list[str] | None,
+    feature_map: str | None,
+    head_norm: str | None,
+) -> _Plan:
+    """The features/classifier preset: the last linear layer of ``classifier`` (and a
+    LayerNorm before it), the map from ``features``."""
+    preset = "features" if feature_layers is None else "explicit"
+    norm_path = head_norm
+    container = model.classifier
+    if isinstance(container, nn.Linear):
+        cls_path = "classifier"
+    else:
+        name, _ = _last_linear(container, "classifier")
+        cls_path = f"classifier.{name}"
+        if norm_path is None:
+            norm_path = _head_norm_in(container, "classifier", name)
+    return _Plan(preset, cls_path, feature_map or "features", feature_layers, norm_path)
+
+
+def _plan(
+    model: nn.Module,
+    classifier: str | None,
+    feature_layers: list[str] | None,
+    feature_map: str | None,
+    head_norm: str | None,
+) -> _Plan:
+    """The first preset that fits ``model`` (timm, ResNet, features/classifier), else the
+    explicit paths as given."""
+    if _is_timm_like(model):
+        return _timm_plan(model, classifier, feature_layers, feature_map, head_norm)
+    if classifier is None and feature_map is None and (rn := _resnet_preset(model)):
+        cls_path, fmap_path, default_stages = rn
+        stages = default_stages if feature_layers is None else feature_layers
+        return _Plan("resnet", cls_path, fmap_path, stages, head_norm)
+    if (
+        classifier is None
+        and isinstance(getattr(model, "features", None), nn.Module)
+        and isinstance(getattr(model, "classifier", None), nn.Module)
+    ):
+        return _features_plan(model, feature_layers, feature_map, head_norm)
+    return _Plan("explicit", classifier, feature_map, feature_layers, head_norm)
+
+
 def adapt(
     model: nn.Module,
     classifier: str | None = None,
@@ -298,55 +398,9 @@ def adapt(
     """
     if isinstance(model, KdModel):
         raise ModelError("adapt: the model is already a KdModel")
-    preset = "explicit"
-    cls_path, fmap_path, stages = classifier, feature_map, feature_layers
-    norm_path = head_norm
-    timm_like = all(
-        callable(getattr(model, a, None))
-        for a in ("forward_features", "forward_head", "get_classifier")
+    preset, cls_path, fmap_path, stages, norm_path = _plan(
+        model, classifier, feature_layers, feature_map, head_norm
     )
-    if timm_like:
-        preset = "timm"
-        head = model.get_classifier()  # type: ignore[operator]
-        if cls_path is None:
-            if not isinstance(head, nn.Linear):
-                raise ModelError(
-                    f"adapt: get_classifier() returned a {type(head).__name__}, expected "
-                    "nn.Linear (was the model built with num_classes=0?)"
-                )
-            cls_path = _path_of(model, head)
-        if stages is None:
-            info = getattr(model, "feature_info", None)
-            names = [d.get("module") for d in info] if isinstance(info, list) else []
-            if names and all(isinstance(n, str) and n for n in names):
-                stages = [str(n) for n in names]
-        if norm_path is None and "." in cls_path:
-            parent_path = cls_path.rsplit(".", 1)[0]
-            norm = getattr(_get(model, parent_path), "norm", None)
-            if isinstance(norm, nn.Module) and _is_layer_norm(norm):
-                norm_path = f"{parent_path}.norm"
-        fmap_path = feature_map  # forward_features gives the map unless a path is forced
-        if feature_map is not None:
-            preset = "explicit"
-    elif classifier is None and feature_map is None and (rn := _resnet_preset(model)):
-        preset = "resnet"
-        cls_path, fmap_path, default_stages = rn
-        stages = default_stages if stages is None else stages
-    elif (
-        classifier is None
-        and isinstance(getattr(model, "features", None), nn.Module)
-        and isinstance(getattr(model, "classifier", None), nn.Module)
-    ):
-        preset = "features" if stages is None else "explicit"
-        container = model.classifier
-        if isinstance(container, nn.Linear):
-            cls_path = "classifier"
-        else:
-            name, _ = _last_linear(container, "classifier")
-            cls_path = f"classifier.{name}"
-            if norm_path is None:
-                norm_path = _head_norm_in(container, "classifier", name)
-        fmap_path = fmap_path or "features"
     if cls_path is None:
         raise ModelError(
             f"adapt: cannot recognise {type(model).__name__} (no timm forward_features/"

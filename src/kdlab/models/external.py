@@ -52,15 +52,19 @@ def _first_line(e: BaseException) -> str:
 
 
 def _import(library: str, arch: str) -> ModuleType:
-    """``torchvision.models`` or ``timm``, or a one-line ModelError saying how to install it."""
+    """``torchvision.models`` or ``timm``, or a one-line ModelError saying how to install it.
+
+    torchvision is imported plainly (:func:`~kdlab.core.torchvision_shim.import_torchvision`):
+    where its compiled operators do not load with this torch, the error names the build to
+    install; kdlab's detection shim is never installed for a classifier (a process where a
+    detector already installed it uses that torchvision)."""
     module = "torchvision.models" if library == "torchvision" else library
-    if library == "torchvision":
-        try:  # a CUDA torchvision next to a CPU torch: kdlab's op schemas and kernels first
-            import_torchvision()
-        except Exception:  # noqa: BLE001 - the plain import below says why, in this module's words
-            pass
     try:
+        if library == "torchvision":
+            import_torchvision()  # plainly: a classifier never installs kdlab's detection shim
         return importlib.import_module(module)
+    except ModelError as e:  # torchvision's compiled ops do not load: it names the wheel to use
+        raise ModelError(f"arch {arch!r}: {e}") from None
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] == library:
             raise ModelError(f"arch {arch!r} needs the {library} package: pip install {library} "

@@ -25,19 +25,22 @@ name) wherever the architecture alone would be ambiguous.
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import math
 import re
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kdlab.config import ExperimentConfig
+from kdlab.core.registries import TASKS
 from kdlab.report.paper import PaperTable, paper_method
+from kdlab.runs.rundir import RunDir, find_run_dirs
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ class MetricSpec:
     secondary_label: str
     #: further (key, label) metrics shown like the secondary one
     extra: tuple[tuple[str, str], ...] = ()
+    #: what a table of this task says about its metrics (None: nothing to add)
+    note: str | None = None
 
     @property
     def others(self) -> tuple[tuple[str, str], ...]:
@@ -81,17 +86,46 @@ class MetricSpec:
         return tuple(out)
 
 
-#: the headline metrics of each task (a task not listed is reported like classification)
-TASK_METRICS: dict[str, MetricSpec] = {
-    "classification": MetricSpec("classification", "top1", "top-1", "top5", "top-5"),
-    "detection": MetricSpec("detection", "AP", "AP", "AP50", "AP50", (("AP75", "AP75"),)),
-}
-DEFAULT_TASK = "classification"
+#: the task of a run that names none (runs made before tasks existed): the config's default
+DEFAULT_TASK: str = ExperimentConfig.model_fields["task"].default
 _WARNED_TASKS: set[str] = set()
 
 
+@functools.cache
+def _spec_of(task: type[Any]) -> MetricSpec:
+    """A task class's headline metrics, read from its declarations (``report_metrics``,
+    ``metrics``' labels, ``metric_note``: :class:`kdlab.tasks.base.Task`)."""
+    labels = {m.name: m.label for m in task.metrics}
+    primary, secondary, *extra = task.report_metrics
+    return MetricSpec(task.name, primary, labels.get(primary, primary), secondary,
+                      labels.get(secondary, secondary),
+                      tuple((key, labels.get(key, key)) for key in extra), task.metric_note)
+
+
+class _TaskMetricSpecs(Mapping[str, MetricSpec]):
+    """The :class:`MetricSpec` of every registered task, by task name (built from the task
+    registry at each lookup, so a plugin's task is found too)."""
+
+    def __getitem__(self, name: str) -> MetricSpec:
+        if name not in TASKS:
+            raise KeyError(name)
+        return _spec_of(TASKS.get(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(TASKS.names())
+
+    def __len__(self) -> int:
+        return len(TASKS.names())
+
+
+#: the headline metrics of each registered task (a task not registered is reported like the
+#: default task, with a warning)
+TASK_METRICS: Mapping[str, MetricSpec] = _TaskMetricSpecs()
+
+
 def metric_spec(task: str | None) -> MetricSpec:
-    """The :class:`MetricSpec` of ``task``; an unknown task gets classification's (logged once)."""
+    """The :class:`MetricSpec` of ``task``; an unknown task gets the default task's (logged
+    once)."""
     name = task or DEFAULT_TASK
     spec = TASK_METRICS.get(name)
     if spec is None:
@@ -327,43 +361,7 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
     return mean, std, len(vals)
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line of a killed run
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
-
-
-def _status(run: Path) -> dict[str, Any]:
-    try:
-        status = _read_json(run / "status.json")
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return status if isinstance(status, dict) else {}
-
-
 # --------------------------------------------------------------------------- scanning
-def find_run_dirs(runs_dir: Path) -> list[Path]:
-    """Every run directory under ``runs_dir`` (a folder with config.yaml or summary.json)."""
-    found = {p.parent for pattern in ("config.yaml", "summary.json")
-             for p in runs_dir.rglob(pattern) if p.is_file()}
-    if runs_dir.is_dir() and ((runs_dir / "config.yaml").is_file()
-                              or (runs_dir / "summary.json").is_file()):
-        found.add(runs_dir)
-    return sorted(found, key=lambda p: p.as_posix())
-
-
 def scan_runs(runs_dir: str | Path) -> ScanResult:
     """Read every run under ``runs_dir``: finished runs fully, unfinished ones by status."""
     root = Path(runs_dir)
@@ -371,37 +369,29 @@ def scan_runs(runs_dir: str | Path) -> ScanResult:
     unfinished: list[UnfinishedRun] = []
     for run in find_run_dirs(root):
         rel = run.relative_to(root).as_posix() if run != root else "."
-        status = _status(run)
-        if not (run / "summary.json").is_file():
+        rd = RunDir(run)
+        status = rd.read_status()
+        if not rd.is_finished():
             unfinished.append(UnfinishedRun(rel, str(status.get("state", "unknown")),
                                             status.get("epoch"), status.get("error")))
             continue
         try:
-            summary = _read_json(run / "summary.json")
-            if not isinstance(summary, dict):
-                raise ValueError("summary.json is not a JSON object")
-            config: dict[str, Any] = {}
-            if (run / "config.yaml").is_file():
-                config = yaml.safe_load((run / "config.yaml").read_text()) or {}
-            teacher = (_read_json(run / "teacher.json") if (run / "teacher.json").is_file()
-                       else None)
+            summary = rd.read_summary()
+            config = rd.load_config_dict() if rd.exists() else {}
+            teacher = rd.read_teacher()
         except (OSError, ValueError, yaml.YAMLError) as e:
             log.warning("cannot read run %s: %s", run, e)
             unfinished.append(UnfinishedRun(rel, "unreadable", error=str(e)))
             continue
         when = status.get("time") if status.get("state") == "finished" else None
         if not isinstance(when, int | float):
-            when = (run / "summary.json").stat().st_mtime
-        finished.append(RunRecord(run, rel, summary, config, teacher,
-                                  _read_metrics(run / "metrics.jsonl"), float(when)))
+            when = rd.summary_path.stat().st_mtime
+        finished.append(RunRecord(run, rel, summary, config, teacher, rd.read_metrics(),
+                                  float(when)))
     return ScanResult(finished, unfinished)
 
 
 # --------------------------------------------------------------------------- aggregation
-#: classification's statistics (:attr:`MetricSpec.stats` of any task)
-STATS = TASK_METRICS[DEFAULT_TASK].stats
-
-
 def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
     """Group runs over seeds, sorted by (dataset, teacher, teacher checkpoint, student,
     method, name, data, task); sets each group's ``teacher_label``. Runs of different tasks

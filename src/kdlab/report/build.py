@@ -87,15 +87,6 @@ STAT_HEADERS = (
 _TEXT_COLUMNS = frozenset({"dataset", "teacher", "student", "method", "name", "data",
                            "paper_statistic"})
 
-#: what a table of another task than classification says about its metric
-TASK_NOTES = {
-    "detection": "Task: detection. AP = COCO box mAP over IoU 0.50:0.95 (pycocotools, at most "
-                 "100 detections per image), AP50 / AP75 at IoU 0.50 / 0.75, all in %; the "
-                 "statistics are those of top-1 in classification tables (best-on-test, "
-                 "last-epoch, at best-val epoch).",
-}
-
-
 def stat_headers(spec: MetricSpec) -> tuple[tuple[str, str], ...]:
     """(statistic, header) of the result columns of ``spec``'s metrics, primary first
     (classification: :data:`STAT_HEADERS`); each extra metric (detection's AP75) follows the
@@ -247,7 +238,8 @@ def dataset_tables(groups: Sequence[Group]) -> list[Table]:
     tables = []
     for (dataset, task), members in by_dataset.items():
         columns, rows = display_rows(members)
-        notes = [TASK_NOTES[task]] if task in TASK_NOTES else []
+        note = metric_spec(task).note
+        notes = [note] if note else []
         data = {g.row.get("data") for g in members}
         if len(data) == 1 and None not in data:
             notes.append(f"Data of every row: {data.pop()} of the training set.")

@@ -63,6 +63,7 @@ BASELINE_COLOR = "#555555"
 
 
 def _figure(width: float = FIGSIZE[0]) -> tuple[Any, Any]:
+    # optional heavy dependency: matplotlib (the `report` extra), here and below
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -84,6 +85,7 @@ def _png(fig: Any) -> bytes:
 def _colors(n: int) -> list[Any]:
     """``n`` distinct colours of tab10 (tab20 beyond 9), without their greys (the greys mark
     the student-alone baseline)."""
+    # optional heavy dependency: matplotlib
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if n <= 9 else "tab20"]
@@ -93,6 +95,7 @@ def _colors(n: int) -> list[Any]:
 
 
 def _style() -> Any:
+    # optional heavy dependency: matplotlib
     import matplotlib.style
 
     return matplotlib.style.context("default")
@@ -175,6 +178,7 @@ def curves_figure(groups: Sequence[Group], title: str | None = None) -> Any:
             series.append((g, label, color, epochs, mean, lo, hi))
     if not series:
         return None
+    # optional heavy dependency: matplotlib
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 

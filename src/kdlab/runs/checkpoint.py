@@ -9,14 +9,10 @@ the latest file is truncated or corrupt.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import shutil
-import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +20,7 @@ import torch
 
 from kdlab.core.errors import CheckpointError
 from kdlab.core.io import atomic_write
+from kdlab.core.signals import signals_deferred
 from kdlab.core.weights_file import INTEGRITY_KEY, read_verified, state_digest
 
 log = logging.getLogger(__name__)
@@ -64,35 +61,6 @@ def _disk_full_cause(e: BaseException) -> OSError | None:
 def _mb(n_bytes: float) -> str:
     mb = n_bytes / 1e6
     return f"{mb:.1f}" if mb < 10 else f"{mb:.0f}"
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM for the duration of the block, then deliver them.
-
-    A Ctrl-C landing inside ``torch.save`` raises from the middle of its writer, which torch
-    reports as a corrupt-stream RuntimeError ("unexpected pos") instead of an interruption; the
-    atomic write keeps the previous checkpoint, but the run would end as a failed write. Here a
-    signal received during the write is recorded, the previous handlers are restored after it,
-    and the signal is re-delivered to the process (so the run stops as interrupted, right after a
-    complete checkpoint). Only in the main thread (Python delivers signals there).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-
-    def hold(signum: int, frame: Any) -> None:
-        received.append(signum)
-
-    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(received):
-            signal.raise_signal(sig)
 
 
 def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = True) -> None:

@@ -26,11 +26,8 @@ import contextlib
 import json
 import logging
 import os
-import shlex
-import socket
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +37,7 @@ from kdlab.config import ExperimentConfig, dict_fingerprint, dump_yaml, fingerpr
 from kdlab.core.env import environment_info
 from kdlab.core.errors import ConfigError, RunError
 from kdlab.core.io import atomic_write
+from kdlab.runs.lock import LOCK_FILE, FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +45,6 @@ log = logging.getLogger(__name__)
 #: else start), "required" (continue it; no run there is an error: the CLI's ``--resume``).
 Resume = bool | Literal["required"]
 
-LOCK_FILE = "lock.json"
 #: files a run writes at its top level: a run that never completed an epoch is restarted
 #: afresh with none of them kept.
 RUN_FILES = ("config.yaml", "run.json", "env.json", "metrics.jsonl", "status.json",
@@ -60,23 +57,21 @@ PROGRESS_FILES = ("last.pt", "last.pt.prev", "step.pt", "step.pt.prev")
 EXTENSIBLE_SCHEDULES = frozenset({"multistep"})
 #: differing keys shown in a "holds a different run" refusal before "and N more".
 SHOWN_DIFFERENCES = 5
-#: an unreadable (empty, torn) lock file older than this many seconds is stale.
-TORN_LOCK_AGE_S = 5.0
-
-#: run directories whose lock this process holds (resolved paths).
-_HELD: set[str] = set()
 
 
-class RunDir:
-    """A run's directory: one process at a time (its lock), and never two runs in one folder."""
+class RunDir(FolderLock):
+    """A run's directory: one process at a time (its lock: :class:`FolderLock`), and never two
+    runs in one folder."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._locked = False
-        #: folders acquire_lock created (deepest first): removed again if left empty
-        self._made: list[Path] = []
+        super().__init__(path)
         #: whether this instance wrote a new run's start records (create)
         self._created = False
+
+    def _abandon(self) -> None:
+        """A start that failed before training: remove the new run's start records."""
+        if self._created and not self.has_progress():
+            self._remove_run_files()
 
     # ----------------------------------------------------------------- paths
     @property
@@ -104,164 +99,12 @@ class RunDir:
     def summary_path(self) -> Path:
         return self.path / "summary.json"
 
-    @property
-    def lock_path(self) -> Path:
-        return self.path / LOCK_FILE
-
     def inside(self, name: str) -> Path:
         """A path inside the run directory; refuses names that would escape it."""
         target = (self.path / name).resolve()
         if not target.is_relative_to(self.path.resolve()):
             raise RunError(f"path {name!r} escapes the run directory {self.path}")
         return target
-
-    # ----------------------------------------------------------------- the lock
-    def acquire_lock(self, command: str | None = None) -> None:
-        """Make this process the only one working in the run directory (``lock.json``).
-
-        Creates the folder if needed. A lock whose holder is alive (same host: the pid exists;
-        another host: always assumed alive) is a :class:`RunError` naming the holder; the lock
-        of a dead process on this host is taken over with a warning.
-        """
-        if self._locked:
-            return
-        self._make_folder()
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                  "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "command": command if command is not None else shlex.join(sys.argv)}
-        try:
-            for _ in range(20):
-                if self._create_lock(record):
-                    self._locked = True
-                    _HELD.add(self._key())
-                    return
-                self._clear_stale_lock()
-            raise RunError(f"run directory {self.path}: could not take its lock {self.lock_path}; "
-                           "try again")
-        except BaseException:
-            if not self._locked:
-                self._remove_made_folders()
-            raise
-
-    def release_lock(self, *, abandon: bool = False) -> None:
-        """Give the run directory up (a no-op unless this instance holds its lock).
-
-        With ``abandon`` (a start that failed before training), a new run's start records written
-        by :meth:`create` are removed again. Folders that :meth:`acquire_lock` created and that
-        are then empty are removed, so a failed start leaves nothing behind.
-        """
-        if not self._locked:
-            return
-        if abandon and self._created and not self.has_progress():
-            self._remove_run_files()
-        with contextlib.suppress(FileNotFoundError):
-            self.lock_path.unlink()
-        self._locked = False
-        _HELD.discard(self._key())
-        self._remove_made_folders()
-
-    @contextlib.contextmanager
-    def locked(self, command: str | None = None) -> Iterator[RunDir]:
-        """``with run_dir.locked(): ...`` holds the lock for the block."""
-        self.acquire_lock(command)
-        try:
-            yield self
-        finally:
-            self.release_lock()
-
-    def lock_holder(self) -> dict[str, Any] | None:
-        """The content of ``lock.json`` (None when there is no readable lock)."""
-        try:
-            data = json.loads(self.lock_path.read_text())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-    def _key(self) -> str:
-        return str(self.path.absolute().resolve())
-
-    def _make_folder(self) -> None:
-        missing = []
-        p = self.path.absolute()
-        while not p.exists() and p != p.parent:
-            missing.append(p)
-            p = p.parent
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunError(f"cannot create run directory {self.path}: {e.strerror}") from e
-        if not self.path.is_dir():
-            raise RunError(f"run directory {self.path} is not a folder; choose another --run-dir")
-        self._made = missing  # deepest first
-
-    def _remove_made_folders(self) -> None:
-        for folder in self._made:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (or gone): keep it and its parents
-                break
-        self._made = []
-
-    def _create_lock(self, record: dict[str, Any]) -> bool:
-        """Create ``lock.json`` atomically; False when it already exists."""
-        try:
-            fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        except OSError as e:
-            raise RunError(f"cannot create the lock {self.lock_path}: {e.strerror}") from e
-        try:
-            os.write(fd, (json.dumps(record, indent=2) + "\n").encode())
-            os.fsync(fd)
-        except OSError as e:
-            self.lock_path.unlink(missing_ok=True)
-            raise RunError(f"cannot write the lock {self.lock_path}: {e.strerror}") from e
-        finally:
-            os.close(fd)
-        return True
-
-    def _clear_stale_lock(self) -> None:
-        """Refuse a live holder; move the lock of a dead one aside (then the caller retries)."""
-        try:
-            text = self.lock_path.read_text()
-            age = time.time() - self.lock_path.stat().st_mtime
-        except FileNotFoundError:
-            return  # released meanwhile
-        except OSError as e:
-            raise RunError(f"cannot read the lock {self.lock_path}: {e.strerror}") from e
-        try:
-            holder = json.loads(text)
-            pid = int(holder["pid"])
-            host = str(holder["host"])
-        except (ValueError, KeyError, TypeError):
-            if age < TORN_LOCK_AGE_S:  # another process is writing it right now
-                time.sleep(0.1)
-                return
-            log.warning("run directory %s: taking over its unreadable lock file", self.path)
-            self._take_over(text)
-            return
-        if host != socket.gethostname() or _alive(pid, holder.get("started"), self._key()):
-            since = holder.get("started_at") or "an unknown time"
-            raise RunError(f"run directory {self.path} is in use by pid {pid} on host {host} "
-                           f"since {since}; wait for it or stop it")
-        log.warning("run directory %s: taking over the lock of pid %d, which is no longer "
-                    "running", self.path, pid)
-        self._take_over(text)
-
-    def _take_over(self, seen: str) -> None:
-        """Remove the stale lock whose content was ``seen``, unless another process replaced it
-        meanwhile (the file moved aside is then put back)."""
-        aside = self.lock_path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
-        try:
-            os.rename(self.lock_path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            if aside.read_text() != seen:  # a new holder's lock: restore it
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, self.lock_path)
-        finally:
-            aside.unlink(missing_ok=True)
 
     # ----------------------------------------------------------------- state
     def exists(self) -> bool:
@@ -495,10 +338,36 @@ class RunDir:
         records = []
         for line in self.metrics_path.read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict):
+                records.append(record)
         return records
+
+    def read_status(self) -> dict[str, Any]:
+        """``status.json`` (state, time, epoch, error); ``{}`` when missing or unreadable."""
+        try:
+            status = self.read_json("status.json")
+        except (OSError, json.JSONDecodeError, RunError):
+            return {}
+        return status if isinstance(status, dict) else {}
+
+    def read_summary(self) -> dict[str, Any]:
+        """``summary.json`` of a finished run.
+
+        Raises:
+            OSError, ValueError: missing, unreadable or not a JSON object.
+        """
+        summary = self.read_json("summary.json")
+        if not isinstance(summary, dict):
+            raise ValueError("summary.json is not a JSON object")
+        return summary
+
+    def read_teacher(self) -> dict[str, Any] | None:
+        """``teacher.json`` (the teacher's evaluation and checkpoint sha256), or None."""
+        path = self.path / "teacher.json"
+        return self.read_json("teacher.json") if path.is_file() else None
 
     def truncate_metrics(self, last_epoch: int) -> None:
         """Keep only the records of epochs <= ``last_epoch`` (used on resume)."""
@@ -507,43 +376,21 @@ class RunDir:
                                                 for r in kept))
 
     def load_config_dict(self) -> dict[str, Any]:
-        return yaml.safe_load(self.config_path.read_text())
+        """The stored ``config.yaml`` as a plain dict (``{}`` for an empty file)."""
+        return yaml.safe_load(self.config_path.read_text()) or {}
 
 
-def _alive(pid: int, started: Any, key: str) -> bool:
-    """Whether the lock holder ``pid`` (on this host) still runs."""
-    if pid == os.getpid():
-        return key in _HELD  # else a lock left by an earlier process that had this pid
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    except OSError:
-        return False
-    stat = _proc_stat(pid)
-    if stat is None:  # not Linux, or gone meanwhile: os.kill said it exists
-        return True
-    if stat[0] in ("Z", "X"):  # a zombie never releases its lock
-        return False
-    try:
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        since = boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return True
-    # a pid reused by a process that started after the lock was taken is not the holder
-    return not (isinstance(started, int | float) and since > started + 2)
+def find_run_dirs(root: str | Path) -> list[Path]:
+    """Every run directory under ``root`` (``root`` included): a folder holding ``config.yaml``
+    or ``summary.json``, sorted by path."""
+    root = Path(root)
+    found = {p.parent for pattern in ("config.yaml", "summary.json")
+             for p in root.rglob(pattern) if p.is_file()}
+    if root.is_dir() and any((root / name).is_file() for name in ("config.yaml", "summary.json")):
+        found.add(root)
+    return sorted(found, key=lambda p: p.as_posix())
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of ``/proc/PID/stat`` after the command name (state first); None if
-    unreadable (not Linux, or no such process)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

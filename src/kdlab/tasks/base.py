@@ -11,8 +11,10 @@ kdlab's own task modules in :mod:`kdlab.tasks` are discovered automatically.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
@@ -20,12 +22,14 @@ from torch import nn
 
 from kdlab.config import DataConfig, ExperimentConfig
 from kdlab.core.distributed import DistInfo
+from kdlab.core.errors import ConfigError
 from kdlab.core.registries import TASKS
 from kdlab.methods.base import DistillContext
 from kdlab.models import load_pretrained
 from kdlab.models.output import KdModel
 
-__all__ = ["Mark", "Task", "TrainMeter", "get_task", "list_tasks", "register_task", "task_for"]
+__all__ = ["Mark", "Metric", "Task", "TrainMeter", "get_task", "list_tasks", "register_task",
+           "task_for"]
 
 #: A callback the training step calls with the name of each part it finishes ("teacher_fwd",
 #: "student_fwd", "loss", "backward_step"); ``kdlab bench`` times the parts through it.
@@ -34,6 +38,28 @@ Mark = Callable[[str], None]
 D = TypeVar("D")  # the task's data bundle
 B = TypeVar("B")  # the task's batch
 O = TypeVar("O")  # what the task's models return
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One evaluation metric of a task: its key in :meth:`Task.evaluate`'s result, the label
+    shown in logs and tables, and its direction (which of two values is better)."""
+
+    name: str
+    label: str
+    higher_is_better: bool = True
+
+    def better(self, a: float, b: float | None) -> bool:
+        """Whether ``a`` strictly beats ``b`` (None: nothing yet, so anything beats it)."""
+        if b is None:
+            return True
+        return a > b if self.higher_is_better else a < b
+
+    def best(self, values: Iterable[float]) -> float:
+        """The best of ``values`` in this metric's direction (``max`` or ``min``); NaN when
+        there is none."""
+        pick = max if self.higher_is_better else min
+        return pick(values, default=math.nan)
 
 
 class TrainMeter(Protocol[B, O]):
@@ -66,15 +92,49 @@ class Task(ABC, Generic[D, B, O]):
     """What one task type defines; the engine does the rest. See the module docstring."""
 
     name: ClassVar[str]
+    #: every metric :meth:`evaluate` returns (``count`` aside), headline ones first.
+    metrics: ClassVar[tuple[Metric, ...]]
     #: the evaluation metric (a key of :meth:`evaluate`'s result) that decides "best".
     best_metric: ClassVar[str]
-    higher_is_better: ClassVar[bool] = True
+    #: the training-time metric of :meth:`train_meter` (its summary key is ``train_<name>``).
+    train_metric: ClassVar[Metric]
+    #: the metrics a report shows for this task, in order (the first is :attr:`best_metric`).
+    report_metrics: ClassVar[tuple[str, ...]]
+    #: what a report table of this task says about its metrics (None: nothing to add).
+    metric_note: ClassVar[str | None] = None
+    #: the config section of this task's own settings (an :class:`ExperimentConfig` field), if any.
+    config_section: ClassVar[str | None] = None
+    #: the data sets this task reads (``data.name``); None: the in-memory and streamed image sets
+    #: that no other task claims.
+    data_sets: ClassVar[tuple[str, ...] | None] = None
+    #: what the methods may read: the logit methods and the partners that apply to this task's
+    #: outputs (None: every registered one), with why the others do not (for the error).
+    supported_methods: ClassVar[tuple[str, ...] | None] = None
+    supported_partners: ClassVar[tuple[str, ...] | None] = None
+    unsupported_partner_reason: ClassVar[str] = ""
+    #: how :attr:`data_sets` are described in errors ("COCO-format data").
+    data_description: ClassVar[str] = "image classification data"
     #: whether ``kdlab export`` can write this task's student as images in, logits out.
     exportable: ClassVar[bool] = False
 
     def configure(self, cfg: ExperimentConfig) -> None:
         """Read the run's task-specific settings (detection: its ``detection`` section) before
-        any data or model is built. Default: nothing to read."""
+        any data or model is built, and check that the method and partners apply to this task
+        (:meth:`check_method`). Default: only the check."""
+        self.check_method(cfg)
+
+    def check_method(self, cfg: ExperimentConfig) -> None:
+        """Raise :class:`ConfigError` when the configured method or a partner is not among
+        :attr:`supported_methods` / :attr:`supported_partners`."""
+        methods, partners = self.supported_methods, self.supported_partners
+        if methods is not None and cfg.method.name not in methods:
+            raise ConfigError(f"method {cfg.method.name!r} is not available for {self.name}; use "
+                              f"one of {list(methods)}")
+        for partner in cfg.method.partners:
+            if partners is not None and partner.name not in partners:
+                raise ConfigError(f"partner {partner.name!r} is not available for {self.name}"
+                                  f"{self.unsupported_partner_reason}; use one of "
+                                  f"{list(partners)}")
 
     def distill_inputs(self, out_s: O, out_t: O | None, batch: B
                        ) -> tuple[Any, Any, Any]:
@@ -134,11 +194,22 @@ class Task(ABC, Generic[D, B, O]):
         """Evaluation metrics of ``model`` over ``batches`` (global over ranks); must hold
         :attr:`best_metric`. Every key but ``count`` is recorded as ``test_<key>``."""
 
+    def metric(self, name: str) -> Metric:
+        """The declared :class:`Metric` ``name``; an undeclared key (a plugin task's extra
+        figure) counts as higher-is-better and is shown by its name."""
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        return Metric(name, name)
+
+    @property
+    def higher_is_better(self) -> bool:
+        """The direction of :attr:`best_metric`."""
+        return self.metric(self.best_metric).higher_is_better
+
     def is_better(self, value: float, best: float | None) -> bool:
         """Whether ``value`` of :attr:`best_metric` beats ``best`` (None: nothing yet)."""
-        if best is None:
-            return True
-        return value > best if self.higher_is_better else value < best
+        return self.metric(self.best_metric).better(value, best)
 
 
 

@@ -158,6 +158,121 @@ def _render(
     return canvas, boxes, classes, skipped
 
 
+def _checked_options(
+    n_train: int,
+    n_test: int,
+    seed: int,
+    size: int | tuple[int, int],
+    objects: tuple[int, int],
+    scale: tuple[float, float],
+    max_overlap: float,
+    noise: float,
+    threshold: int,
+    max_tries: int,
+) -> dict[str, Any]:
+    """Validate the generator's parameters; return the keyword arguments of :func:`_render`."""
+    size_lo, size_hi = _range(size, "size", int)
+    obj_lo, obj_hi = _range(objects, "objects", int)
+    scale_lo, scale_hi = _range(scale, "scale", float)
+    for name, n in (("n_train", n_train), ("n_test", n_test)):
+        _check(isinstance(n, int) and n >= 0, f"{name} must be an integer >= 0, got {n!r}")
+    _check(size_lo >= 8, f"size must be at least 8 pixels, got {size!r}")
+    _check(obj_lo >= 0, f"objects must be >= 0, got {objects!r}")
+    _check(scale_lo > 0, f"scale must be > 0, got {scale!r}")
+    _check(0.0 <= max_overlap <= 1.0, f"max_overlap must be in [0, 1], got {max_overlap!r}")
+    _check(noise >= 0.0, f"noise must be >= 0, got {noise!r}")
+    _check(0 <= threshold < 255, f"threshold must be in [0, 255), got {threshold!r}")
+    _check(max_tries >= 1, f"max_tries must be >= 1, got {max_tries!r}")
+    _check(isinstance(seed, int) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+    return {
+        "size": (size_lo, size_hi),
+        "objects": (obj_lo, obj_hi),
+        "scale": (scale_lo, scale_hi),
+        "max_overlap": max_overlap,
+        "noise": noise,
+        "threshold": threshold,
+        "max_tries": max_tries,
+    }
+
+
+def _params_record(n_train: int, n_test: int, seed: int, options: dict[str, Any]) -> dict[str, Any]:
+    """The parameters as recorded in ``dataset.json`` and each split's ``info``."""
+    (size_lo, size_hi), (obj_lo, obj_hi) = options["size"], options["objects"]
+    scale_lo, scale_hi = options["scale"]
+    return {
+        "n_train": n_train,
+        "n_test": n_test,
+        "size": [size_lo, size_hi],
+        "objects": [obj_lo, obj_hi],
+        "scale": [float(scale_lo), float(scale_hi)],
+        "max_overlap": float(options["max_overlap"]),
+        "noise": float(options["noise"]),
+        "seed": seed,
+        "threshold": options["threshold"],
+        "max_tries": options["max_tries"],
+    }
+
+
+def _generate_images(
+    split: str,
+    n: int,
+    seed: int,
+    source: tuple[np.ndarray, np.ndarray],
+    options: dict[str, Any],
+    stats: dict[str, Any],
+    counts: np.ndarray,
+) -> Iterator[CocoImage]:
+    """The ``n`` images of ``split`` from ``source = (items, labels)``, updating ``stats`` and
+    the per-class box ``counts`` as they are drawn."""
+    items, labels = source
+    for i in range(n):
+        rng = np.random.default_rng([seed, _SPLITS[split], i])
+        image, boxes, classes, skipped = _render(rng, items, labels, **options)
+        stats["boxes"] += len(boxes)
+        stats["skipped_objects"] += skipped
+        np.add.at(counts, np.asarray(classes, dtype=np.int64), 1)
+        yield CocoImage(
+            file_name=f"{i + 1:06d}.png",
+            image=image,
+            boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+            category_ids=[c + 1 for c in classes],
+        )
+
+
+def _write_split(
+    out: Path,
+    split: str,
+    n: int,
+    fashion_mnist_root: str | os.PathLike[str] | None,
+    options: dict[str, Any],
+    params: dict[str, Any],
+) -> dict[str, Any]:
+    """Generate and write one split; return its summary statistics."""
+    source = load_fashion_mnist(fashion_mnist_root, train=split == "train", pad=0)
+    items = source.images[:, 0].numpy()
+    labels = source.labels.numpy()
+    stats: dict[str, Any] = {"images": n, "boxes": 0, "skipped_objects": 0}
+    counts = np.zeros(len(FASHION_MNIST_CLASSES), dtype=np.int64)
+    images = _generate_images(split, n, params["seed"], (items, labels), options, stats, counts)
+    info = {
+        "description": "kdlab synthetic Fashion-MNIST detection set",
+        "generator": "kdlab.tools.synthetic_detection.make_fashion_mnist_detection",
+        "kdlab_version": __version__,
+        "source": f"Fashion-MNIST {split} split",
+        "params": params,
+    }
+    path = write_coco_split(out, split, images, SYNTHETIC_CATEGORIES, info=info)
+    stats["class_counts"] = {
+        name: int(c) for name, c in zip(FASHION_MNIST_CLASSES, counts, strict=True)
+    }
+    stats["annotation_file"] = str(path)
+    log.info(
+        "synthetic %s: %d images, %d boxes (%d objects skipped) -> %s",
+        split, n, stats["boxes"], stats["skipped_objects"], path,
+    )  # fmt: skip
+    return stats
+
+
 def make_fashion_mnist_detection(
     out_root: str | os.PathLike[str],
     *,
@@ -201,85 +316,16 @@ def make_fashion_mnist_detection(
     Raises :class:`ConfigError` for impossible parameters and
     :class:`~kdlab.core.errors.DatasetError` when Fashion-MNIST is missing.
     """
-    size_lo, size_hi = _range(size, "size", int)
-    obj_lo, obj_hi = _range(objects, "objects", int)
-    scale_lo, scale_hi = _range(scale, "scale", float)
-    for name, n in (("n_train", n_train), ("n_test", n_test)):
-        _check(isinstance(n, int) and n >= 0, f"{name} must be an integer >= 0, got {n!r}")
-    _check(size_lo >= 8, f"size must be at least 8 pixels, got {size!r}")
-    _check(obj_lo >= 0, f"objects must be >= 0, got {objects!r}")
-    _check(scale_lo > 0, f"scale must be > 0, got {scale!r}")
-    _check(0.0 <= max_overlap <= 1.0, f"max_overlap must be in [0, 1], got {max_overlap!r}")
-    _check(noise >= 0.0, f"noise must be >= 0, got {noise!r}")
-    _check(0 <= threshold < 255, f"threshold must be in [0, 255), got {threshold!r}")
-    _check(max_tries >= 1, f"max_tries must be >= 1, got {max_tries!r}")
-    _check(isinstance(seed, int) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
-
+    options = _checked_options(
+        n_train, n_test, seed, size, objects, scale, max_overlap, noise, threshold, max_tries
+    )
     out = Path(out_root)
-    params: dict[str, Any] = {
-        "n_train": n_train,
-        "n_test": n_test,
-        "size": [size_lo, size_hi],
-        "objects": [obj_lo, obj_hi],
-        "scale": [float(scale_lo), float(scale_hi)],
-        "max_overlap": float(max_overlap),
-        "noise": float(noise),
-        "seed": seed,
-        "threshold": threshold,
-        "max_tries": max_tries,
-    }
+    params = _params_record(n_train, n_test, seed, options)
     summary: dict[str, Any] = {"root": str(out), "params": params, "splits": {}}
     for split, n in (("train", n_train), ("test", n_test)):
-        source = load_fashion_mnist(fashion_mnist_root, train=split == "train", pad=0)
-        items = source.images[:, 0].numpy()
-        labels = source.labels.numpy()
-        stats: dict[str, Any] = {"images": n, "boxes": 0, "skipped_objects": 0}
-        counts = np.zeros(len(FASHION_MNIST_CLASSES), dtype=np.int64)
-
-        def generate(split: str = split, n: int = n, items: np.ndarray = items,
-                     labels: np.ndarray = labels, stats: dict[str, Any] = stats,
-                     counts: np.ndarray = counts) -> Iterator[CocoImage]:  # fmt: skip
-            for i in range(n):
-                rng = np.random.default_rng([seed, _SPLITS[split], i])
-                image, boxes, classes, skipped = _render(
-                    rng,
-                    items,
-                    labels,
-                    size=(size_lo, size_hi),
-                    objects=(obj_lo, obj_hi),
-                    scale=(scale_lo, scale_hi),
-                    max_overlap=max_overlap,
-                    noise=noise,
-                    threshold=threshold,
-                    max_tries=max_tries,
-                )
-                stats["boxes"] += len(boxes)
-                stats["skipped_objects"] += skipped
-                np.add.at(counts, np.asarray(classes, dtype=np.int64), 1)
-                yield CocoImage(
-                    file_name=f"{i + 1:06d}.png",
-                    image=image,
-                    boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
-                    category_ids=[c + 1 for c in classes],
-                )
-
-        info = {
-            "description": "kdlab synthetic Fashion-MNIST detection set",
-            "generator": "kdlab.tools.synthetic_detection.make_fashion_mnist_detection",
-            "kdlab_version": __version__,
-            "source": f"Fashion-MNIST {split} split",
-            "params": params,
-        }
-        path = write_coco_split(out, split, generate(), SYNTHETIC_CATEGORIES, info=info)
-        stats["class_counts"] = {
-            name: int(c) for name, c in zip(FASHION_MNIST_CLASSES, counts, strict=True)
-        }
-        stats["annotation_file"] = str(path)
-        summary["splits"][split] = stats
-        log.info(
-            "synthetic %s: %d images, %d boxes (%d objects skipped) -> %s",
-            split, n, stats["boxes"], stats["skipped_objects"], path,
-        )  # fmt: skip
+        summary["splits"][split] = _write_split(
+            out, split, n, fashion_mnist_root, options, params
+        )
     record = {
         "generator": "kdlab.tools.synthetic_detection.make_fashion_mnist_detection",
         "kdlab_version": __version__,

@@ -49,9 +49,12 @@ from kdlab.tasks.detection.coco import CocoImage, write_coco_split
 from kdlab.tools.voc import VocAnnotation, parse_voc_xml, voc_objects_to_boxes
 
 __all__ = [
+    "CLASS_NAME",
+    "DATA_DIR",
     "DEEPFOREST_SHA256",
     "DEEPFOREST_VERSION",
     "DEEPFOREST_WHEEL",
+    "OTHER_SITE_IMAGES",
     "TEST_IMAGES",
     "TRAIN_IMAGES",
     "download_deepforest_wheel",
@@ -151,7 +154,7 @@ def _read_member(zf: zipfile.ZipFile, name: str, wheel: Path) -> bytes:
 
 
 def _load(zf: zipfile.ZipFile, stem: str, wheel: Path) -> tuple[np.ndarray, VocAnnotation]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # optional heavy dependency: Pillow
 
     png = f"{DATA_DIR}/{stem}.png"
     try:
@@ -166,6 +169,109 @@ def _load(zf: zipfile.ZipFile, stem: str, wheel: Path) -> tuple[np.ndarray, VocA
         log.warning("%s: XML size %sx%s differs from the PNG's %dx%d; using the PNG's",
                     xml, ann.width, ann.height, w, h)
     return image, ann
+
+
+def _check_tiling(tile: int, overlap: int, min_visible: float) -> None:
+    if tile < 1 or not 0 <= overlap < tile:
+        raise DatasetError(f"tile must be >= 1 and 0 <= overlap < tile, got tile={tile}, "
+                           f"overlap={overlap}")
+    if not 0.0 <= min_visible < 1.0:
+        raise DatasetError(f"min_visible must be in [0, 1) (kept when more than that fraction "
+                           f"of a box is inside the tile), got {min_visible}")
+
+
+def _find_wheel(wheel: str | os.PathLike[str] | None, cache: Path, download: bool) -> Path:
+    """The given wheel, else the cached one, else one downloaded into ``cache``."""
+    if wheel is not None:
+        wheel_path = Path(wheel)
+        if not wheel_path.is_file():
+            raise DatasetError(f"deepforest wheel {wheel_path} not found")
+        return wheel_path
+    if (cache / DEEPFOREST_WHEEL).is_file():
+        return cache / DEEPFOREST_WHEEL
+    if download:
+        return download_deepforest_wheel(cache)
+    raise DatasetError(f"the tree-crown data needs the deepforest {DEEPFOREST_VERSION} wheel: "
+                       f"pass --wheel PATH (from 'pip download --no-deps "
+                       f"deepforest=={DEEPFOREST_VERSION}') or --download")
+
+
+def _verified_sha256(wheel_path: Path, expected_sha256: str | None) -> str:
+    """The wheel's sha256, which must equal ``expected_sha256`` unless that is ``None``."""
+    digest = file_sha256(wheel_path)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise DatasetError(f"{wheel_path} has sha256 {digest}, expected {expected_sha256} "
+                           f"(deepforest {DEEPFOREST_VERSION} from PyPI); download it again")
+    return digest
+
+
+def _open_wheel(wheel_path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(wheel_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DatasetError(f"{wheel_path} is not a readable wheel (zip): {exc}") from exc
+
+
+def _boxes_of(image: np.ndarray, ann: VocAnnotation, class_ids: dict[str, int]) -> np.ndarray:
+    """The image's boxes, every label counted as class 1 (its names are added to
+    ``class_ids``)."""
+    names = {o.name: 1 for o in ann.objects}
+    class_ids.update(names)
+    h, w = image.shape[:2]
+    boxes, _, _, _ = voc_objects_to_boxes(ann, w, h, names, difficult_as_crowd=False,
+                                          where=ann.source)
+    return boxes
+
+
+def _tiled_items(zf: zipfile.ZipFile, wheel_path: Path, stems: Sequence[str],
+                 counts: dict[str, int], class_ids: dict[str, int],
+                 tiling: tuple[int, int, float]) -> Iterator[CocoImage]:
+    """The ``tiling = (tile, overlap, min_visible)`` tiles of each image, with their boxes."""
+    tile, overlap, min_visible = tiling
+    for stem in stems:
+        image, ann = _load(zf, stem, wheel_path)
+        boxes = _boxes_of(image, ann, class_ids)
+        h, w = image.shape[:2]
+        for y0 in tile_offsets(h, tile, overlap):
+            for x0 in tile_offsets(w, tile, overlap):
+                th, tw = min(tile, h), min(tile, w)
+                kept, _ = tile_boxes(boxes, (x0, y0, x0 + tw, y0 + th), min_visible)
+                counts["images"] += 1
+                counts["boxes"] += len(kept)
+                yield CocoImage(f"{stem}_x{x0}_y{y0}.png", image[y0:y0 + th, x0:x0 + tw],
+                                kept, [1] * len(kept))
+
+
+def _whole_items(zf: zipfile.ZipFile, wheel_path: Path, stems: Sequence[str],
+                 counts: dict[str, int], class_ids: dict[str, int]) -> Iterator[CocoImage]:
+    """Each image whole, with its boxes."""
+    for stem in stems:
+        image, ann = _load(zf, stem, wheel_path)
+        boxes = _boxes_of(image, ann, class_ids)
+        counts["images"] += 1
+        counts["boxes"] += len(boxes)
+        yield CocoImage(f"{stem}.png", image, boxes, [1] * len(boxes))
+
+
+def _write_splits(out_root: Path, wheel_path: Path, tiling: tuple[int, int, float],
+                  summary: dict[str, Any], class_ids: dict[str, int]) -> None:
+    """Write the three splits from the wheel, recording counts and paths in ``summary``."""
+    tile, overlap, min_visible = tiling
+    categories = [{"id": 1, "name": CLASS_NAME}]
+    info = {"description": "DeepForest tree crowns (kdlab.tools.trees)",
+            "source": f"deepforest {DEEPFOREST_VERSION} wheel (MIT), deepforest/data",
+            "tile": tile, "overlap": overlap, "min_visible": min_visible}
+    with _open_wheel(wheel_path) as zf:
+        for split, stems, tiled in (("train", TRAIN_IMAGES, True), ("test", TEST_IMAGES, True),
+                                    ("test_other_sites", OTHER_SITE_IMAGES, False)):
+            counts = {"images": 0, "boxes": 0}
+            if tiled:
+                items = _tiled_items(zf, wheel_path, stems, counts, class_ids, tiling)
+            else:
+                items = _whole_items(zf, wheel_path, stems, counts, class_ids)
+            path = write_coco_split(out_root, split, items, categories, info=info)
+            summary["splits"][split] = counts
+            summary["annotation_files"][split] = str(path)
 
 
 def import_tree_crowns(
@@ -197,79 +303,14 @@ def import_tree_crowns(
     checksum mismatch, a wheel without the expected members, or bad tiling parameters.
     """
     out_root = Path(out_root)
-    if tile < 1 or not 0 <= overlap < tile:
-        raise DatasetError(f"tile must be >= 1 and 0 <= overlap < tile, got tile={tile}, "
-                           f"overlap={overlap}")
-    if not 0.0 <= min_visible < 1.0:
-        raise DatasetError(f"min_visible must be in [0, 1) (kept when more than that fraction "
-                           f"of a box is inside the tile), got {min_visible}")
+    _check_tiling(tile, overlap, min_visible)
     cache = Path(cache_dir) if cache_dir is not None else out_root / "_wheel"
-    if wheel is not None:
-        wheel_path = Path(wheel)
-        if not wheel_path.is_file():
-            raise DatasetError(f"deepforest wheel {wheel_path} not found")
-    elif (cache / DEEPFOREST_WHEEL).is_file():
-        wheel_path = cache / DEEPFOREST_WHEEL
-    elif download:
-        wheel_path = download_deepforest_wheel(cache)
-    else:
-        raise DatasetError(f"the tree-crown data needs the deepforest {DEEPFOREST_VERSION} wheel: "
-                           f"pass --wheel PATH (from 'pip download --no-deps "
-                           f"deepforest=={DEEPFOREST_VERSION}') or --download")
-    digest = file_sha256(wheel_path)
-    if expected_sha256 is not None and digest != expected_sha256:
-        raise DatasetError(f"{wheel_path} has sha256 {digest}, expected {expected_sha256} "
-                           f"(deepforest {DEEPFOREST_VERSION} from PyPI); download it again")
-
-    categories = [{"id": 1, "name": CLASS_NAME}]
+    wheel_path = _find_wheel(wheel, cache, download)
+    digest = _verified_sha256(wheel_path, expected_sha256)
     class_ids: dict[str, int] = {}
     summary: dict[str, Any] = {"splits": {}, "annotation_files": {}, "wheel": str(wheel_path),
                                "sha256": digest}
-    info = {"description": "DeepForest tree crowns (kdlab.tools.trees)",
-            "source": f"deepforest {DEEPFOREST_VERSION} wheel (MIT), deepforest/data",
-            "tile": tile, "overlap": overlap, "min_visible": min_visible}
-    try:
-        zf = zipfile.ZipFile(wheel_path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DatasetError(f"{wheel_path} is not a readable wheel (zip): {exc}") from exc
-    with zf:
-        def boxes_of(image: np.ndarray, ann: VocAnnotation) -> np.ndarray:
-            names = {o.name: 1 for o in ann.objects}
-            class_ids.update(names)
-            h, w = image.shape[:2]
-            boxes, _, _, _ = voc_objects_to_boxes(ann, w, h, names, difficult_as_crowd=False,
-                                                  where=ann.source)
-            return boxes
-
-        def tiled_items(stems: Sequence[str], counts: dict[str, int]) -> Iterator[CocoImage]:
-            for stem in stems:
-                image, ann = _load(zf, stem, wheel_path)
-                boxes = boxes_of(image, ann)
-                h, w = image.shape[:2]
-                for y0 in tile_offsets(h, tile, overlap):
-                    for x0 in tile_offsets(w, tile, overlap):
-                        th, tw = min(tile, h), min(tile, w)
-                        kept, _ = tile_boxes(boxes, (x0, y0, x0 + tw, y0 + th), min_visible)
-                        counts["images"] += 1
-                        counts["boxes"] += len(kept)
-                        yield CocoImage(f"{stem}_x{x0}_y{y0}.png", image[y0:y0 + th, x0:x0 + tw],
-                                        kept, [1] * len(kept))
-
-        def whole_items(stems: Sequence[str], counts: dict[str, int]) -> Iterator[CocoImage]:
-            for stem in stems:
-                image, ann = _load(zf, stem, wheel_path)
-                boxes = boxes_of(image, ann)
-                counts["images"] += 1
-                counts["boxes"] += len(boxes)
-                yield CocoImage(f"{stem}.png", image, boxes, [1] * len(boxes))
-
-        for split, make, stems in (("train", tiled_items, TRAIN_IMAGES),
-                                   ("test", tiled_items, TEST_IMAGES),
-                                   ("test_other_sites", whole_items, OTHER_SITE_IMAGES)):
-            counts = {"images": 0, "boxes": 0}
-            path = write_coco_split(out_root, split, make(stems, counts), categories, info=info)
-            summary["splits"][split] = counts
-            summary["annotation_files"][split] = str(path)
+    _write_splits(out_root, wheel_path, (tile, overlap, min_visible), summary, class_ids)
     merged = sorted(class_ids)
     if merged != [CLASS_NAME]:
         log.info("merged the labels %s into the single class %r", merged, CLASS_NAME)

@@ -37,6 +37,7 @@ from kdlab.core.errors import DatasetError
 from kdlab.tasks.detection.coco import CocoImage, write_coco_split
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "VocAnnotation",
     "VocObject",
     "clip_box",
@@ -150,7 +151,7 @@ def clip_box(
 
 
 def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # optional heavy dependency: Pillow
 
     try:
         with Image.open(path) as im:
@@ -287,6 +288,68 @@ def voc_objects_to_boxes(
     return arr, cats, crowd, skipped
 
 
+def _split_ids(layout: _Layout, voc_root: Path, splits: Mapping[str, str] | None,
+               test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """The image ids of each output split (given image sets, else the default splits)."""
+    if splits is None:
+        xml_stems = sorted(p.stem for p in layout.ann_dir.glob("*.xml"))
+        return _default_splits(layout, test_fraction, seed, xml_stems)
+    if not splits:
+        raise DatasetError("splits is empty; give at least one {'train': '<image set>'}")
+    return {k: _id_list(layout, v, voc_root) for k, v in splits.items()}
+
+
+def _read_annotations(layout: _Layout,
+                      split_ids: dict[str, list[str]]) -> dict[str, VocAnnotation]:
+    """The parsed XML of every listed id, in first-listed order."""
+    anns: dict[str, VocAnnotation] = {}
+    for ids in split_ids.values():
+        for stem in ids:
+            if stem in anns:
+                continue
+            path = layout.ann_dir / f"{stem}.xml"
+            if not path.is_file():
+                raise DatasetError(f"annotation {path} not found (listed in an image set)")
+            anns[stem] = parse_voc_xml(path.read_bytes(), str(path))
+    return anns
+
+
+def _class_names(classes: Sequence[str] | None, anns: dict[str, VocAnnotation],
+                 layout: _Layout) -> list[str]:
+    """``classes`` (non-empty, unique), or the sorted object names found in ``anns``."""
+    if classes is None:
+        names = sorted({o.name for a in anns.values() for o in a.objects})
+        if not names:
+            raise DatasetError(f"no objects in the annotations under {layout.ann_dir}; pass "
+                               f"classes=[...] to write image-only splits")
+        return names
+    names = list(classes)
+    if not names or len(set(names)) != len(names):
+        raise DatasetError(f"classes must be non-empty and unique, got {names}")
+    return names
+
+
+def _voc_items(layout: _Layout, anns: dict[str, VocAnnotation], ids: list[str],
+               class_ids: dict[str, int], difficult_as_crowd: bool, counts: dict[str, int],
+               skipped_total: Counter[str]) -> Iterator[CocoImage]:
+    """The images ``ids`` with their boxes, updating ``counts`` and ``skipped_total``."""
+    for stem in ids:
+        ann = anns[stem]
+        image_path = _image_path(layout, ann, stem)
+        image = _read_image(image_path)
+        height, width = image.shape[:2]
+        if (ann.width, ann.height) not in ((None, None), (width, height)):
+            log.warning("%s: XML size %sx%s differs from the image's %dx%d; using the "
+                        "image's", ann.source, ann.width, ann.height, width, height)
+        boxes, cats, crowd, skipped = voc_objects_to_boxes(
+            ann, width, height, class_ids, difficult_as_crowd=difficult_as_crowd)
+        skipped_total.update(skipped)
+        counts["images"] += 1
+        counts["boxes"] += len(cats)
+        counts["crowd"] += sum(crowd)
+        yield CocoImage(f"{stem}.png", image, boxes, cats, crowd)
+
+
 def import_voc(
     voc_root: str | os.PathLike[str],
     out_root: str | os.PathLike[str],
@@ -319,61 +382,21 @@ def import_voc(
     """
     voc_root, out_root = Path(voc_root), Path(out_root)
     layout = _find_layout(voc_root)
-    xml_stems = sorted(p.stem for p in layout.ann_dir.glob("*.xml"))
-    if splits is None:
-        split_ids = _default_splits(layout, test_fraction, seed, xml_stems)
-    else:
-        if not splits:
-            raise DatasetError("splits is empty; give at least one {'train': '<image set>'}")
-        split_ids = {k: _id_list(layout, v, voc_root) for k, v in splits.items()}
-
-    anns: dict[str, VocAnnotation] = {}
-    for ids in split_ids.values():
-        for stem in ids:
-            if stem in anns:
-                continue
-            path = layout.ann_dir / f"{stem}.xml"
-            if not path.is_file():
-                raise DatasetError(f"annotation {path} not found (listed in an image set)")
-            anns[stem] = parse_voc_xml(path.read_bytes(), str(path))
-
-    if classes is None:
-        names = sorted({o.name for a in anns.values() for o in a.objects})
-        if not names:
-            raise DatasetError(f"no objects in the annotations under {layout.ann_dir}; pass "
-                               f"classes=[...] to write image-only splits")
-    else:
-        names = list(classes)
-        if not names or len(set(names)) != len(names):
-            raise DatasetError(f"classes must be non-empty and unique, got {names}")
+    split_ids = _split_ids(layout, voc_root, splits, test_fraction, seed)
+    anns = _read_annotations(layout, split_ids)
+    names = _class_names(classes, anns, layout)
     class_ids = {n: i + 1 for i, n in enumerate(names)}
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
 
     summary: dict[str, Any] = {"classes": names, "splits": {}, "annotation_files": {}}
     skipped_total: Counter[str] = Counter()
+    info = {"description": "Pascal-VOC import (kdlab.tools.voc)",
+            "source": str(layout.root), "box_convention": "(xmin-1, ymin-1, xmax, ymax)"}
     for split, ids in split_ids.items():
         counts = {"images": 0, "boxes": 0, "crowd": 0}
-
-        def items(ids: list[str] = ids, counts: dict[str, int] = counts) -> Iterator[CocoImage]:
-            for stem in ids:
-                ann = anns[stem]
-                image_path = _image_path(layout, ann, stem)
-                image = _read_image(image_path)
-                height, width = image.shape[:2]
-                if (ann.width, ann.height) not in ((None, None), (width, height)):
-                    log.warning("%s: XML size %sx%s differs from the image's %dx%d; using the "
-                                "image's", ann.source, ann.width, ann.height, width, height)
-                boxes, cats, crowd, skipped = voc_objects_to_boxes(
-                    ann, width, height, class_ids, difficult_as_crowd=difficult_as_crowd)
-                skipped_total.update(skipped)
-                counts["images"] += 1
-                counts["boxes"] += len(cats)
-                counts["crowd"] += sum(crowd)
-                yield CocoImage(f"{stem}.png", image, boxes, cats, crowd)
-
-        info = {"description": "Pascal-VOC import (kdlab.tools.voc)",
-                "source": str(layout.root), "box_convention": "(xmin-1, ymin-1, xmax, ymax)"}
-        path = write_coco_split(out_root, split, items(), categories, info=info)
+        items = _voc_items(layout, anns, ids, class_ids, difficult_as_crowd, counts,
+                           skipped_total)
+        path = write_coco_split(out_root, split, items, categories, info=info)
         summary["splits"][split] = counts
         summary["annotation_files"][split] = str(path)
     if skipped_total:

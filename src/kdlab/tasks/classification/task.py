@@ -21,7 +21,7 @@ from kdlab.data.build import DataBundle, build_data
 from kdlab.methods.base import DistillContext
 from kdlab.models import create_model
 from kdlab.models.output import KdModel, ModelOutput
-from kdlab.tasks.base import Mark, Task, register_task
+from kdlab.tasks.base import Mark, Metric, Task, register_task
 from kdlab.tasks.classification.evaluate import evaluate
 
 __all__ = ["AccuracyMeter", "ClassificationTask"]
@@ -80,7 +80,11 @@ class ClassificationTask(Task[DataBundle, Batch, ModelOutput]):
     """Image classification with a teacher and a student classifier (see module docstring)."""
 
     name = "classification"
+    metrics = (Metric("top1", "top-1"), Metric("top5", "top-5"),
+               Metric("loss", "loss", higher_is_better=False))
     best_metric = "top1"
+    train_metric = Metric("top1", "top-1")
+    report_metrics = ("top1", "top5")
     exportable = True
 
     def build_data(self, cfg: DataConfig, *, seed: int, device: torch.device,

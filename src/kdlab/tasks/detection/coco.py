@@ -109,11 +109,140 @@ def _validate_categories(categories: Sequence[dict[str, Any]]) -> dict[int, dict
 
 
 def _encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
+    """``image`` encoded as PNG bytes."""
+    from PIL import Image  # optional heavy dependency: Pillow
 
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _check_split_name(split: str) -> None:
+    if not split or "/" in split or split in (".", ".."):
+        raise DatasetError(f"split {split!r} must be a plain folder name such as 'train'")
+
+
+def _make_split_dirs(image_dir: Path, ann_dir: Path) -> None:
+    try:
+        image_dir.mkdir(parents=True, exist_ok=True)
+        ann_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot create {image_dir}: {exc.strerror}") from exc
+
+
+def _checked_image(item: CocoImage, where: str) -> tuple[np.ndarray, int, int]:
+    """``(image array, height, width)`` of ``item``, validated."""
+    img = np.asarray(item.image)
+    if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
+        raise DatasetError(
+            f"{where}: image must be an H x W x 3 (or H x W) uint8 array, "
+            f"got {img.dtype} {tuple(img.shape)}"
+        )
+    height, width = int(img.shape[0]), int(img.shape[1])
+    if height < 1 or width < 1:
+        raise DatasetError(f"{where}: image is empty ({height}x{width})")
+    return img, height, width
+
+
+def _checked_boxes(item: CocoImage, where: str) -> tuple[np.ndarray, list[int], list[int]]:
+    """``(boxes N x 4, category ids, iscrowd flags)`` of ``item``, with matching lengths."""
+    boxes = np.asarray(item.boxes, dtype=np.float64)
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise DatasetError(f"{where}: boxes must be N x 4 (x1, y1, x2, y2), got {boxes.shape}")
+    n = boxes.shape[0]
+    cats = list(item.category_ids)
+    crowd = [0] * n if item.iscrowd is None else [int(c) for c in item.iscrowd]
+    if len(cats) != n or len(crowd) != n:
+        raise DatasetError(
+            f"{where}: {n} boxes but {len(cats)} category_ids and {len(crowd)} iscrowd flags"
+        )
+    return boxes, cats, crowd
+
+
+def _checked_box(
+    where: str, j: int, box: np.ndarray, width: int, height: int
+) -> tuple[float, float, float, float]:
+    """Box ``j`` as floats ``(x1, y1, x2, y2)``: finite, non-empty and inside the image."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise DatasetError(f"{where}: box {j} {box.tolist()} is not finite")
+    if x2 <= x1 or y2 <= y1:
+        raise DatasetError(
+            f"{where}: box {j} {box.tolist()} needs x2 > x1 and y2 > y1 "
+            "(boxes are x1, y1, x2, y2 in pixels)"
+        )
+    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+        raise DatasetError(
+            f"{where}: box {j} {box.tolist()} lies outside the {width}x{height} image"
+        )
+    return x1, y1, x2, y2
+
+
+def _box_annotations(
+    item: CocoImage,
+    where: str,
+    size: tuple[int, int],
+    by_id: dict[int, dict[str, Any]],
+    image_id: int,
+    first_id: int,
+) -> list[dict[str, Any]]:
+    """The COCO ``annotations`` of one image (ids from ``first_id``); ``size`` is ``(H, W)``."""
+    height, width = size
+    boxes, cats, crowd = _checked_boxes(item, where)
+    anns: list[dict[str, Any]] = []
+    for j in range(boxes.shape[0]):
+        x1, y1, x2, y2 = _checked_box(where, j, boxes[j], width, height)
+        if cats[j] not in by_id:
+            raise DatasetError(
+                f"{where}: box {j} has category id {cats[j]!r}, not in categories "
+                f"{sorted(by_id)}"
+            )
+        if crowd[j] not in (0, 1):
+            raise DatasetError(f"{where}: iscrowd[{j}] must be 0 or 1, got {crowd[j]!r}")
+        w, h = x2 - x1, y2 - y1
+        anns.append(
+            {
+                "id": first_id + len(anns),
+                "image_id": image_id,
+                "category_id": int(cats[j]),
+                "bbox": [_json_number(x1), _json_number(y1), _json_number(w), _json_number(h)],
+                "area": _json_number(w * h),
+                "iscrowd": crowd[j],
+            }
+        )
+    return anns
+
+
+def _write_coco_image(
+    item: CocoImage,
+    image_dir: Path,
+    split: str,
+    seen: set[str],
+    by_id: dict[int, dict[str, Any]],
+    ids: tuple[int, int],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Validate ``item``, write its PNG and return its ``(images entry, annotations)``.
+
+    ``ids`` is ``(image id, first annotation id)``; ``seen`` collects the split's file names.
+    """
+    where = f"image {item.file_name!r}"
+    _check_file_name(item.file_name)
+    if item.file_name in seen:
+        raise DatasetError(f"{where}: duplicate file_name in split {split!r}")
+    seen.add(item.file_name)
+    img, height, width = _checked_image(item, where)
+    image_id, first_ann_id = ids
+    anns = _box_annotations(item, where, (height, width), by_id, image_id, first_ann_id)
+    out = image_dir / item.file_name
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, _encode_png(img), fsync=False)
+    except OSError as exc:
+        raise DatasetError(f"cannot write {out}: {exc.strerror}") from exc
+    image_json = {"id": image_id, "file_name": item.file_name, "width": width, "height": height}
+    return image_json, anns
 
 
 def write_coco_split(
@@ -137,88 +266,20 @@ def write_coco_split(
     or a duplicate file name.
     """
     root = Path(root)
-    if not split or "/" in split or split in (".", ".."):
-        raise DatasetError(f"split {split!r} must be a plain folder name such as 'train'")
+    _check_split_name(split)
     by_id = _validate_categories(categories)
     image_dir = root / split
     ann_dir = root / "annotations"
-    try:
-        image_dir.mkdir(parents=True, exist_ok=True)
-        ann_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DatasetError(f"cannot create {image_dir}: {exc.strerror}") from exc
+    _make_split_dirs(image_dir, ann_dir)
 
     images_json: list[dict[str, Any]] = []
     anns_json: list[dict[str, Any]] = []
     seen: set[str] = set()
     for item in images:
-        where = f"image {item.file_name!r}"
-        _check_file_name(item.file_name)
-        if item.file_name in seen:
-            raise DatasetError(f"{where}: duplicate file_name in split {split!r}")
-        seen.add(item.file_name)
-        img = np.asarray(item.image)
-        if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
-            raise DatasetError(
-                f"{where}: image must be an H x W x 3 (or H x W) uint8 array, "
-                f"got {img.dtype} {tuple(img.shape)}"
-            )
-        height, width = int(img.shape[0]), int(img.shape[1])
-        if height < 1 or width < 1:
-            raise DatasetError(f"{where}: image is empty ({height}x{width})")
-        boxes = np.asarray(item.boxes, dtype=np.float64)
-        if boxes.size == 0:
-            boxes = boxes.reshape(0, 4)
-        if boxes.ndim != 2 or boxes.shape[1] != 4:
-            raise DatasetError(f"{where}: boxes must be N x 4 (x1, y1, x2, y2), got {boxes.shape}")
-        n = boxes.shape[0]
-        cats = list(item.category_ids)
-        crowd = [0] * n if item.iscrowd is None else [int(c) for c in item.iscrowd]
-        if len(cats) != n or len(crowd) != n:
-            raise DatasetError(
-                f"{where}: {n} boxes but {len(cats)} category_ids and {len(crowd)} iscrowd flags"
-            )
-        image_id = len(images_json) + 1
-        for j in range(n):
-            x1, y1, x2, y2 = (float(v) for v in boxes[j])
-            if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-                raise DatasetError(f"{where}: box {j} {boxes[j].tolist()} is not finite")
-            if x2 <= x1 or y2 <= y1:
-                raise DatasetError(
-                    f"{where}: box {j} {boxes[j].tolist()} needs x2 > x1 and y2 > y1 "
-                    "(boxes are x1, y1, x2, y2 in pixels)"
-                )
-            if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-                raise DatasetError(
-                    f"{where}: box {j} {boxes[j].tolist()} lies outside the {width}x{height} image"
-                )
-            if cats[j] not in by_id:
-                raise DatasetError(
-                    f"{where}: box {j} has category id {cats[j]!r}, not in categories "
-                    f"{sorted(by_id)}"
-                )
-            if crowd[j] not in (0, 1):
-                raise DatasetError(f"{where}: iscrowd[{j}] must be 0 or 1, got {crowd[j]!r}")
-            w, h = x2 - x1, y2 - y1
-            anns_json.append(
-                {
-                    "id": len(anns_json) + 1,
-                    "image_id": image_id,
-                    "category_id": int(cats[j]),
-                    "bbox": [_json_number(x1), _json_number(y1), _json_number(w), _json_number(h)],
-                    "area": _json_number(w * h),
-                    "iscrowd": crowd[j],
-                }
-            )
-        out = image_dir / item.file_name
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(out, _encode_png(img), fsync=False)
-        except OSError as exc:
-            raise DatasetError(f"cannot write {out}: {exc.strerror}") from exc
-        images_json.append(
-            {"id": image_id, "file_name": item.file_name, "width": width, "height": height}
-        )
+        ids = (len(images_json) + 1, len(anns_json) + 1)
+        image_json, anns = _write_coco_image(item, image_dir, split, seen, by_id, ids)
+        anns_json.extend(anns)
+        images_json.append(image_json)
 
     doc = {
         "info": dict(info or {}),
@@ -285,6 +346,125 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _load_document(path: Path) -> dict[str, Any]:
+    """The instances JSON at ``path`` with its three top-level lists checked."""
+    doc = _load_json(path)
+    _require(doc, ("images", "annotations", "categories"), "the top level", path)
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(doc[key], list):
+            raise DatasetError(f"{path}: '{key}' must be a list")
+    return doc
+
+
+def _parse_categories(categories: list[Any], path: Path) -> dict[int, dict[str, Any]]:
+    """The ``categories`` list by id (integer, unique, at least one)."""
+    cats: dict[int, dict[str, Any]] = {}
+    for i, c in enumerate(categories):
+        _require(c, ("id", "name"), f"categories[{i}]", path)
+        if not _is_int(c["id"]):
+            raise DatasetError(f"{path}: categories[{i}] id {c['id']!r} is not an integer")
+        if c["id"] in cats:
+            raise DatasetError(f"{path}: duplicate category id {c['id']}")
+        cats[c["id"]] = c
+    if not cats:
+        raise DatasetError(f"{path}: 'categories' is empty; a detection set needs classes")
+    return cats
+
+
+def _parse_images(images_list: list[Any], path: Path) -> dict[int, dict[str, Any]]:
+    """The ``images`` list by id (integer, unique, positive integer width and height)."""
+    images: dict[int, dict[str, Any]] = {}
+    for i, im in enumerate(images_list):
+        _require(im, ("id", "file_name", "width", "height"), f"images[{i}]", path)
+        if not _is_int(im["id"]):
+            raise DatasetError(f"{path}: images[{i}] id {im['id']!r} is not an integer")
+        if im["id"] in images:
+            raise DatasetError(f"{path}: duplicate image id {im['id']}")
+        if (
+            not (_is_int(im["width"]) and _is_int(im["height"]))
+            or min(im["width"], im["height"]) < 1
+        ):
+            raise DatasetError(
+                f"{path}: images[{i}] width/height must be positive integers, got "
+                f"{im['width']!r}x{im['height']!r}"
+            )
+        images[im["id"]] = im
+    return images
+
+
+def _is_crowd_annotation(
+    a: Any, i: int, path: Path, images: dict[int, Any], cats: dict[int, Any]
+) -> bool:
+    """Validate ``annotations[i]``; whether it is a crowd region (``iscrowd``, absent = 0)."""
+    _require(a, ("image_id", "category_id", "bbox"), f"annotations[{i}]", path)
+    if a["image_id"] not in images:
+        raise DatasetError(
+            f"{path}: annotations[{i}] refers to image id {a['image_id']!r}, "
+            "which is not in 'images'"
+        )
+    if a["category_id"] not in cats:
+        raise DatasetError(
+            f"{path}: annotations[{i}] has category id {a['category_id']!r}, not in "
+            f"'categories' {sorted(cats)}"
+        )
+    bbox = a["bbox"]
+    if (
+        not isinstance(bbox, list)
+        or len(bbox) != 4
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
+        or not all(math.isfinite(v) for v in bbox)
+    ):
+        raise DatasetError(
+            f"{path}: annotations[{i}] bbox {bbox!r} must be 4 finite numbers [x, y, w, h]"
+        )
+    crowd = a.get("iscrowd", 0)
+    if crowd not in (0, 1):
+        raise DatasetError(f"{path}: annotations[{i}] iscrowd must be 0 or 1, got {crowd!r}")
+    return bool(crowd)
+
+
+def _annotations_per_image(
+    annotations: list[Any],
+    path: Path,
+    images: dict[int, dict[str, Any]],
+    cats: dict[int, dict[str, Any]],
+    category_id_to_label: dict[int, int],
+) -> dict[int, list[tuple[list[float], int]]]:
+    """``image id -> [(xywh bbox, label)]`` of the non-crowd annotations, in file order."""
+    per_image: dict[int, list[tuple[list[float], int]]] = {k: [] for k in images}
+    for i, a in enumerate(annotations):
+        if _is_crowd_annotation(a, i, path, images, cats):
+            continue
+        per_image[a["image_id"]].append(
+            ([float(v) for v in a["bbox"]], category_id_to_label[a["category_id"]])
+        )
+    return per_image
+
+
+def _build_records(
+    images: dict[int, dict[str, Any]],
+    per_image: dict[int, list[tuple[list[float], int]]],
+    drop_empty: bool,
+) -> list[tuple[dict[str, Any], np.ndarray, np.ndarray]]:
+    """``(image entry, xyxy boxes float32, labels int64)`` by image id: clamped, empty boxes
+    dropped, and images without boxes left out when ``drop_empty``."""
+    records: list[tuple[dict[str, Any], np.ndarray, np.ndarray]] = []
+    for image_id in sorted(images):
+        im = images[image_id]
+        anns = per_image[image_id]
+        xywh = np.array([b for b, _ in anns], dtype=np.float64).reshape(-1, 4)
+        boxes = xywh_to_xyxy(xywh)
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, im["width"])
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, im["height"])
+        labels = np.array([lab for _, lab in anns], dtype=np.int64)
+        keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+        boxes, labels = boxes[keep], labels[keep]
+        if drop_empty and len(labels) == 0:
+            continue
+        records.append((im, boxes.astype(np.float32), labels))
+    return records
+
+
 class CocoDetection:
     """A COCO-format detection split read with json + PIL (no pycocotools, no torchvision).
 
@@ -325,22 +505,8 @@ class CocoDetection:
                 f"image folder {self.images_dir} not found (for {self.annotation_file.name})"
             )
         path = self.annotation_file
-        doc = _load_json(path)
-        _require(doc, ("images", "annotations", "categories"), "the top level", path)
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(doc[key], list):
-                raise DatasetError(f"{path}: '{key}' must be a list")
-
-        cats: dict[int, dict[str, Any]] = {}
-        for i, c in enumerate(doc["categories"]):
-            _require(c, ("id", "name"), f"categories[{i}]", path)
-            if not _is_int(c["id"]):
-                raise DatasetError(f"{path}: categories[{i}] id {c['id']!r} is not an integer")
-            if c["id"] in cats:
-                raise DatasetError(f"{path}: duplicate category id {c['id']}")
-            cats[c["id"]] = c
-        if not cats:
-            raise DatasetError(f"{path}: 'categories' is empty; a detection set needs classes")
+        doc = _load_document(path)
+        cats = _parse_categories(doc["categories"], path)
         self.categories: list[dict[str, Any]] = [cats[k] for k in sorted(cats)]
         self.label_to_category_id: dict[int, int] = {
             k + 1: cid for k, cid in enumerate(sorted(cats))
@@ -349,72 +515,13 @@ class CocoDetection:
             cid: k for k, cid in self.label_to_category_id.items()
         }
         self.class_names: list[str] = [str(c["name"]) for c in self.categories]
-
-        images: dict[int, dict[str, Any]] = {}
-        for i, im in enumerate(doc["images"]):
-            _require(im, ("id", "file_name", "width", "height"), f"images[{i}]", path)
-            if not _is_int(im["id"]):
-                raise DatasetError(f"{path}: images[{i}] id {im['id']!r} is not an integer")
-            if im["id"] in images:
-                raise DatasetError(f"{path}: duplicate image id {im['id']}")
-            if (
-                not (_is_int(im["width"]) and _is_int(im["height"]))
-                or min(im["width"], im["height"]) < 1
-            ):
-                raise DatasetError(
-                    f"{path}: images[{i}] width/height must be positive integers, got "
-                    f"{im['width']!r}x{im['height']!r}"
-                )
-            images[im["id"]] = im
-
-        per_image: dict[int, list[tuple[list[float], int]]] = {k: [] for k in images}
-        for i, a in enumerate(doc["annotations"]):
-            _require(a, ("image_id", "category_id", "bbox"), f"annotations[{i}]", path)
-            if a["image_id"] not in images:
-                raise DatasetError(
-                    f"{path}: annotations[{i}] refers to image id {a['image_id']!r}, "
-                    "which is not in 'images'"
-                )
-            if a["category_id"] not in cats:
-                raise DatasetError(
-                    f"{path}: annotations[{i}] has category id {a['category_id']!r}, not in "
-                    f"'categories' {sorted(cats)}"
-                )
-            bbox = a["bbox"]
-            if (
-                not isinstance(bbox, list)
-                or len(bbox) != 4
-                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
-                or not all(math.isfinite(v) for v in bbox)
-            ):
-                raise DatasetError(
-                    f"{path}: annotations[{i}] bbox {bbox!r} must be 4 finite numbers [x, y, w, h]"
-                )
-            crowd = a.get("iscrowd", 0)
-            if crowd not in (0, 1):
-                raise DatasetError(
-                    f"{path}: annotations[{i}] iscrowd must be 0 or 1, got {crowd!r}"
-                )
-            if crowd:
-                continue
-            per_image[a["image_id"]].append(
-                ([float(v) for v in bbox], self.category_id_to_label[a["category_id"]])
-            )
-
-        self._records: list[tuple[dict[str, Any], np.ndarray, np.ndarray]] = []
-        for image_id in sorted(images):
-            im = images[image_id]
-            anns = per_image[image_id]
-            xywh = np.array([b for b, _ in anns], dtype=np.float64).reshape(-1, 4)
-            boxes = xywh_to_xyxy(xywh)
-            boxes[:, 0::2] = boxes[:, 0::2].clip(0, im["width"])
-            boxes[:, 1::2] = boxes[:, 1::2].clip(0, im["height"])
-            labels = np.array([lab for _, lab in anns], dtype=np.int64)
-            keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
-            boxes, labels = boxes[keep], labels[keep]
-            if drop_empty and len(labels) == 0:
-                continue
-            self._records.append((im, boxes.astype(np.float32), labels))
+        images = _parse_images(doc["images"], path)
+        per_image = _annotations_per_image(
+            doc["annotations"], path, images, cats, self.category_id_to_label
+        )
+        self._records: list[tuple[dict[str, Any], np.ndarray, np.ndarray]] = _build_records(
+            images, per_image, drop_empty
+        )
         self.drop_empty = drop_empty
         log.debug("%s: %d images, %d classes", path, len(self._records), self.num_classes)
 
@@ -472,7 +579,7 @@ class CocoDetection:
         return self.images_dir / str(self._records[self._index(index)][0]["file_name"])
 
     def __getitem__(self, index: int) -> DetectionSample:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, UnidentifiedImageError  # optional heavy dependency: Pillow
 
         im, boxes, labels = self._records[self._index(index)]
         file = self.images_dir / str(im["file_name"])

@@ -65,6 +65,7 @@ def _pycocotools() -> tuple[Any, Any]:
     same category as a configured logger whose package is missing (``runtime.loggers``).
     """
     try:
+        # optional heavy dependency: pycocotools (the `detection` extra)
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     except ImportError as exc:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from kdlab.config import DetectionConfig
 from kdlab.core.errors import MethodError, ModelError
-from kdlab.core.torchvision_shim import import_torchvision
+from kdlab.core.torchvision_shim import import_torchvision_for_detection
 from kdlab.models import create_model
 from kdlab.models.output import KdModel, ModelOutput
 
@@ -81,7 +81,7 @@ class PyramidBackbone(nn.Module):
     def __init__(self, body: KdModel, out_channels: int) -> None:
         super().__init__()
 
-        tv = import_torchvision()
+        tv = import_torchvision_for_detection()
         fpn_mod = tv.ops.feature_pyramid_network
         self.body = body
         self.stage_indices, in_channels, self.strides = pyramid_stages(body)
@@ -102,7 +102,7 @@ def _freeze_batchnorm(module: nn.Module) -> nn.Module:
     """``module`` with every BatchNorm2d replaced by torchvision's FrozenBatchNorm2d (same
     statistics and affine parameters, never updated)."""
 
-    frozen_cls = import_torchvision().ops.misc.FrozenBatchNorm2d
+    frozen_cls = import_torchvision_for_detection().ops.misc.FrozenBatchNorm2d
     for name, child in list(module.named_children()):
         if isinstance(child, nn.BatchNorm2d):
             frozen = frozen_cls(child.num_features, eps=child.eps)
@@ -150,7 +150,7 @@ def build_detector(arch: str, num_classes: int, cfg: DetectionConfig) -> Detecto
     the anchor sizes do not match the pyramid's levels.
     """
 
-    tv = import_torchvision()
+    tv = import_torchvision_for_detection()
     det = tv.models.detection
     body = create_model(arch, num_classes=1000, in_channels=3)
     backbone = PyramidBackbone(body, cfg.fpn_channels)
@@ -239,7 +239,7 @@ def region_logits(model: nn.Module, fpn: dict[str, Tensor], proposals: list[Tens
                               f"has five views and needs scales [1, 2], got {scales}")
     elif layout != "grid":
         raise MethodError(f"detection_regions must be 'grid' or 'interleaved', got {layout!r}")
-    tv = import_torchvision()
+    tv = import_torchvision_for_detection()
     feats = OrderedDict((k, v) for k, v in fpn.items() if k in pooler.featmap_names)
     regions: list[Tensor] = []
     r = global_logits.shape[0]
@@ -283,7 +283,7 @@ def roi_forward(student: Detector, teacher: Detector | None, images: list[Tensor
     logits_s, box_regression = heads.box_predictor(heads.box_head(pooled_s))
     labels_all = torch.cat(labels, dim=0)
 
-    fastrcnn_loss = import_torchvision().models.detection.roi_heads.fastrcnn_loss
+    fastrcnn_loss = import_torchvision_for_detection().models.detection.roi_heads.fastrcnn_loss
     _, loss_box = fastrcnn_loss(logits_s, box_regression, labels, regression_targets)
     sizes = list(images_t.image_sizes)
     out_s = DetectorOutput(

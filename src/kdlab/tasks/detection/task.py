@@ -25,15 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdlab.config import DataConfig, DetectionConfig, ExperimentConfig
+from kdlab.config import DETECTION_DATASETS, DataConfig, DetectionConfig, ExperimentConfig
 from kdlab.core.distributed import DistInfo
 from kdlab.core.errors import ConfigError
 from kdlab.methods.base import Batch, DistillContext
 from kdlab.models import load_pretrained
 from kdlab.models.output import KdModel
-from kdlab.tasks.base import Mark, Task, register_task
+from kdlab.tasks.base import Mark, Metric, Task, register_task
 from kdlab.tasks.detection.data import build_detection_data
-from kdlab.tasks.detection.evaluation import coco_metrics
+from kdlab.tasks.detection.evaluation import METRIC_NAMES, coco_metrics
 from kdlab.tasks.detection.model import build_detector, probe_output, roi_forward
 from kdlab.tasks.detection.predict import predict_coco
 
@@ -108,18 +108,30 @@ class DetectionTask(Task[Any, Any, Any]):
     """Faster R-CNN FPN detection with RoI-logit distillation (see the module docstring)."""
 
     name = "detection"
+    metrics = tuple(Metric(name, name) for name in METRIC_NAMES)
     best_metric = "AP"
+    train_metric = Metric("roi_acc", "RoI acc")
+    report_metrics = ("AP", "AP50", "AP75")
+    metric_note = ("Task: detection. AP = COCO box mAP over IoU 0.50:0.95 (pycocotools, at most "
+                   "100 detections per image), AP50 / AP75 at IoU 0.50 / 0.75, all in %; the "
+                   "statistics are those of top-1 in classification tables (best-on-test, "
+                   "last-epoch, at best-val epoch).")
+    config_section = "detection"
+    data_sets = DETECTION_DATASETS
+    data_description = "COCO-format data"
+    supported_methods = DETECTION_METHODS
+    supported_partners = DETECTION_PARTNERS
+    unsupported_partner_reason = " (it relates whole images; partners here work on the FPN levels)"
 
     def __init__(self) -> None:
         self.detection = DetectionConfig()
         self.last_detections: list[dict[str, Any]] | None = None
 
     def configure(self, cfg: ExperimentConfig) -> None:
-        """The detector settings, and a check that the method and partners apply to RoIs."""
+        """The detector settings, a check that the method and partners apply to RoIs, and
+        that DOT treats the detector's own losses as task terms."""
         self.detection = cfg.detection or DetectionConfig()
-        if cfg.method.name not in DETECTION_METHODS:
-            raise ConfigError(f"method {cfg.method.name!r} is not available for detection; use "
-                              f"one of {list(DETECTION_METHODS)}")
+        self.check_method(cfg)
         if cfg.optim.name == "dot":
             terms = set(cfg.optim.args.get("task_terms", ["ce"]))
             missing = sorted(set(DETECTOR_TERMS) - terms)
@@ -127,11 +139,6 @@ class DetectionTask(Task[Any, Any, Any]):
                 raise ConfigError("config key 'optim.args.task_terms': with DOT on detection the "
                                   f"detector's own losses are task terms too; add {missing} "
                                   f"(e.g. task_terms: {list(DETECTOR_TERMS)})")
-        for partner in cfg.method.partners:
-            if partner.name not in DETECTION_PARTNERS:
-                raise ConfigError(f"partner {partner.name!r} is not available for detection "
-                                  f"(it relates whole images); use one of "
-                                  f"{list(DETECTION_PARTNERS)} on the FPN levels")
 
     def dataset_label(self, cfg: DataConfig) -> str:
         """``coco:<folder>`` (e.g. ``coco:fm-detection``): every COCO-format set is ``coco``."""

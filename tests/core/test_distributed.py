@@ -37,6 +37,7 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_torchrun_two_processes_match_single_process(tmp_path: Path) -> None:
     torch.manual_seed(0)

@@ -87,6 +87,7 @@ def run_dir_of(config: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- the doc example
+@pytest.mark.e2e
 def test_extending_doc_example_runs_as_written(workdir: Path) -> None:
     commands = write_doc_files(workdir)
     assert [c[:2] for c in commands] == [["kdlab", "train"], ["kdlab", "distill"]]
@@ -134,6 +135,7 @@ def test_plugin_dataset_is_known_to_config_validation(workdir: Path) -> None:
     assert len(load_dataset("tiny_ds", train=False)) == 8
 
 
+@pytest.mark.e2e
 def test_sweep_passes_plugins_to_every_worker(workdir: Path) -> None:
     write_doc_files(workdir)
     spec = workdir / "spec.yaml"
@@ -250,6 +252,7 @@ def test_registry_api_and_recursive_reentrant_discovery(
             del sys.modules[name]
 
 
+@pytest.mark.e2e
 def test_builtin_entries_need_no_import_list() -> None:
     """In a fresh interpreter, the registries find every kdlab method, model and dataset."""
     code = ("from kdlab.methods.registry import list_methods\n"

@@ -40,6 +40,7 @@ def run(tmp_path: Path, teacher: Path, method: dict[str, Any],
     return record, ckpt
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("method", "terms"), [
     ({"name": "dist"}, {"ce", "dist"}),
     ({"name": "ttm"}, {"ce", "ttm"}),
@@ -53,6 +54,7 @@ def test_new_logit_methods_train(tmp_path: Path, teacher: Path, method: dict[str
     assert ckpt["epoch"] == 1
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", [{"name": "sd_dkd"}, {"name": "kd"}])
 def test_dot_optimizer_trains(tmp_path: Path, teacher: Path, method: dict[str, Any]) -> None:
     record, ckpt = run(tmp_path, teacher, method, {"name": "dot", "args": {"delta": 0.075}})

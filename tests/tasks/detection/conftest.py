@@ -1,5 +1,6 @@
-"""Shared fixtures of the detector and detection-task tests: a tiny COCO-format dataset, a tiny
-detector configuration and helpers to write detection run configs.
+"""Shared fixtures of the detection task's tests (``test_task``, ``test_model``): a tiny
+COCO-format dataset, a tiny detector configuration, torchvision as the detector imports it, and
+helpers to write detection run configs.
 
 The dataset: 12 train / 6 test RGB images of 64 x 64 px with 1-2 boxes each and 3 categories
 (COCO ids 1, 2, 5, so the category-id mapping is exercised), seeded, built once per session.
@@ -16,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from kdlab.config import DetectionConfig
@@ -45,24 +45,8 @@ ARCH = "MobileNetV2_imagenet"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """One intra-op thread per test (the machine's cores are shared; several threads of tiny
-    ops oversubscribe them), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tv() -> Any:
-    """torchvision, through kdlab's loader (skips when it cannot be made to work here)."""
-    from kdlab.core.torchvision_shim import import_torchvision
-
-    try:
-        return import_torchvision()
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"torchvision unusable: {exc}")
+def _single_thread(one_thread: None) -> None:
+    """Every detection test on one intra-op thread (``one_thread``, tests/conftest.py)."""
 
 
 def _images(rng: np.random.Generator, n: int, prefix: str) -> list[Any]:

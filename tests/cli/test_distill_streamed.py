@@ -17,6 +17,8 @@ from kdlab.cli.main import main
 from kdlab.models import create_model
 from support import run_distill
 
+pytestmark = pytest.mark.e2e  # trains runs end to end
+
 
 def distill(tmp_path: Path, data: dict, num_classes: int, method: dict) -> dict:
     torch.manual_seed(0)

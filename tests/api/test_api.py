@@ -22,6 +22,8 @@ from kdlab.cli.main import main
 from kdlab.core.errors import CheckpointError, ConfigError, RunError
 from kdlab.models import create_model
 
+pytestmark = pytest.mark.e2e  # trains runs end to end
+
 SRC = Path(__file__).resolve().parents[2] / "src"
 README = SRC.parent / "README.md"
 #: figures that measure time, not the run

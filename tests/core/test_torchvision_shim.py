@@ -1,4 +1,5 @@
-"""torchvision's detection ops and models running on kdlab's kernels (import_torchvision)."""
+"""torchvision's detection ops and models running on kdlab's kernels
+(import_torchvision_for_detection)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 
 from kdlab.core import vision_ops as K
 from kdlab.core.errors import ModelError
-from kdlab.core.torchvision_shim import import_torchvision, install_kdlab_ops, ops_backend
+from kdlab.core.torchvision_shim import import_torchvision_for_detection, ops_backend
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 needs_tv = pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision is not installed")
@@ -28,13 +31,15 @@ def _boxes(n: int, seed: int, size: float = 60.0) -> tuple[torch.Tensor, torch.T
 def tv():
     if not HAS_TORCHVISION:
         pytest.skip("torchvision is not installed")
-    return import_torchvision()
+    try:
+        return import_torchvision_for_detection()
+    except ModelError as exc:  # e.g. KDLAB_TORCHVISION_SHIM=off where its ops do not load
+        pytest.skip(f"torchvision unusable for detection here: {exc}")
 
 
 @needs_tv
 def test_import_is_idempotent_and_reports_backend(tv) -> None:
-    assert import_torchvision() is tv
-    install_kdlab_ops()  # a second install is a no-op
+    assert import_torchvision_for_detection() is tv  # a second call is a no-op
     assert sys.modules["torchvision"] is tv
     info = ops_backend()
     assert info["torchvision"] == tv.__version__
@@ -144,6 +149,8 @@ def test_missing_torchvision_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(tvo._STATE, "module", None)
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import raises ModuleNotFoundError
     with pytest.raises(ModelError, match=r"pip install 'kdlab\[detection\]'.*torch "):
+        tvo.import_torchvision_for_detection()
+    with pytest.raises(ModuleNotFoundError):  # the plain import leaves the words to its caller
         tvo.import_torchvision()
     monkeypatch.setattr(tvo, "_installed_version", lambda dist: "not installed")
     assert tvo.ops_backend() == {"torchvision": "not installed", "pycocotools": "not installed"}
@@ -165,3 +172,22 @@ def test_compiled_ops_need_the_backward_operator(tv) -> None:
     has_backward = hasattr(torch.ops.torchvision, "_roi_align_backward")
     assert tvo._compiled_ops(fake(True)) is has_backward
     assert tvo._compiled_ops(fake(False)) is False
+
+
+@needs_tv
+def test_other_ops_keep_torchvisions_own_error(tv) -> None:
+    """Only nms and roi_align are claimed: an op kdlab does not serve fails as it would without
+    the shim, with torchvision's own "Couldn't load custom C++ ops"."""
+    import kdlab.core.torchvision_shim as tvo
+
+    if not tvo.shim_state()["installed"]:
+        pytest.skip("torchvision's compiled ops load here: nothing is replaced")
+    assert tv.extension._has_ops() is False  # torchvision's own flag is left as it was
+    x = torch.rand(1, 2, 8, 8)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]])
+    with pytest.raises(RuntimeError, match="Couldn't load custom C\\+\\+ ops"):
+        tv.ops.roi_pool(x, rois, 2)
+    with pytest.raises(RuntimeError, match="Couldn't load custom C\\+\\+ ops"):
+        tv.ops.deform_conv2d(torch.rand(1, 1, 4, 4), torch.rand(1, 18, 2, 2),
+                             torch.rand(1, 1, 3, 3))
+    assert tv.ops.roi_align(x, rois, 2).shape == (1, 2, 2, 2)  # the claimed ones still run

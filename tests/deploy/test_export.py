@@ -65,6 +65,7 @@ def reload(path: Path, fmt: str) -> Any:
             {t.name for t in proto.graph.initializer}, proto)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fmt", ["state_dict", "torchscript", "exported", "onnx"])
 def test_round_trip(fmt: str, tiny_run: Path, student: torch.nn.Module, tmp_path: Path,
                     capsys: pytest.CaptureFixture[str]) -> None:
@@ -108,6 +109,7 @@ def test_round_trip(fmt: str, tiny_run: Path, student: torch.nn.Module, tmp_path
     assert report["machine"]["cpu_model"] and report["failures"] == []
 
 
+@pytest.mark.e2e
 def test_state_dict_default_path_and_kdlab_eval(tiny_run: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """The default file is RUN/export/student.pt and `kdlab eval --checkpoint` reads it."""
@@ -120,6 +122,7 @@ def test_state_dict_default_path_and_kdlab_eval(tiny_run: Path,
     assert f"top-1 {report['top1_eager']:.2f}" in shown, shown
 
 
+@pytest.mark.e2e
 def test_int8(tiny_run: Path, student: torch.nn.Module, tmp_path: Path) -> None:
     out = tmp_path / "student.int8.ts"
     fp32 = tmp_path / "student.ts"
@@ -156,6 +159,7 @@ def test_int8(tiny_run: Path, student: torch.nn.Module, tmp_path: Path) -> None:
     assert 0 < diff < 1.0  # quantised: close to, but not equal to, fp32
 
 
+@pytest.mark.e2e
 def test_int8_other_formats_refused(tiny_run: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "x.onnx"
@@ -165,6 +169,7 @@ def test_int8_other_formats_refused(tiny_run: Path, tmp_path: Path,
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_parity_failure_keeps_files(tiny_run: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     """A bound nothing can meet (max diff <= -1) fails: exit 4, one line, the files stay."""
@@ -177,6 +182,7 @@ def test_parity_failure_keeps_files(tiny_run: Path, tmp_path: Path,
     assert out.is_file() and report["passed"] is False and len(report["failures"]) == 1
 
 
+@pytest.mark.e2e
 def test_errors(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # unknown format
     assert main(["export", str(tiny_run), "--format", "tflite"]) == 2
@@ -206,6 +212,7 @@ def test_errors(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert not (bad / "export").exists()
 
 
+@pytest.mark.e2e
 def test_missing_onnx_packages(tiny_run: Path, tmp_path: Path,
                                monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
@@ -241,6 +248,7 @@ def test_parity_counts_disagreement_and_nan() -> None:
     assert np.isnan(r["max_abs_logit_diff"])
 
 
+@pytest.mark.e2e  # torch.export of MobileNetV2: several seconds
 def test_deployable_mobilenetv2_exports(tmp_path: Path) -> None:
     """MobileNetV2's head lives at ``classifier.0`` behind the ``classifier`` property; the
     deployable copy lets torch.export walk it, with the same weights and the same logits."""

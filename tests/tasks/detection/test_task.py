@@ -226,6 +226,7 @@ def teacher_run(tmp_path_factory: pytest.TempPathFactory, coco_root: Path, run_c
     return root / "run"
 
 
+@pytest.mark.e2e
 def test_train_records_detection_metrics(teacher_run: Path) -> None:
     rec = _records(teacher_run)
     assert len(rec) == 1 and rec[0]["epoch"] == 1
@@ -237,6 +238,7 @@ def test_train_records_detection_metrics(teacher_run: Path) -> None:
     assert (teacher_run / "checkpoints" / "best.pt").exists()
 
 
+@pytest.mark.e2e
 def test_load_student_rebuilds_the_detector_without_the_dataset(teacher_run: Path,
                                                                   coco_root: Path) -> None:
     """``kdlab.load_student`` reads the class count from best.pt (no dataset needed) and returns
@@ -257,6 +259,7 @@ def test_load_student_rebuilds_the_detector_without_the_dataset(teacher_run: Pat
     assert set(out) == {"boxes", "labels", "scores"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("method", "terms"), [
     ({"name": "dkd", "params": {"beta": 0.25, "temperature": 1.0, "warmup_epochs": 1},
       "partners": [{"name": "reviewkd", "params": {"embedding_level": False,
@@ -284,6 +287,7 @@ def test_distill_end_to_end(tmp_path: Path, coco_root: Path, teacher_run: Path,
     assert (run / "checkpoints" / "best.pt").exists()
 
 
+@pytest.mark.e2e
 def test_eval_writes_scores_and_coco_detections(teacher_run: Path, coco_root: Path) -> None:
     import contextlib
     import io
@@ -332,6 +336,7 @@ def test_eval_writes_scores_and_coco_detections(teacher_run: Path, coco_root: Pa
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_resume_is_bit_exact(tmp_path: Path, coco_root: Path, teacher_run: Path,
                              run_config: Any, write_yaml: Any) -> None:
     from support import assert_same

@@ -48,6 +48,7 @@ def test_summarize_percentiles() -> None:
     assert r == {"p50_ms": 5.5, "p90_ms": pytest.approx(9.1), "min_ms": 1.0, "mean_ms": 5.5}
 
 
+@pytest.mark.e2e
 def test_latency_table(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "lat"
     runtimes = ["eager", "onnxruntime"]
@@ -84,6 +85,7 @@ def test_latency_table(tiny_run: Path, tmp_path: Path) -> None:
     assert "Student speed-up over the teacher" in md
 
 
+@pytest.mark.e2e
 def test_protocol_minimums(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["latency", str(tiny_run), "--runs", "3", "--warmup", "1"]) == 2
     err = capsys.readouterr().err.strip()
@@ -94,6 +96,7 @@ def test_protocol_minimums(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -
     assert "unknown runtime 'tvm'" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_missing_runtime_is_skipped(tiny_run: Path, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec

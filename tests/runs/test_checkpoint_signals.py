@@ -5,6 +5,7 @@ a failed write (torch.save interrupted mid-stream reports "unexpected pos")."""
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,15 @@ import torch
 
 from kdlab.runs import checkpoint as ckpt
 from kdlab.runs.checkpoint import load_latest, save_atomic, signals_deferred
+
+
+@pytest.fixture(autouse=True)
+def _python_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler (KeyboardInterrupt) during each test, even when the suite was
+    started with SIGINT ignored (e.g. as a background job of a non-interactive shell)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 def _interrupting_save(monkeypatch: pytest.MonkeyPatch, sig: int) -> None:
