@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from kdlab.config import apply_overrides, load_config, validate_config_with_plugins
 from kdlab.core.errors import ConfigError, RunInterrupted
+from kdlab.core.runtime import process_state_preserved
 from kdlab.core.signals import sigterm_raises
 from kdlab.engine.progress import TqdmProgress
 from kdlab.engine.trainer import Trainer
@@ -95,13 +96,15 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: Resume = False,
     ``resume``: False starts the run; "required" (the CLI's ``--resume``) continues the run in
     ``run_dir``; True continues it when there is one, else starts it. ``require_teacher``:
     True (``distill``) or False (``train``) checks the config's teacher section; None accepts
-    either.
+    either. The process-wide settings the run changes (threads, deterministic kernels,
+    ``cudnn.benchmark``, the global RNGs) and the signal handlers it installs are restored when
+    it returns or raises.
     """
 
     trainer = Trainer(cfg, run_dir, resume=resume, progress=progress,
                       require_teacher=require_teacher, stop_after=stop_after,
                       allow_teacher_change=allow_teacher_change)
-    with sigterm_interrupts():
+    with process_state_preserved(), sigterm_interrupts():
         return trainer.run()
 
 
@@ -144,12 +147,12 @@ def run(config: str | Path | Mapping[str, Any], overrides: Sequence[str] | None 
 
 
 def load_student(run_dir: str | Path, checkpoint: Literal["best", "last"] | str = "best",
-                 device: str = "cpu") -> nn.Module:
+                 device: str = "cpu", plugins: Sequence[str] = ()) -> nn.Module:
     """A run's trained student, in eval mode, on ``device``.
 
     The network is rebuilt from the run's recorded ``config.yaml`` (its ``student.arch``,
-    ``torchvision:``/``timm:`` names included, and its plugins) and the class count and input
-    channels recorded in the checkpoint; the weights are loaded strictly.
+    ``torchvision:``/``timm:`` names included) and the class count and input channels recorded
+    in the checkpoint; the weights are loaded strictly.
 
     Args:
         run_dir: a kdlab run directory.
@@ -157,12 +160,17 @@ def load_student(run_dir: str | Path, checkpoint: Literal["best", "last"] | str 
             (``checkpoints/last.pt``, or its ``.prev`` when the latest is unreadable), or the
             path of a weights file of this run.
         device: where to put the model.
+        plugins: plugin modules to trust and import, as ``--plugin`` (``$KDLAB_PLUGINS`` adds
+            more). The plugins the run's ``config.yaml`` names are never imported by
+            themselves: a run naming one not given here is refused.
 
     Returns:
         The student (a :class:`~kdlab.models.KdModel`: ``student(images).logits``).
 
     Raises:
         RunError: ``run_dir`` is not a kdlab run.
+        PluginError: the run names a plugin not in ``plugins`` (one line: which, and how to
+            trust it), or a trusted plugin cannot be imported.
         CheckpointError: the checkpoint is missing, corrupt, or does not fit the network.
     """
-    return open_run(run_dir).student(checkpoint, device)
+    return open_run(run_dir, plugins=list(plugins)).student(checkpoint, device)

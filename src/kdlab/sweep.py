@@ -59,6 +59,13 @@ from kdlab.core.io import atomic_write
 from kdlab.core.signals import sigterm_raises
 from kdlab.runs.rundir import RunDir, run_folder
 
+__all__ = [
+    "LOCK_FILE", "POLL_S", "PlannedRun", "STATE_FILE", "Status", "Sweep", "SweepProgress",
+    "SweepResult", "SweepRunner", "SweepSpec", "TAIL_CHARS", "TAIL_LINES", "TqdmSweepProgress",
+    "initial_states", "load_spec", "matrix_tag", "plan_sweep", "read_state", "resolve_configs",
+    "run_sweep", "usable_cores", "worker_command", "write_json_atomic",
+]
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "sweep.json"

@@ -265,3 +265,60 @@ def test_builtin_entries_need_no_import_list() -> None:
                          check=True, timeout=120).stdout.split(maxsplit=4)
     assert out[:4] == ["12", "7", "True", "True"]  # 8 + mlkd, dist, ttm, wttm
     assert "synthetic" in out[4] and "cifar100" in out[4]
+
+
+# --------------------------------------------------------------------------- misbehaving plugins
+DISTILL_CFG = ("student: {arch: resnet8}\nteacher: {arch: resnet14}\n"
+               "data: {name: synthetic, synthetic: {n_train: 8, n_test: 8}}\n")
+
+
+@pytest.mark.parametrize(("call", "shown"), [("sys.exit(0)", "sys.exit(0)"),
+                                             ("sys.exit()", "sys.exit()"),
+                                             ("raise SystemExit('bye')", "sys.exit('bye')")])
+def test_plugin_ending_the_process_at_import_is_a_one_line_error(
+        workdir: Path, capsys: pytest.CaptureFixture[str], call: str, shown: str) -> None:
+    (workdir / "cfg.yaml").write_text(DISTILL_CFG)
+    (workdir / "quitter.py").write_text(
+        f"import sys\nprint('quitter says goodbye', file=sys.stderr)\n{call}\n")
+    assert main(["distill", "cfg.yaml", "--plugin", "quitter.py"]) == 2
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [
+        f"kdlab: error: plugin 'quitter.py' could not be imported: it tried to end kdlab at "
+        f"import ({shown} at {workdir.resolve() / 'quitter.py'}:3); a plugin may only define "
+        "and register things"]
+    assert "goodbye" not in out.err + out.out and "quitter" not in sys.modules
+    assert not (workdir / "runs").exists()  # nothing trained
+
+
+def test_plugin_parsing_the_command_line_at_import(workdir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A plugin's argparse at import sees only the program name (none of kdlab's arguments);
+    one that then gives up is a one-line error, without its usage text."""
+    (workdir / "cfg.yaml").write_text(DISTILL_CFG)
+    (workdir / "argy.py").write_text(
+        "import argparse\nparser = argparse.ArgumentParser(prog='argy')\n"
+        "parser.add_argument('data_dir')\nARGS = parser.parse_args()\n")
+    argv = list(sys.argv)
+    assert main(["distill", "cfg.yaml", "--plugin", "argy"]) == 2
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [
+        f"kdlab: error: plugin 'argy' could not be imported: it parsed the command line at "
+        f"import and argparse ended it (exit status 2 at {workdir.resolve() / 'argy.py'}:4); a "
+        "plugin must not parse arguments at import: move that under "
+        "`if __name__ == \"__main__\":`"]
+    assert "usage" not in out.err + out.out and "data_dir" not in out.err + out.out
+    assert sys.argv == argv and "argy" not in sys.modules
+    # optional arguments only: it imports, seeing no kdlab argument; its own stderr output
+    # (not an exit) is passed on
+    (workdir / "lenient.py").write_text(
+        "import argparse, sys\nfrom kdlab.models.cifar.resnet import resnet8\n"
+        "from kdlab.models.registry import register_model\n"
+        "SEEN = list(sys.argv)\n"
+        "parser = argparse.ArgumentParser()\nparser.add_argument('--set', default='mine')\n"
+        "ARGS = parser.parse_args()\nprint('lenient: hello', file=sys.stderr)\n"
+        "register_model('lenient_net')(resnet8)\n")
+    assert main(["config", "show", "cfg.yaml", "--set", "seed=3", "--plugin", "lenient.py"]) == 0
+    out = capsys.readouterr()
+    assert "lenient: hello" in out.err and "usage" not in out.err
+    assert sys.modules["lenient"].SEEN == argv[:1] and sys.modules["lenient"].ARGS.set == "mine"
+    assert sys.argv == argv and "lenient_net" in MODELS

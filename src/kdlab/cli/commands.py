@@ -29,7 +29,7 @@ from kdlab.config import (
 from kdlab.config.reference import config_reference
 from kdlab.core.errors import ConfigError, KdlabError
 from kdlab.core.io import atomic_write
-from kdlab.core.plugins import import_plugins
+from kdlab.core.plugins import import_plugins, trusted_plugins
 from kdlab.core.runtime import resolve_amp, resolve_device
 from kdlab.deploy.export import export_run
 from kdlab.deploy.latency import LatencySettings, format_markdown, run_latency
@@ -149,17 +149,18 @@ def _write_eval(out: Path, cfg: Any, checkpoint: str, scores: dict[str, float],
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """List the model zoo (and the models of ``--plugin`` modules)."""
+    """List the model zoo (and the models of ``--plugin`` and ``$KDLAB_PLUGINS`` modules)."""
 
-    import_plugins(args.plugin)
+    import_plugins(trusted_plugins(args.plugin))
     sys.stdout.write("\n".join(list_models()) + "\n")
     return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    """List the registered methods (and those of ``--plugin`` modules) with their defaults."""
+    """List the registered methods (and those of ``--plugin`` and ``$KDLAB_PLUGINS`` modules)
+    with their defaults."""
 
-    import_plugins(args.plugin)
+    import_plugins(trusted_plugins(args.plugin))
     for kind in ("logit", "partner"):
         sys.stdout.write(f"{kind} methods:\n")
         for name in list_methods(kind):

@@ -25,6 +25,12 @@ from kdlab.engine.progress import TqdmProgress
 from kdlab.engine.trainer import Trainer
 from kdlab.report.table import markdown_table
 
+__all__ = [
+    "DEBIAN_PACKAGE", "DEFAULT_OUT", "DemoPlan", "FULL", "QUICK", "QUICK_OUT", "RESULT_COLUMNS",
+    "SMOKE_TEST_NOTE", "STUDENT_METHODS", "default_out", "ensure_fashion_mnist",
+    "results_markdown", "run_demo",
+]
+
 log = logging.getLogger(__name__)
 
 DEBIAN_PACKAGE = "dataset-fashion-mnist"

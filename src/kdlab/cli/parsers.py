@@ -36,10 +36,15 @@ _Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 _Handler: TypeAlias = Callable[[argparse.Namespace], int]
 
 
-def _add_plugin_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                   help="import this module (dotted name, or a .py file) first, so that it can "
-                        "register methods, models and datasets (repeatable)")
+def _add_plugin_arg(p: argparse.ArgumentParser, reads_runs: bool = False) -> None:
+    """``--plugin`` (repeatable). ``reads_runs``: the command reads run directories, whose
+    plugins are trusted only through this flag (or ``KDLAB_PLUGINS``)."""
+    text = ("import this module (dotted name, or a .py file) first, so that it can register "
+            "methods, models and datasets (repeatable; KDLAB_PLUGINS=a,b adds more)")
+    if reads_runs:
+        text += ("; also how the plugins a run names are trusted: kdlab never imports a plugin "
+                 "named by a run's config.yaml unless it is given here or in KDLAB_PLUGINS")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=text)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +88,7 @@ def _add_eval(sub: _Subparsers) -> None:
     p.add_argument("--out", help="folder for scores.json (and, for detection, detections.json "
                    "in the COCO results format); default: <run>/eval for a run directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    _add_plugin_arg(p)
+    _add_plugin_arg(p, reads_runs=True)
 
 
 def _add_listings(sub: _Subparsers) -> None:
@@ -199,7 +204,7 @@ def _add_export(sub: _Subparsers) -> None:
     p.add_argument("--checkpoint", help="weights to export (default: the run's best.pt)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's config, e.g. data.root=... (repeatable)")
-    _add_plugin_arg(p)
+    _add_plugin_arg(p, reads_runs=True)
 
 
 def _add_latency(sub: _Subparsers) -> None:
@@ -221,7 +226,7 @@ def _add_latency(sub: _Subparsers) -> None:
                    help="allow fewer runs / warm-ups than the protocol's (tests, smoke checks)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's config (repeatable)")
-    _add_plugin_arg(p)
+    _add_plugin_arg(p, reads_runs=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,11 +5,18 @@ loaded first and the file's own keys are deep-merged over them, so each experime
 only what differs from its protocol. Command-line overrides use dotted keys
 (``optim.lr=0.1``, ``method.params.beta=6``); their values are parsed as YAML scalars/lists.
 Duplicate keys are errors naming both lines. Validation is :mod:`kdlab.config.schema`'s.
+
+Plugins: a config the user passes (:func:`load_config`, :func:`validate_config_with_plugins`) is
+the user's own input, so the plugins it names are imported. A config read back from a run
+(:func:`validate_stored_config`) is data: the plugins it names are never imported, only those
+the user trusts (``--plugin``, ``KDLAB_PLUGINS``), and a named plugin the user did not trust is
+a one-line :class:`~kdlab.core.errors.PluginError`.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +24,11 @@ import yaml
 
 from kdlab.config.schema import ExperimentConfig, validate_config
 from kdlab.core.errors import ConfigError
-from kdlab.core.plugins import import_plugins
+from kdlab.core.plugins import check_trusted, import_plugins, trusted_plugins
 
-__all__ = ["ConfigLoader", "DuplicateKeyError", "apply_overrides", "dump_yaml", "load_config",
-           "load_yaml_text", "parse_override", "read_yaml", "read_yaml_file",
-           "validate_config_with_plugins"]
+__all__ = ["ConfigLoader", "DuplicateKeyError", "apply_overrides", "config_plugins", "dump_yaml",
+           "load_config", "load_yaml_text", "parse_override", "read_yaml", "read_yaml_file",
+           "validate_config_with_plugins", "validate_stored_config"]
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -250,30 +257,68 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 plugins: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML config (with ``_base_`` inheritance), apply dotted overrides, import the
-    plugins (the config's ``plugins`` followed by ``plugins``), validate."""
+    plugins (the config's ``plugins``, then ``plugins``, then ``$KDLAB_PLUGINS``), validate.
+
+    For a config the user gives (train, distill, config show/check, sweeps); a run's stored
+    config goes through :func:`validate_stored_config` instead."""
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return validate_config_with_plugins(data, str(path) if path is not None else "command line",
                                         plugins)
 
 
-def validate_config_with_plugins(data: dict[str, Any], source: str = "config",
-                                 plugins: list[str] | None = None) -> ExperimentConfig:
-    """Merge ``data["plugins"]`` with ``plugins`` (order kept, duplicates dropped), store the
-    merged list in ``data``, import those modules (:mod:`kdlab.core.plugins`), then validate."""
+def config_plugins(data: dict[str, Any], source: str = "config") -> list[str]:
+    """The plugin specs config mapping ``data`` names under ``plugins`` (a string or a list of
+    strings; absent or null: none). Imports nothing.
 
+    Raises:
+        ConfigError: ``plugins`` holds something else.
+    """
     raw = data.get("plugins")
     if raw is None:
-        raw = []
+        return []
     if isinstance(raw, str):
-        raw = [raw]
+        return [raw]
     if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
         raise ConfigError(f"{source}: config key 'plugins' must be a list of module names or "
-                          f".py paths (got {raw!r})")
-    merged = list(dict.fromkeys([*raw, *(plugins or [])]))
+                          f".py paths (got {_found(raw)})")
+    return list(raw)
+
+
+def validate_config_with_plugins(data: dict[str, Any], source: str = "config",
+                                 plugins: list[str] | None = None) -> ExperimentConfig:
+    """Validate a config the user gives: merge ``data["plugins"]`` with ``plugins`` and
+    ``$KDLAB_PLUGINS`` (order kept, duplicates dropped), store the merged list in ``data``,
+    import those modules (:mod:`kdlab.core.plugins`), then validate.
+
+    Never use it on a config read from a data file (a run's ``config.yaml``): that would import
+    the code the file names; use :func:`validate_stored_config`."""
+    merged = list(dict.fromkeys([*config_plugins(data, source),
+                                 *trusted_plugins(plugins or [])]))
     data = {**data, "plugins": merged}
     import_plugins(merged)
     return validate_config(data, source)
+
+
+def validate_stored_config(data: dict[str, Any], source: str, plugins: Sequence[str] = (), *,
+                           owner: str, file: str) -> ExperimentConfig:
+    """Validate a config read from a data file (a run's ``config.yaml``, overrides applied)
+    without letting it choose code to run.
+
+    Only the trusted plugins (``plugins``, then ``$KDLAB_PLUGINS``) are imported, and they
+    become the config's ``plugins``; the specs ``data`` names are compared with them
+    (:func:`~kdlab.core.plugins.same_plugin`) and never imported. ``owner`` and ``file`` word
+    the refusal (``run runs/x``, ``config.yaml``).
+
+    Raises:
+        PluginError: one line, when ``data`` names a plugin the user did not trust (nothing is
+            imported then), or a trusted plugin cannot be imported.
+        ConfigError: the config is not valid.
+    """
+    trusted = trusted_plugins(plugins)
+    check_trusted(config_plugins(data, source), trusted, owner, file)
+    import_plugins(trusted)
+    return validate_config({**data, "plugins": trusted}, source)
 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:

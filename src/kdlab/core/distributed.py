@@ -18,6 +18,11 @@ import torch.distributed as dist
 
 from kdlab.core.errors import ConfigError
 
+__all__ = [
+    "DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "init_distributed",
+    "launched_with_torchrun", "per_rank_batch", "shutdown", "split_batch",
+]
+
 
 @dataclass(frozen=True)
 class DistInfo:

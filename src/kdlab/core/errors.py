@@ -7,6 +7,11 @@ into a one-line message and a non-zero exit code, never a traceback (unless ``--
 
 from __future__ import annotations
 
+__all__ = [
+    "CheckpointError", "ConfigError", "DatasetError", "KdlabError", "MethodError", "ModelError",
+    "NonFiniteLossError", "PluginError", "RunError", "RunInterrupted",
+]
+
 
 class KdlabError(Exception):
     """Base class of every error kdlab raises on purpose. ``exit_code`` is the CLI's exit status."""

@@ -13,6 +13,12 @@ import torch
 from kdlab.core.env import cpu_supports_bf16
 from kdlab.core.errors import ConfigError
 
+__all__ = [
+    "autocast", "configure_determinism", "configure_threads", "process_state_preserved",
+    "resolve_amp", "resolve_device",
+    "rng_state", "seed_everything", "set_rng_state",
+]
+
 
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> CUDA if available else CPU; otherwise the named device (checked)."""
@@ -74,6 +80,26 @@ def configure_determinism(deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
+
+
+@contextlib.contextmanager
+def process_state_preserved() -> Iterator[None]:
+    """Restore, after the block, the process-wide settings a run changes: torch's intra-op
+    threads, deterministic algorithms (and their warn-only flag), ``cudnn.benchmark`` and every
+    global RNG (Python, NumPy, torch, CUDA). A library user's program finds them as it left
+    them after :func:`kdlab.run` (the run itself seeds and configures them for its own use)."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    rng = rng_state()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        set_rng_state(rng)
 
 
 def rng_state() -> dict[str, object]:

@@ -9,7 +9,9 @@ start of the epoch by a CPU :class:`torch.Generator` seeded from ``(seed, epoch)
 moved to the device in one copy. Hence the batches are identical on CPU and GPU, identical across
 loader instances, and a run resumed at epoch ``e`` (``set_epoch(e)``) sees exactly the data of an
 uninterrupted run. Crop offsets and flips belong to positions of the global permutation, so they
-do not depend on ``world_size``.
+do not depend on ``world_size``. The loader never draws from torch's global RNG (the stream that
+dropout and the methods use, saved in checkpoints), so iterating it, from the start of an epoch
+or from a batch inside it, leaves that stream as it was.
 
 Normalisation computes ``(x - 255 * mean) * (1 / (255 * std))`` in float32: two correctly rounded
 operations that no compiler can contract into an FMA, so CPU and GPU give bit-identical floats.

@@ -9,6 +9,18 @@ normalised float32 on the target device.
 Determinism: the sampler yields ``(index, epoch)`` pairs and the dataset seeds each sample's
 augmentation from ``(seed, epoch, index)``, so a batch does not depend on the number of workers
 or on persistent workers, and ``set_epoch(e)`` reproduces epoch ``e`` of an uninterrupted run.
+The loader never draws from torch's global RNG (which the model's dropout and the methods use, and
+which a checkpoint saves): a DataLoader draws its workers' base seed once per iterator from its
+``generator``, the global RNG when there is none, so every new iterator (each epoch with 0 or
+non-persistent workers, once per process with persistent ones, again after a resume) would shift
+the global stream. Here the DataLoader has its own ``torch.Generator``, seeded from
+:func:`loader_seed` ``(seed, epoch)`` by ``set_epoch`` (``(seed, 0)`` for evaluation loaders).
+
+Signals: workers ignore SIGINT, and SIGTERM from anyone but the main process
+(:func:`kdlab.core.signals.worker_ignores_stop_signals`), and are forked with both blocked, so a
+signal to the whole process group (a scheduler's pre-emption, Ctrl-C) reaches the main process
+only; it finishes its step and ends the workers. A worker that dies anyway is reported as a
+one-line :class:`DatasetError` from the fetch that notices it.
 
 Unreadable images (``on_error``):
 
@@ -34,6 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from kdlab.core.errors import DatasetError
+from kdlab.core.signals import stop_signals_blocked, worker_ignores_stop_signals
 from kdlab.data.cub import cub_index
 from kdlab.data.folder import FileIndex, imagenet_index, scan_class_folder
 from kdlab.data.loader import Batch
@@ -51,6 +64,7 @@ __all__ = [
     "StreamDataset",
     "StreamLoader",
     "load_stream_dataset",
+    "loader_seed",
     "make_stream_loader",
     "read_image",
     "verify_index",
@@ -59,6 +73,17 @@ __all__ = [
 OnError = Literal["skip", "stop"]
 STREAM_DATASETS: tuple[str, ...] = ("imagenet", "cub200", "folder")
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+#: mixed into :func:`loader_seed` so that it differs from the other seeds made of (seed, epoch)
+_LOADER_SEED_TAG = 0x6B646C6F
+
+
+def loader_seed(seed: int, epoch: int) -> int:
+    """The seed of a stream loader's own ``torch.Generator`` in epoch ``epoch``: a well-mixed
+    function of ``(seed, epoch)`` only. The DataLoader draws its workers' base seed from that
+    generator (kdlab's augmentation does not use the workers' RNGs; it is seeded per sample)."""
+    state = np.random.SeedSequence(
+        [int(seed) & 0xFFFFFFFFFFFF, int(epoch), _LOADER_SEED_TAG]).generate_state(2)
+    return (int(state[0]) << 31) ^ int(state[1])
 
 
 def read_image(path: str) -> Image.Image:
@@ -195,6 +220,16 @@ def _collate(samples: list[tuple[Any, int, int, list[Any]]]) -> tuple[Any, ...]:
     return images, labels, index, errors
 
 
+def _worker_died(e: RuntimeError, name: str) -> DatasetError | None:
+    """torch's report of a dead worker ("DataLoader worker (pid N) is killed by signal: ...",
+    "... exited unexpectedly") as a one-line :class:`DatasetError`; None for other errors."""
+    text = " ".join(str(e).split())
+    if not text.startswith("DataLoader worker (pid"):
+        return None
+    return DatasetError(f"{name}: a data loading worker process ended: {text.split('. ')[0]}; "
+                        "continue from the last checkpoint with --resume")
+
+
 def _clean_worker_error(e: DatasetError) -> DatasetError:
     """DataLoader re-raises worker errors with a traceback in the message; keep its last line."""
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
@@ -217,10 +252,17 @@ class StreamLoader:
         train: bool,
         rank: int,
         world_size: int,
+        seed: int = 0,
     ) -> None:
         self.dataset = dataset
         self.loader = loader
         self.sampler = sampler
+        #: seeds the DataLoader's own generator (:func:`loader_seed`), never the global RNG
+        self.seed = int(seed)
+        if loader.generator is None:
+            loader.generator = torch.Generator()
+        self.generator: torch.Generator = loader.generator
+        self.generator.manual_seed(loader_seed(self.seed, 0))
         self.device = device
         self.train = train
         self.rank = rank
@@ -244,11 +286,13 @@ class StreamLoader:
 
         ``start_batch``: the next iteration begins at that batch of the epoch (a run resumed
         mid-epoch; per-sample augmentation is seeded by (sample, epoch), so the batches are
-        those an iteration from the start would yield from there)."""
+        those an iteration from the start would yield from there). The loader's own generator
+        is seeded from ``(seed, epoch)``; torch's global RNG is not touched."""
         if not 0 <= start_batch <= len(self):
             raise DatasetError(f"start_batch {start_batch} is outside the epoch's "
                                f"{len(self)} batches")
         self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(loader_seed(self.seed, epoch))
         self.sampler.skip = start_batch * int(self.loader.batch_size or 1)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,7 +302,10 @@ class StreamLoader:
         return x
 
     def __iter__(self) -> Iterator[Batch]:
-        it = iter(self.loader)
+        """The epoch's batches. Raises :class:`DatasetError` for an unreadable image with
+        ``on_error="stop"`` and for a worker process that died (one line each)."""
+        with stop_signals_blocked():  # workers forked here start with the stop signals blocked
+            it = iter(self.loader)
         while True:
             try:
                 images, labels, index, errors = next(it)
@@ -266,6 +313,11 @@ class StreamLoader:
                 return
             except DatasetError as e:
                 raise _clean_worker_error(e) from None
+            except RuntimeError as e:
+                died = _worker_died(e, self.dataset.name)
+                if died is None:
+                    raise
+                raise died from e
             for path, reason in errors:
                 self.skipped += 1
                 self.errors[path] = reason
@@ -274,6 +326,34 @@ class StreamLoader:
                 labels.to(self.device, non_blocking=True),
                 index.to(self.device, non_blocking=True),
             )
+
+
+def _sampler(dataset: StreamDataset, train: bool, rank: int, world_size: int, seed: int
+             ) -> Sampler[int]:
+    """Training: the seeded shuffle (one rank) or :class:`DistributedSampler`; evaluation: this
+    rank's contiguous shard."""
+    if train and world_size > 1:
+        return DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+    if train:
+        return _Shuffle(len(dataset), seed)
+    return _ShardSampler(len(dataset), rank, world_size)
+
+
+def _worker_options(num_workers: int, persistent_workers: bool | None,
+                    prefetch_factor: int | None) -> dict[str, Any]:
+    """The DataLoader's worker keywords: none without workers; else persistent workers (by
+    default), the prefetch depth, and workers that ignore stop signals from other processes."""
+    if num_workers == 0:
+        return {}
+    options: dict[str, Any] = {
+        "worker_init_fn": worker_ignores_stop_signals,
+        "persistent_workers": True if persistent_workers is None else persistent_workers,
+    }
+    if prefetch_factor is not None:
+        options["prefetch_factor"] = prefetch_factor
+    return options
 
 
 def make_stream_loader(
@@ -302,12 +382,15 @@ def make_stream_loader(
         rank, world_size: DDP sharding. Training uses :class:`DistributedSampler` (each rank a
             disjoint, equally long part of the same permutation); evaluation takes the
             contiguous shard ``[N*rank//W, N*(rank+1)//W)`` without padding.
-        seed: shuffle seed (the augmentation seed is ``dataset.seed``).
+        seed: shuffle seed, and the seed of the DataLoader's own generator
+            (:func:`loader_seed`; the augmentation seed is ``dataset.seed``).
         device: where batches are delivered (``non_blocking`` copies from pinned memory).
         drop_last: default ``train``.
         pin_memory: default ``True`` when ``device`` is CUDA.
         persistent_workers: default ``True`` when ``num_workers > 0``.
         prefetch_factor: batches prefetched per worker (ignored with 0 workers).
+
+    Workers ignore SIGINT and SIGTERM from other processes than this one (module docstring).
     """
     if batch_size < 1:
         raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
@@ -316,24 +399,8 @@ def make_stream_loader(
     if num_workers < 0:
         raise DatasetError(f"num_workers must be >= 0, got {num_workers}")
     dev = torch.device(device)
-    n = len(dataset)
-    inner: Sampler[int]
-    if train and world_size > 1:
-        inner = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-    elif train:
-        inner = _Shuffle(n, seed)
-    else:
-        inner = _ShardSampler(n, rank, world_size)
-    sampler = _EpochTagged(inner)
-    workers_kw: dict[str, Any] = {}
-    if num_workers > 0:
-        workers_kw["persistent_workers"] = (
-            True if persistent_workers is None else persistent_workers
-        )
-        if prefetch_factor is not None:
-            workers_kw["prefetch_factor"] = prefetch_factor
+    sampler = _EpochTagged(_sampler(dataset, train, rank, world_size, seed))
+    workers_kw = _worker_options(num_workers, persistent_workers, prefetch_factor)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -342,9 +409,10 @@ def make_stream_loader(
         collate_fn=_collate,
         pin_memory=(dev.type == "cuda") if pin_memory is None else pin_memory,
         drop_last=train if drop_last is None else drop_last,
+        generator=torch.Generator(),
         **workers_kw,
     )
-    return StreamLoader(dataset, loader, sampler, dev, train, rank, world_size)
+    return StreamLoader(dataset, loader, sampler, dev, train, rank, world_size, seed)
 
 
 def verify_index(index: FileIndex) -> FileIndex:

@@ -57,7 +57,7 @@ from torch.export import Dim
 from kdlab.core.env import machine_info, named_cpu_flags
 from kdlab.core.errors import CheckpointError, KdlabError
 from kdlab.core.io import atomic_write, file_sha256
-from kdlab.core.plugins import import_plugins
+from kdlab.core.plugins import check_trusted, import_plugins, trusted_plugins
 from kdlab.core.version import __version__
 from kdlab.core.weights_file import read_verified
 from kdlab.models import create_model
@@ -311,8 +311,11 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Sequen
              checkpoint: str | Path | None = None) -> StudentRun:
     """The trained student of ``run_dir`` (``checkpoints/best.pt`` unless ``checkpoint``), on the
     CPU in eval mode, with the run's config (plus ``overrides``) and its data on the CPU.
+    ``plugins`` (with ``$KDLAB_PLUGINS``) are the plugins the caller trusts: the ones the run's
+    config names are never imported (:func:`~kdlab.runs.open.open_run`).
 
     Raises :class:`~kdlab.core.errors.ConfigError` for a folder that is no run,
+    :class:`~kdlab.core.errors.PluginError` for a run naming a plugin not trusted,
     :class:`~kdlab.core.errors.CheckpointError` for a missing, corrupt or mismatching checkpoint and
     :class:`ExportError` for a task other than classification.
     """
@@ -343,17 +346,32 @@ def save_student(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -
     save_atomic({**metadata, "kind": STUDENT_KIND, "model": state}, path, keep_previous=False)
 
 
-def read_student(path: str | Path) -> nn.Module:
+def read_student(path: str | Path, plugins: Sequence[str] = ()) -> nn.Module:
     """The model of a :func:`save_student` file (eval mode, CPU): ``create_model(arch,
-    num_classes, in_channels)`` loaded strictly. Models of plugins need those plugins imported
-    (the file lists them under ``plugins``)."""
+    num_classes, in_channels)`` loaded strictly.
+
+    The file is data: the plugins it lists (``plugins``) are never imported. Models of plugins
+    need the caller to trust them: ``plugins`` and ``$KDLAB_PLUGINS`` are imported, and every
+    plugin the file lists must be among them.
+
+    Raises:
+        CheckpointError: not a kdlab student file, or its weights do not fit.
+        PluginError: one line, when the file lists a plugin the caller did not trust (nothing
+            is imported then), or a trusted plugin cannot be imported.
+    """
 
     path = Path(path)
     obj = read_verified(path)
     if obj.get("kind") != STUDENT_KIND:
         raise CheckpointError(f"{path} is not a kdlab student file (kind {obj.get('kind')!r}); "
                               "make one with `kdlab export RUN --format state_dict`")
-    import_plugins(obj.get("plugins") or [])
+    named = obj.get("plugins") or []
+    if not isinstance(named, list) or not all(isinstance(p, str) for p in named):
+        raise CheckpointError(f"student file {path}: 'plugins' must be a list of plugin specs, "
+                              f"found a {type(named).__name__}")
+    trusted = trusted_plugins(plugins)
+    check_trusted(named, trusted, f"student file {path}")
+    import_plugins(trusted)
     model = create_model(str(obj["arch"]), num_classes=int(obj["num_classes"]),
                          in_channels=int(obj["in_channels"]))
     load_state_dict_strict(model, obj["model"], str(path))
@@ -452,14 +470,15 @@ def quantize_int8(model: nn.Module, calibration: Iterable[Tensor], example: Tens
         return convert_fx(prepared).eval()
 
 
-def load_artefact(path: str | Path, fmt: str, threads: int | None = None
-                  ) -> Callable[[Tensor], Tensor]:
+def load_artefact(path: str | Path, fmt: str, threads: int | None = None,
+                  plugins: Sequence[str] = ()) -> Callable[[Tensor], Tensor]:
     """Read an artefact back from disk as ``images -> logits`` (CPU tensors): the state-dict
-    file through :func:`read_student`, TorchScript (fp32 or int8) through ``torch.jit.load``,
-    a program through ``torch.export.load``, ONNX through an onnxruntime CPU session."""
+    file through :func:`read_student` (trusting ``plugins``), TorchScript (fp32 or int8)
+    through ``torch.jit.load``, a program through ``torch.export.load``, ONNX through an
+    onnxruntime CPU session."""
     path = Path(path)
     if fmt == "state_dict":
-        return LogitsOnly(read_student(path)).eval()
+        return LogitsOnly(read_student(path, plugins)).eval()
     if fmt == "torchscript":
         if INT8_BACKEND in torch.backends.quantized.supported_engines:
             torch.backends.quantized.engine = INT8_BACKEND  # int8 packed weights unpack for it
@@ -694,6 +713,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *,
                checkpoint: str | Path | None = None) -> ExportResult:
     """Export the trained student of ``run_dir`` as ``fmt`` (see the module docstring), check
     its parity with the eager student on the test set, write ``FILE.parity.json``.
+    ``plugins``: the plugins the caller trusts (``--plugin``; see :func:`load_run`).
 
     Raises :class:`ExportError` (unknown format, ``int8`` with a format other than
     TorchScript, missing package, untraceable model) before writing anything, and
@@ -717,8 +737,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *,
     else:
         _write_fp32(run.student, traceable, fmt, path, example, meta)
     log.info("wrote %s (%.2f MB)", path, path.stat().st_size / 1e6)
-
-    figures = check_parity(eager, load_artefact(path, fmt), run.data.test_loader)
+    figures = check_parity(eager, load_artefact(path, fmt, plugins=plugins), run.data.test_loader)
     failures = _parity_failures(figures, int8, tolerance, min_agreement)
     report = _parity_report(run, fmt, path, meta, figures=figures, failures=failures,
                             int8_info=int8_info, tolerance=tolerance,

@@ -54,7 +54,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdlab.core.env import machine_info, named_cpu_flags
 from kdlab.core.errors import CheckpointError, KdlabError
 from kdlab.core.io import atomic_write
-from kdlab.core.plugins import import_plugins
 from kdlab.deploy import export as ex
 from kdlab.deploy.export import INSTALL_HINT, LogitsOnly, read_student
 from kdlab.models.checkpoint import load_checkpoint
@@ -169,8 +168,7 @@ def _torch_callable(runtime: str, path: str, threads: int, shape: list[int],
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
     if runtime == "eager":
-        import_plugins(plugins)
-        model: Any = LogitsOnly(read_student(path)).eval()
+        model: Any = LogitsOnly(read_student(path, plugins)).eval()
     else:
         if runtime == "int8":
             torch.backends.quantized.engine = "x86"
@@ -456,6 +454,9 @@ def run_latency(run_dir: str | Path, settings: LatencySettings | None = None,
     return the result (its ``markdown`` and ``json`` keys give the files).
 
     Rows whose worker failed carry an ``error``; the CLI exits 1 when there is one.
+    ``plugins`` (``--plugin``, with ``$KDLAB_PLUGINS``) are the plugins trusted to rebuild the
+    run's models; those the run's config names are never imported by themselves
+    (:func:`kdlab.deploy.export.load_run`).
     """
     settings = settings or LatencySettings()
     settings.check()

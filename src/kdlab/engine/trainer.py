@@ -28,7 +28,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdlab.config import ExperimentConfig
 from kdlab.core.distributed import broadcast_object, init_distributed, shutdown
-from kdlab.core.errors import CheckpointError, ConfigError, KdlabError, RunError, RunInterrupted
+from kdlab.core.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    KdlabError,
+    RunError,
+    RunInterrupted,
+)
 from kdlab.core.io import file_sha256
 from kdlab.core.runtime import (
     autocast,
@@ -40,7 +47,7 @@ from kdlab.core.runtime import (
     seed_everything,
     set_rng_state,
 )
-from kdlab.core.signals import handling, signals_deferred
+from kdlab.core.signals import WRITE_SIGNALS, child_exits_ignored, handling, signals_deferred
 from kdlab.core.torchvision_shim import shim_state
 from kdlab.data.build import request_views
 from kdlab.engine.build import (
@@ -496,7 +503,7 @@ class Trainer:
         progress = self.progress if self.is_main else None
         if progress:
             progress.start_epoch(epoch, self.cfg.optim.epochs, steps)
-        for i, batch in enumerate(self.train_loader, start=start + 1):
+        for i, batch in self._batches(epoch, start, steps, meter, guard):
             result = self.step(batch, epoch, t=(epoch - 1) * steps + i - 1, guard=guard)
             if not result.skipped:
                 guard.observe(result.terms, result.values)
@@ -511,10 +518,36 @@ class Trainer:
         self.state.skipped_steps = guard.total_skipped
         return meter.finish(self.dist, guard.skipped)
 
+    def _batches(self, epoch: int, start: int, steps: int, meter: EpochMeter,
+                 guard: NonFiniteGuard) -> Iterator[tuple[int, Any]]:
+        """The epoch's training batches, numbered from ``start + 1``.
+
+        When a signal has asked the run to stop and the next batch cannot be fetched (a loader
+        worker died: :class:`DatasetError`), the run still stops as asked, at this step
+        boundary: a step checkpoint of the steps done so far (if any), then
+        :class:`RunInterrupted`. Without a pending stop the error propagates."""
+        i, batches = start, iter(self.train_loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except DatasetError as e:
+                if self._stop_signal is None:
+                    raise
+                log.warning("stopping at epoch %d, step %d as asked; the next batch could not "
+                            "be fetched (%s)", epoch, i, e)
+                if i > start:
+                    self._maybe_checkpoint_step(epoch, i, steps, meter, guard)  # raises
+                raise RunInterrupted(self._stop_signal) from None
+            i += 1
+            yield i, batch
+
     def _maybe_checkpoint_step(self, epoch: int, step: int, steps: int, meter: EpochMeter,
                                guard: NonFiniteGuard) -> None:
         """Write the step checkpoint every ``runtime.checkpoint_every_steps`` steps, and when a
-        signal asked the run to stop (then stop: :class:`RunInterrupted`)."""
+        signal asked the run to stop (then stop: :class:`RunInterrupted`). Stop signals and a
+        loader worker's exit (SIGCHLD) are held until the write is complete."""
         every = self.cfg.runtime.checkpoint_every_steps
         if every <= 0 or step >= steps or not (step % every == 0 or self._stop_signal):
             return
@@ -523,7 +556,8 @@ class Trainer:
         state = self._checkpoint_state()
         state["mid_epoch"] = {"epoch": epoch, "step": step, "meter": meter.state_dict(),
                               "guard": guard.state_dict()}
-        save_atomic(state, self.run_dir.step_checkpoint)
+        with signals_deferred(WRITE_SIGNALS):
+            save_atomic(state, self.run_dir.step_checkpoint)
         if self._stop_signal is not None:
             log.info("stopped at epoch %d, step %d of %d (step checkpoint written)", epoch,
                      step, steps)
@@ -603,19 +637,24 @@ class Trainer:
     @contextlib.contextmanager
     def _deferred_stop_signals(self) -> Iterator[None]:
         """With step checkpoints on, SIGTERM and SIGINT stop the run at the next step boundary
-        after a step checkpoint (a second Ctrl-C stops at once); without, they act at once."""
+        after a step checkpoint (a second Ctrl-C stops at once); without, they act at once.
+        Once a stop is asked for, a loader worker's death (SIGCHLD) no longer raises from the
+        middle of a step: the run stops at the step boundary as asked."""
         if self.cfg.runtime.checkpoint_every_steps <= 0:
             yield
             return
+        with contextlib.ExitStack() as stack:
 
-        def request_stop(signum: int, frame: Any) -> None:
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise RunInterrupted(signum)
-            self._stop_signal = signum
-            log.info("%s received: stopping after the current step",
-                     signal.Signals(signum).name)
+            def request_stop(signum: int, frame: Any) -> None:
+                if self._stop_signal is not None and signum == signal.SIGINT:
+                    raise RunInterrupted(signum)
+                if self._stop_signal is None:
+                    stack.enter_context(child_exits_ignored())
+                self._stop_signal = signum
+                log.info("%s received: stopping after the current step",
+                         signal.Signals(signum).name)
 
-        with handling(request_stop):
+            stack.enter_context(handling(request_stop))
             yield
 
     def _leave_process_group(self) -> None:
@@ -657,13 +696,7 @@ class Trainer:
             if self.task.is_better(chosen[metric], s.best):
                 s.best, s.best_epoch = chosen[metric], epoch
                 if self.is_main:
-                    save_atomic(
-                        {"kind": "kdlab-weights", "arch": self.cfg.student.arch,
-                         "task": self.task.name, "num_classes": self.data.num_classes,
-                         "in_channels": self.data.in_channels,
-                         "epoch": epoch, metric: ev[metric], **extra,
-                         "model": self.student.state_dict()},
-                        self.run_dir.best_checkpoint, keep_previous=False)
+                    self._save_best(epoch, {metric: ev[metric], **extra})
         if self.val_loader is None:
             record[f"best_{metric}"] = s.best
         else:  # best_<metric> stays "best on test so far"; the choice is best_val_<metric>
@@ -679,7 +712,8 @@ class Trainer:
         # the epoch's metrics line travels with the checkpoint: a kill between the checkpoint's
         # rename and the append below must not lose it (restored by _restore)
         state["record"] = record
-        with signals_deferred():  # a Ctrl-C here stops the run after the epoch is recorded
+        # a Ctrl-C (or a loader worker's exit) here acts after the epoch is recorded
+        with signals_deferred(WRITE_SIGNALS):
             try:
                 save_atomic(state, self.run_dir.last_checkpoint)
             except BaseException:
@@ -692,6 +726,17 @@ class Trainer:
             self.progress.end_epoch(record, self.task)
         if self._stop_signal is not None:
             raise RunInterrupted(self._stop_signal)
+
+    def _save_best(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """Write ``best.pt``: the student's weights of ``epoch`` and the metrics that chose it
+        (stop signals and a loader worker's exit are held until the write is complete)."""
+        with signals_deferred(WRITE_SIGNALS):
+            save_atomic(
+                {"kind": "kdlab-weights", "arch": self.cfg.student.arch,
+                 "task": self.task.name, "num_classes": self.data.num_classes,
+                 "in_channels": self.data.in_channels, "epoch": epoch, **metrics,
+                 "model": self.student.state_dict()},
+                self.run_dir.best_checkpoint, keep_previous=False)
 
     def _best_test_so_far(self, record: dict[str, Any]) -> float | None:
         """The best test value of the task's metric over the history and ``record``."""

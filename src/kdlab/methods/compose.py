@@ -19,6 +19,8 @@ from kdlab.methods.base import Batch, DistillContext, Distiller, MethodParams
 from kdlab.methods.registry import get_method, list_methods
 from kdlab.models.output import ModelOutput
 
+__all__ = ["CompositeDistiller", "build_method", "build_params", "method_display_name"]
+
 
 class CompositeDistiller(nn.Module):
     """A logit distiller and zero or more partner distillers whose loss terms are summed.

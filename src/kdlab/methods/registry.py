@@ -12,6 +12,8 @@ from kdlab.core.errors import MethodError
 from kdlab.core.registries import METHODS
 from kdlab.methods.base import Distiller
 
+__all__ = ["get_method", "list_methods", "register_method"]
+
 D = TypeVar("D", bound=type[Distiller])
 
 

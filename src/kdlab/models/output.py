@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+__all__ = ["KdModel", "ModelOutput"]
+
 
 @dataclass
 class ModelOutput:

@@ -18,6 +18,8 @@ from kdlab.core.registries import MODELS
 from kdlab.models.external import create_external, split_external
 from kdlab.models.output import KdModel
 
+__all__ = ["create_model", "list_models", "register_model"]
+
 F = TypeVar("F", bound=Callable[..., KdModel])
 
 

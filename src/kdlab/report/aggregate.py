@@ -42,6 +42,12 @@ from kdlab.core.registries import TASKS
 from kdlab.report.paper import PaperTable, paper_method
 from kdlab.runs.rundir import RunDir, find_run_dirs
 
+__all__ = [
+    "ChartKey", "DEFAULT_TASK", "Group", "MetricSpec", "RunRecord", "ScanResult", "TASK_METRICS",
+    "UnfinishedRun", "aggregate", "chart_groups", "data_label", "group_runs", "mean_std",
+    "metric_spec", "newest_time", "scan_runs", "short_teacher_id", "strip_seed",
+]
+
 log = logging.getLogger(__name__)
 
 _SEED_PART = re.compile(r"^seed[_-]?\d+$")

@@ -57,6 +57,12 @@ from kdlab.report.paper import STATISTIC_TEXT, load_paper_results
 from kdlab.report.plots import render_plots
 from kdlab.report.table import format_cell, markdown_table
 
+__all__ = [
+    "CSV_COLUMNS", "Report", "STAT_HEADERS", "TITLE", "Table", "build_report", "csv_columns",
+    "dataset_tables", "display_rows", "header_notes", "metric_csv_columns", "results_csv",
+    "results_markdown", "stat_headers",
+]
+
 log = logging.getLogger(__name__)
 
 TITLE = "kdlab results"

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 
 from kdlab.report.aggregate import UnfinishedRun
 
+__all__ = ["CSS", "HtmlTable", "data_uri", "describe_unfinished", "render_html"]
+
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
        max-width: 1400px; padding: 0 1em; color: #222; }

@@ -26,6 +26,11 @@ from pathlib import Path
 
 from kdlab.core.errors import ConfigError
 
+__all__ = [
+    "COLUMNS", "CRD_METHODS", "PACKAGE_CSV", "PaperTable", "PaperValue", "STATISTIC_TEXT",
+    "load_paper_results", "paper_arch", "paper_method", "parse_paper_csv", "row_statistic",
+]
+
 log = logging.getLogger(__name__)
 
 PACKAGE_CSV = "paper_results.csv"

@@ -33,6 +33,12 @@ from kdlab.report.aggregate import (
     metric_spec,
 )
 
+__all__ = [
+    "BASELINE_COLOR", "DPI", "FIGSIZE", "bars_figure", "bars_png", "chart_spec", "chart_stems",
+    "curves_figure", "curves_png", "matplotlib_available", "plot_stem", "primary_stat",
+    "render_plots",
+]
+
 log = logging.getLogger(__name__)
 
 FIGSIZE = (7.0, 4.2)

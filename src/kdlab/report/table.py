@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+__all__ = ["Column", "format_cell", "markdown_table"]
+
 Column = tuple[str, str, str]  # (row key, header, format spec)
 
 

@@ -23,6 +23,8 @@ from kdlab.core.io import atomic_write
 from kdlab.core.signals import signals_deferred
 from kdlab.core.weights_file import INTEGRITY_KEY, read_verified, state_digest
 
+__all__ = ["load_latest", "remove_checkpoint", "save_atomic"]
+
 log = logging.getLogger(__name__)
 
 class _ByteCounter:

@@ -5,6 +5,11 @@ Every reader of a run (``kdlab eval``, ``kdlab export``, ``kdlab latency``,
 way, a checkpoint is read with one integrity check (:func:`~kdlab.runs.checkpoint.read_verified`)
 and a network is rebuilt one way: by the run's task from what the checkpoint records
 (:meth:`~kdlab.tasks.base.Task.model_from_checkpoint`), else sized by the run's data.
+
+A run directory is data, so it never chooses code to run: the plugins its ``config.yaml`` names
+are not imported. Only the plugins the reader trusts are (``plugins``: ``--plugin``, and
+``$KDLAB_PLUGINS``); a run that names one the reader did not trust is refused in one line
+(:class:`~kdlab.core.errors.PluginError`) before anything is imported.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from torch import nn
 
 from kdlab.config import ExperimentConfig, apply_overrides, read_yaml_file
-from kdlab.config import validate_config_with_plugins as validate
+from kdlab.config.yaml_io import validate_stored_config
 from kdlab.core.errors import CheckpointError, RunError
 from kdlab.models.checkpoint import extract_state_dict, load_state_dict_strict
 from kdlab.runs.checkpoint import load_latest, read_verified
@@ -109,10 +114,17 @@ class OpenRun:
 def open_run(run_dir: str | Path, overrides: Sequence[str] = (),
              plugins: Sequence[str] = ()) -> OpenRun:
     """Open the run in ``run_dir``: its recorded ``config.yaml`` with ``overrides`` applied,
-    validated (importing the config's plugins and ``plugins``), and its configured task.
+    validated, and its configured task.
+
+    Plugins: only ``plugins`` (``--plugin``) and ``$KDLAB_PLUGINS`` are imported, and the
+    opened config's ``plugins`` are those; the plugins ``config.yaml`` names are never imported,
+    they must each be matched by a trusted one
+    (:func:`~kdlab.config.yaml_io.validate_stored_config`).
 
     Raises:
         RunError: ``run_dir`` does not exist or is not a kdlab run (no ``config.yaml``).
+        PluginError: the config names a plugin the caller did not trust (one line: which, and
+            ``--plugin NAME`` to trust it), or a trusted plugin cannot be imported.
         ConfigError: the recorded config is unreadable or no longer valid.
     """
     rd = RunDir(run_dir)
@@ -123,6 +135,7 @@ def open_run(run_dir: str | Path, overrides: Sequence[str] = (),
     stored = read_yaml_file(rd.config_path, "run config")
     if not isinstance(stored, dict):
         raise RunError(f"{rd.config_path} does not hold a config mapping")
-    cfg = validate(apply_overrides(stored, list(overrides)), str(rd.config_path),
-                   plugins=list(plugins))
+    cfg = validate_stored_config(apply_overrides(stored, list(overrides)), str(rd.config_path),
+                                 list(plugins), owner=f"run {run_dir}",
+                                 file=rd.config_path.name)
     return OpenRun(rd, cfg, task_for(cfg))

@@ -39,6 +39,11 @@ from kdlab.core.errors import ConfigError, RunError
 from kdlab.core.io import atomic_write
 from kdlab.runs.lock import LOCK_FILE, FolderLock
 
+__all__ = [
+    "EXTENSIBLE_SCHEDULES", "PROGRESS_FILES", "RUN_FILES", "Resume", "RunDir", "SHOWN_DIFFERENCES",
+    "config_differences", "find_run_dirs", "run_folder",
+]
+
 log = logging.getLogger(__name__)
 
 #: how a start treats an existing run: False (start one), True (continue it if there is one,

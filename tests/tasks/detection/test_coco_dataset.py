@@ -2,12 +2,15 @@
 
 Round trips (write_coco_split -> CocoDetection) with exact boxes, labels, sizes and pixels;
 golden xywh <-> xyxy values; torchvision-reference target conversion (crowd removal, clamping,
-degenerate boxes dropped) on a hand-written JSON; every documented error case.
+degenerate boxes dropped) on a hand-written JSON; every documented error case; the box policy
+(malformed bbox -> one-line error, dropped and clipped boxes -> one counted WARNING per file),
+also through the detection data builder a training run uses.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from kdlab.config import DataConfig, DetectionConfig
 from kdlab.core.errors import DatasetError
 from kdlab.tasks.detection.coco import (
     CocoDetection,
@@ -24,6 +28,7 @@ from kdlab.tasks.detection.coco import (
     xywh_to_xyxy,
     xyxy_to_xywh,
 )
+from kdlab.tasks.detection.data import build_detection_data
 
 CATS = [{"id": 5, "name": "five", "supercategory": "num"}, {"id": 2, "name": "two"}]
 
@@ -368,3 +373,223 @@ def test_bad_image_files_raise_when_read(tmp_path: Path) -> None:
     _png(img_dir / "q.png", _rgb(12, 9, 0))
     with pytest.raises(DatasetError, match="q.png is 9x12 but ann.json says 8x12"):
         ds[0]
+
+
+# ------------------------------------------------------- box policy: errors, drops and clips
+# docs/detection.md, "Data": malformed bbox -> one-line DatasetError; zero size, outside the
+# image -> dropped; partly outside -> clipped; one WARNING per file counts and names them.
+
+COCO_LOGGER = "kdlab.tasks.detection.coco"
+
+
+def _one_ann(tmp_path: Path, bbox: Any, **extra: Any) -> tuple[Path, Path]:
+    """The hand-made set with a single annotation (id 77) of image 42 ('p.png', 20 x 10)."""
+    ann = {"id": 77, "image_id": 42, "category_id": 1, "bbox": bbox, **extra}
+    return _handmade(tmp_path, annotations=[ann])
+
+
+def _box_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == COCO_LOGGER and r.levelno == logging.WARNING
+    ]
+
+
+@pytest.mark.parametrize(
+    ("bbox", "extra", "match"),
+    [
+        ([2, 3, -4, 5], {}, "with a negative width"),
+        ([2, 3, 4, -0.5], {}, "with a negative height"),
+        ([2, 3, -4, 5], {"iscrowd": 1}, "with a negative width"),  # crowd: COCOeval reads it
+        ([2, float("nan"), 4, 5], {}, "must be 4 finite numbers"),
+        ([2, 3, float("inf"), 5], {}, "must be 4 finite numbers"),
+        ([2, 3, 4], {}, "must be 4 finite numbers"),
+        ([2, 3, 4, 5, 6], {}, "must be 4 finite numbers"),
+        ([2, 3, "4", 5], {}, "must be 4 finite numbers"),
+        ([2, 3, True, 5], {}, "must be 4 finite numbers"),
+        ({"x": 2}, {}, "must be 4 finite numbers"),
+    ],
+)
+def test_malformed_bbox_is_a_one_line_error_naming_everything(
+    tmp_path: Path, bbox: Any, extra: dict[str, Any], match: str
+) -> None:
+    img_dir, ann = _one_ann(tmp_path, bbox, **extra)
+    with pytest.raises(DatasetError, match=match) as info:
+        CocoDetection(img_dir, ann)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{ann}: annotations[0] (id 77) of image 42 'p.png' (20x10) has bbox ")
+    assert repr(json.loads(json.dumps(bbox))) in msg  # the bbox as read from the file
+    assert msg.endswith("fix or remove the annotation")
+
+
+def test_zero_size_and_outside_boxes_are_dropped_and_named_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    img_dir, ann = _handmade(tmp_path)
+    with caplog.at_level(logging.WARNING, logger=COCO_LOGGER):
+        ds = CocoDetection(img_dir, ann)
+    assert ds.target(0)[0].tolist() == [[1, 1, 3, 3]]  # id 5 (outside) dropped
+    assert ds.target(1)[0].tolist() == [[2, 3, 6, 8], [15, 0, 20, 2]]  # id 3 (w = 0) dropped
+    (msg,) = _box_warnings(caplog)
+    assert "\n" not in msg
+    assert msg.startswith(
+        f"{ann}: 3 of 5 non-crowd boxes changed on loading: 2 dropped (1 with zero width or "
+        "height, 1 outside their image), 1 clipped to their image by more than 1 px; first ones: "
+    )
+    assert "annotation id 3 of image 42 'p.png' (20x10) bbox [5, 5, 0, 3] dropped: zero " in msg
+    assert "annotation id 5 of image 7 'q.png' (8x12) bbox [30, 1, 2, 2] dropped: outside " in msg
+    assert "annotation id 2 of image 42 'p.png' (20x10) bbox [15, -2, 10, 4] clipped " in msg
+    assert "annotation id 1 " not in msg and "annotation id 4 " not in msg
+
+
+def test_box_far_outside_a_128px_image_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The issue's case: ``[5000, 5000, 20, 20]`` on a 128 x 128 image no longer vanishes."""
+    _png(tmp_path / "imgs" / "big.png", _rgb(128, 128, 0))
+    doc = {
+        "images": [{"id": 1, "file_name": "big.png", "width": 128, "height": 128}],
+        "annotations": [
+            {"id": 11, "image_id": 1, "category_id": 1, "bbox": [5000, 5000, 20, 20]},
+            {"id": 12, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
+        ],
+        "categories": [{"id": 1, "name": "a"}],
+    }
+    ann = _write_json(tmp_path / "big.json", doc)
+    with caplog.at_level(logging.WARNING, logger=COCO_LOGGER):
+        ds = CocoDetection(tmp_path / "imgs", ann)
+    assert ds.target(0)[0].tolist() == [[10, 10, 30, 30]]
+    (msg,) = _box_warnings(caplog)
+    assert str(ann) in msg and "1 of 2 non-crowd boxes" in msg
+    assert "annotation id 11 of image 1 'big.png' (128x128) bbox [5000, 5000, 20, 20]" in msg
+
+
+@pytest.mark.parametrize(
+    ("bbox", "expected", "warns"),
+    [
+        ([18.5, 1, 2.4, 3], [18.5, 1, 20, 4], False),  # 0.9 px over the right edge: rounding
+        ([-1, 1, 4, 3], [0, 1, 3, 4], False),  # exactly 1 px over: still rounding
+        ([1, 9, 4, 2], [1, 9, 5, 10], False),  # 1 px over the bottom edge
+        ([-1.5, 1, 4, 3], [0, 1, 2.5, 4], True),  # 1.5 px over: counted and named
+        ([2, 3, 4, 12], [2, 3, 6, 10], True),
+        ([2, 3, 4, 5], [2, 3, 6, 8], False),  # inside
+    ],
+)
+def test_partly_outside_boxes_are_clipped_and_warned_beyond_1px(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    bbox: list[float],
+    expected: list[float],
+    warns: bool,
+) -> None:
+    img_dir, ann = _one_ann(tmp_path, bbox)
+    with caplog.at_level(logging.WARNING, logger=COCO_LOGGER):
+        ds = CocoDetection(img_dir, ann)
+    assert ds.target(1)[0].tolist() == [expected]
+    warnings = _box_warnings(caplog)
+    assert len(warnings) == int(warns)
+    if warns:
+        assert "1 of 1 non-crowd boxes changed on loading: 0 dropped" in warnings[0]
+        assert f"annotation id 77 of image 42 'p.png' (20x10) bbox {bbox!r} clipped" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "bbox",
+    [
+        [20, 2, 3, 3],  # starts on the right edge: no area inside
+        [-5, 2, 5, 3],  # ends on the left edge
+        [2, -30, 3, 4],  # above the image
+        [10, 1, 1e-7, 3],  # width positive but 0 in float32 at x = 10
+    ],
+)
+def test_boxes_without_area_inside_are_dropped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, bbox: list[float]
+) -> None:
+    img_dir, ann = _one_ann(tmp_path, bbox)
+    with caplog.at_level(logging.WARNING, logger=COCO_LOGGER):
+        ds = CocoDetection(img_dir, ann)
+        assert ds.target(1)[0].shape == (0, 4)
+        assert len(CocoDetection(img_dir, ann, drop_empty=True)) == 0
+    warnings = _box_warnings(caplog)
+    assert len(warnings) == 2  # one per load
+    assert f"annotation id 77 of image 42 'p.png' (20x10) bbox {bbox!r} dropped" in warnings[0]
+
+
+def test_warning_counts_every_box_but_names_only_the_first_three(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    anns = [
+        {"id": 100 + k, "image_id": 42, "category_id": 1, "bbox": [30 + k, 1, 2, 2]}
+        for k in range(10)
+    ]
+    img_dir, ann = _handmade(tmp_path, annotations=anns)
+    with caplog.at_level(logging.WARNING, logger=COCO_LOGGER):
+        CocoDetection(img_dir, ann)
+    (msg,) = _box_warnings(caplog)
+    assert "10 of 10 non-crowd boxes changed on loading: 10 dropped (0 with zero" in msg
+    assert msg.count("annotation id ") == 3
+    assert all(f"annotation id {100 + k} " in msg for k in range(3))
+
+
+def test_crowd_boxes_are_neither_clipped_nor_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    img_dir, ann = _one_ann(tmp_path, [30, 30, 5, 5], iscrowd=1)
+    with caplog.at_level(logging.DEBUG, logger=COCO_LOGGER):
+        ds = CocoDetection(img_dir, ann)
+    assert ds.target(1)[0].shape == (0, 4)
+    assert _box_warnings(caplog) == []
+
+
+def test_clean_sets_load_without_box_warnings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_coco_split(tmp_path, "train", _three_images(), CATS)
+    with caplog.at_level(logging.WARNING, logger=COCO_LOGGER):
+        CocoDetection.from_split(tmp_path, "train")
+    assert _box_warnings(caplog) == []
+
+
+def _detection_root(tmp_path: Path, train_bbox: list[float]) -> Path:
+    """A COCO root with clean 'test' and a 'train' whose second box is ``train_bbox``."""
+    images = [
+        CocoImage(f"{k}.png", _rgb(128, 128, k), np.array([[8, 8, 40, 40]]), [2])
+        for k in range(2)
+    ]
+    write_coco_split(tmp_path, "test", images, CATS)
+    path = write_coco_split(tmp_path, "train", images, CATS)
+    doc = json.loads(path.read_text())
+    doc["annotations"][1]["bbox"] = train_bbox
+    path.write_text(json.dumps(doc))
+    return tmp_path
+
+
+def test_training_data_with_an_out_of_image_box_logs_the_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """End to end through the detection data builder a training run uses."""
+    root = _detection_root(tmp_path, [5000, 5000, 20, 20])
+    cfg = DataConfig(name="coco", root=str(root), batch_size=1, eval_batch_size=1)
+    det = DetectionConfig(train_split="train", test_split="test")
+    with caplog.at_level(logging.INFO, logger=COCO_LOGGER):
+        data = build_detection_data(cfg, det, seed=0, device=torch.device("cpu"))
+    (msg,) = _box_warnings(caplog)
+    assert msg.startswith(f"{root / 'annotations' / 'instances_train.json'}: 1 of 2 ")
+    assert "annotation id 2 of image 2 '1.png' (128x128) bbox [5000, 5000, 20, 20]" in msg
+    # detection.drop_empty (default true): image 2 has no box left and leaves training, also
+    # visibly (INFO); the test split keeps every image.
+    assert data.train_loader.dataset.image_ids == [1] and len(data.test_loader.dataset) == 2
+    assert any("1 of 2 images have no usable non-crowd box" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.INFO)
+
+
+def test_training_data_with_a_negative_width_fails_with_one_line(tmp_path: Path) -> None:
+    root = _detection_root(tmp_path, [8, 8, -32, 32])
+    cfg = DataConfig(name="coco", root=str(root), batch_size=1, eval_batch_size=1)
+    det = DetectionConfig(train_split="train", test_split="test")
+    with pytest.raises(DatasetError, match="negative width") as info:
+        build_detection_data(cfg, det, seed=0, device=torch.device("cpu"))
+    msg = str(info.value)
+    assert "\n" not in msg and "instances_train.json: annotations[1] (id 2) of image 2" in msg

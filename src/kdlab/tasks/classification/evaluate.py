@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from kdlab.core.distributed import DistInfo, all_reduce_sum
 from kdlab.core.runtime import autocast
 
+__all__ = ["evaluate"]
+
 
 @torch.no_grad()
 def evaluate(

@@ -14,6 +14,13 @@ Crowd annotations (``iscrowd = 1``) are kept in the JSON for COCOeval (which ign
 matched to them) but excluded from the training targets, as torchvision's detection reference
 does.
 
+The reader never changes a box silently (policy in docs/detection.md, "Data"): a ``bbox`` that is
+not 4 finite numbers or has a negative width or height is a one-line :class:`DatasetError`; a box
+with zero width or height, or with no area inside its image, is dropped; a box partly outside is
+clipped to the image. Dropped boxes, and boxes clipped by more than :data:`CLIP_TOLERANCE_PX`, are
+counted in one WARNING per annotation file that names the first few (file, annotation id, image,
+box).
+
 Only numpy, PIL and torch are used (no torchvision, no pycocotools).
 """
 
@@ -24,8 +31,9 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,7 @@ from kdlab.core.errors import DatasetError
 from kdlab.core.io import atomic_write
 
 __all__ = [
+    "CLIP_TOLERANCE_PX",
     "CocoDetection",
     "CocoImage",
     "DetectionSample",
@@ -392,35 +401,145 @@ def _parse_images(images_list: list[Any], path: Path) -> dict[int, dict[str, Any
     return images
 
 
-def _is_crowd_annotation(
+#: a box edge may lie up to this many pixels outside its image and be clipped without a warning:
+#: COCO boxes often overshoot the edge by rounding. Beyond it the clip is counted in the warning.
+CLIP_TOLERANCE_PX = 1.0
+#: how many boxes of each kind (dropped zero-size, dropped outside, clipped) the warning names.
+WARN_EXAMPLES = 3
+
+#: the kinds of changed boxes, as the warning tags its examples.
+_ZERO = "dropped: zero width or height"
+_OUTSIDE = "dropped: outside the image"
+_CLIPPED = "clipped to the image"
+_KINDS = (_ZERO, _OUTSIDE, _CLIPPED)
+
+
+def _ann_where(path: Path, a: dict[str, Any], i: int) -> str:
+    """How an error names ``annotations[i]``: the file, the index and the ``id`` if it has one."""
+    return f"{path}: annotations[{i}]" + (f" (id {a['id']!r})" if "id" in a else "")
+
+
+def _image_name(im: dict[str, Any]) -> str:
+    """``image 42 'p.png' (20x10)``: id, file name and size of an ``images`` entry."""
+    return f"image {im['id']} {str(im['file_name'])!r} ({im['width']}x{im['height']})"
+
+
+def _is_finite_number(v: Any) -> bool:
+    """Whether ``v`` is a JSON number (int or float, not bool) with a finite float value."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _checked_bbox(bbox: Any, where: str) -> tuple[float, float, float, float]:
+    """``bbox`` as ``(x, y, w, h)`` floats. Raises :class:`DatasetError` (naming ``where``, the
+    annotation and its image) unless it is 4 finite numbers with ``w >= 0`` and ``h >= 0``."""
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_finite_number, bbox))):
+        raise DatasetError(
+            f"{where} has bbox {bbox!r}; it must be 4 finite numbers [x, y, width, height] "
+            "in pixels: fix or remove the annotation"
+        )
+    x, y, w, h = (float(v) for v in bbox)
+    if w < 0 or h < 0:
+        side = "width" if w < 0 else "height"
+        raise DatasetError(
+            f"{where} has bbox {bbox!r} with a negative {side}; a COCO bbox is "
+            "[x, y, width, height] with width = x2 - x1 >= 0 and height = y2 - y1 >= 0: "
+            "fix or remove the annotation"
+        )
+    return x, y, w, h
+
+
+def _checked_annotation(
     a: Any, i: int, path: Path, images: dict[int, Any], cats: dict[int, Any]
-) -> bool:
-    """Validate ``annotations[i]``; whether it is a crowd region (``iscrowd``, absent = 0)."""
+) -> tuple[tuple[float, float, float, float], bool]:
+    """Validate ``annotations[i]``: ``(its bbox as x, y, w, h, whether it is a crowd region)``
+    (``iscrowd``, absent = 0). Crowd boxes get the same bbox checks (COCOeval reads them)."""
     _require(a, ("image_id", "category_id", "bbox"), f"annotations[{i}]", path)
+    where = _ann_where(path, a, i)
     if a["image_id"] not in images:
         raise DatasetError(
-            f"{path}: annotations[{i}] refers to image id {a['image_id']!r}, "
-            "which is not in 'images'"
+            f"{where} refers to image id {a['image_id']!r}, which is not in 'images'"
         )
     if a["category_id"] not in cats:
         raise DatasetError(
-            f"{path}: annotations[{i}] has category id {a['category_id']!r}, not in "
-            f"'categories' {sorted(cats)}"
+            f"{where} has category id {a['category_id']!r}, not in 'categories' {sorted(cats)}"
         )
-    bbox = a["bbox"]
-    if (
-        not isinstance(bbox, list)
-        or len(bbox) != 4
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
-        or not all(math.isfinite(v) for v in bbox)
-    ):
-        raise DatasetError(
-            f"{path}: annotations[{i}] bbox {bbox!r} must be 4 finite numbers [x, y, w, h]"
-        )
+    xywh = _checked_bbox(a["bbox"], f"{where} of {_image_name(images[a['image_id']])}")
     crowd = a.get("iscrowd", 0)
     if crowd not in (0, 1):
-        raise DatasetError(f"{path}: annotations[{i}] iscrowd must be 0 or 1, got {crowd!r}")
-    return bool(crowd)
+        raise DatasetError(f"{where}: iscrowd must be 0 or 1, got {crowd!r}")
+    return xywh, bool(crowd)
+
+
+@dataclass
+class _BoxReport:
+    """The boxes of one annotation file that loading dropped or clipped: a count per kind, the
+    first :data:`WARN_EXAMPLES` of each, and the count of rounding clips (within tolerance)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    rounding: int = 0
+
+    def add(self, kind: str, a: dict[str, Any], i: int, im: dict[str, Any]) -> None:
+        """Count ``annotations[i]`` (of image ``im``) as ``kind``; name it if among the first."""
+        self.counts[kind] += 1
+        shown = self.examples.setdefault(kind, [])
+        if len(shown) < WARN_EXAMPLES:
+            name = f"annotation id {a['id']!r}" if "id" in a else f"annotations[{i}]"
+            shown.append(f"{name} of {_image_name(im)} bbox {a['bbox']!r} {kind}")
+
+    def log(self, path: Path, total: int) -> None:
+        """One WARNING with the counts and examples (nothing when no box changed beyond
+        rounding; rounding clips alone are logged at DEBUG)."""
+        if not self.counts:
+            if self.rounding:
+                log.debug("%s: %d boxes clipped to their image by at most %g px (rounding)",
+                          path, self.rounding, CLIP_TOLERANCE_PX)
+            return
+        n = self.counts
+        shown = "; ".join(e for k in _KINDS for e in self.examples.get(k, []))
+        log.warning(
+            "%s: %d of %d non-crowd boxes changed on loading: %d dropped (%d with zero width or "
+            "height, %d outside their image), %d clipped to their image by more than %g px; "
+            "first ones: %s. Check that every bbox is [x, y, width, height] in pixels of its "
+            "image's size in 'images'",
+            path, sum(n.values()), total, n[_ZERO] + n[_OUTSIDE], n[_ZERO], n[_OUTSIDE],
+            n[_CLIPPED], CLIP_TOLERANCE_PX, shown,
+        )
+
+
+def _usable_box(
+    xywh: tuple[float, float, float, float], im: dict[str, Any], report: _BoxReport,
+    ann: tuple[dict[str, Any], int],
+) -> tuple[float, float, float, float] | None:
+    """The non-crowd box ``xywh`` of image ``im`` as ``(x1, y1, x2, y2)`` clipped to the image,
+    or ``None`` when it is dropped (zero width or height, also after float32 rounding, or no
+    area inside the image). Drops and clips beyond :data:`CLIP_TOLERANCE_PX` go to ``report``
+    under ``ann = (annotation, index)``."""
+    x, y, w, h = xywh
+    width, height = float(im["width"]), float(im["height"])
+    c = (min(max(x, 0.0), width), min(max(y, 0.0), height),
+         min(max(x + w, 0.0), width), min(max(y + h, 0.0), height))
+    if w == 0 or h == 0:
+        kind: str | None = _ZERO
+    elif c[2] <= c[0] or c[3] <= c[1]:
+        kind = _OUTSIDE
+    else:
+        c32 = np.asarray(c, dtype=np.float32)  # the dtype of the targets
+        kind = None if c32[2] > c32[0] and c32[3] > c32[1] else _ZERO
+    if kind is not None:
+        report.add(kind, ann[0], ann[1], im)
+        return None
+    overshoot = max(-x, -y, x + w - width, y + h - height)
+    if overshoot > CLIP_TOLERANCE_PX:
+        report.add(_CLIPPED, ann[0], ann[1], im)
+    elif overshoot > 0:
+        report.rounding += 1
+    return c
 
 
 def _annotations_per_image(
@@ -429,39 +548,42 @@ def _annotations_per_image(
     images: dict[int, dict[str, Any]],
     cats: dict[int, dict[str, Any]],
     category_id_to_label: dict[int, int],
-) -> dict[int, list[tuple[list[float], int]]]:
-    """``image id -> [(xywh bbox, label)]`` of the non-crowd annotations, in file order."""
-    per_image: dict[int, list[tuple[list[float], int]]] = {k: [] for k in images}
+) -> dict[int, list[tuple[tuple[float, float, float, float], int]]]:
+    """``image id -> [(xyxy box clipped to the image, label)]`` of the usable non-crowd
+    annotations, in file order. Raises :class:`DatasetError` for a malformed annotation; logs
+    one WARNING for the boxes dropped or clipped (:class:`_BoxReport`)."""
+    per_image: dict[int, list[tuple[tuple[float, float, float, float], int]]] = {
+        k: [] for k in images
+    }
+    report = _BoxReport()
+    total = 0
     for i, a in enumerate(annotations):
-        if _is_crowd_annotation(a, i, path, images, cats):
+        xywh, crowd = _checked_annotation(a, i, path, images, cats)
+        if crowd:
             continue
-        per_image[a["image_id"]].append(
-            ([float(v) for v in a["bbox"]], category_id_to_label[a["category_id"]])
-        )
+        total += 1
+        box = _usable_box(xywh, images[a["image_id"]], report, (a, i))
+        if box is not None:
+            per_image[a["image_id"]].append((box, category_id_to_label[a["category_id"]]))
+    report.log(path, total)
     return per_image
 
 
 def _build_records(
     images: dict[int, dict[str, Any]],
-    per_image: dict[int, list[tuple[list[float], int]]],
+    per_image: dict[int, list[tuple[tuple[float, float, float, float], int]]],
     drop_empty: bool,
 ) -> list[tuple[dict[str, Any], np.ndarray, np.ndarray]]:
-    """``(image entry, xyxy boxes float32, labels int64)`` by image id: clamped, empty boxes
-    dropped, and images without boxes left out when ``drop_empty``."""
+    """``(image entry, xyxy boxes float32, labels int64)`` by image id (the boxes already
+    checked and clipped), images without boxes left out when ``drop_empty``."""
     records: list[tuple[dict[str, Any], np.ndarray, np.ndarray]] = []
     for image_id in sorted(images):
-        im = images[image_id]
         anns = per_image[image_id]
-        xywh = np.array([b for b, _ in anns], dtype=np.float64).reshape(-1, 4)
-        boxes = xywh_to_xyxy(xywh)
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, im["width"])
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, im["height"])
-        labels = np.array([lab for _, lab in anns], dtype=np.int64)
-        keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
-        boxes, labels = boxes[keep], labels[keep]
-        if drop_empty and len(labels) == 0:
+        if drop_empty and not anns:
             continue
-        records.append((im, boxes.astype(np.float32), labels))
+        boxes = np.array([b for b, _ in anns], dtype=np.float32).reshape(-1, 4)
+        labels = np.array([lab for _, lab in anns], dtype=np.int64)
+        records.append((images[image_id], boxes, labels))
     return records
 
 
@@ -471,8 +593,12 @@ class CocoDetection:
     ``dataset[i]`` is a :class:`DetectionSample`. Targets follow torchvision's detection
     reference (``references/detection/coco_utils.py``, ``ConvertCocoPolysToMask``): crowd
     annotations are removed, ``[x, y, w, h]`` becomes ``[x, y, x + w, y + h]``, coordinates are
-    clamped to ``[0, width]`` / ``[0, height]`` and boxes with ``x2 <= x1`` or ``y2 <= y1`` are
-    dropped. Labels are contiguous: the ``k``-th smallest COCO category id is label ``k``
+    clipped to ``[0, width]`` / ``[0, height]`` and boxes with ``x2 <= x1`` or ``y2 <= y1`` (zero
+    width or height, or no area inside the image) are dropped, but never silently: one WARNING
+    per annotation file counts the dropped boxes and the boxes clipped by more than
+    :data:`CLIP_TOLERANCE_PX` and names the first :data:`WARN_EXAMPLES` of each kind (file,
+    annotation id, image, bbox); clips within the tolerance (rounding) are logged at DEBUG.
+    Labels are contiguous: the ``k``-th smallest COCO category id is label ``k``
     (``1..K``), so ``num_classes`` is ``K`` foreground classes and a detector needs ``K + 1``
     outputs. Images are ordered by image id; ``iscrowd`` may be absent (read as 0).
     Format: Lin et al., "Microsoft COCO", ECCV 2014.
@@ -481,11 +607,13 @@ class CocoDetection:
         images_dir: folder the images' ``file_name`` are relative to.
         annotation_file: the instances JSON (``images``, ``annotations``, ``categories``).
         drop_empty: leave out images without any usable non-crowd box (for training; COCO
-            evaluation must keep every image).
+            evaluation must keep every image); how many is logged at INFO.
 
     Raises :class:`DatasetError` at construction for a missing file or folder, invalid JSON
     (with line and column), missing keys, duplicate ids, an annotation of an unknown image or
-    category, or a malformed ``bbox``; and at ``dataset[i]`` for an image file that is missing,
+    category, or a malformed ``bbox`` (not 4 finite numbers, or a negative width or height, crowd
+    regions included; the message names the file, the annotation index and id, the image and
+    the bbox); and at ``dataset[i]`` for an image file that is missing,
     undecodable or of another size than the JSON says.
     """
 
@@ -523,6 +651,9 @@ class CocoDetection:
             images, per_image, drop_empty
         )
         self.drop_empty = drop_empty
+        if len(self._records) < len(images):
+            log.info("%s: %d of %d images have no usable non-crowd box and are left out "
+                     "(drop_empty)", path, len(images) - len(self._records), len(images))
         log.debug("%s: %d images, %d classes", path, len(self._records), self.num_classes)
 
     @classmethod

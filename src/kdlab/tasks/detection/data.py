@@ -24,6 +24,7 @@ from torch import Tensor
 
 from kdlab.config import DataConfig, DetectionConfig
 from kdlab.core.errors import ConfigError
+from kdlab.core.signals import stop_signals_blocked, worker_ignores_stop_signals
 from kdlab.tasks.detection.coco import CocoDetection, DetectionSample
 
 log = logging.getLogger(__name__)
@@ -117,10 +118,16 @@ class DetectionLoader:
             for idx in batches:
                 yield [self._sample(i) for i in idx]
             return
+        # the loader's own generator: the workers' base seed never comes from (nor shifts)
+        # torch's global RNG, which the detector's RoI sampling draws from (exact resume)
         loader = torch.utils.data.DataLoader(
             _Decode(self.dataset), batch_sampler=batches, num_workers=self.num_workers,
-            collate_fn=list, persistent_workers=False)
-        yield from loader
+            collate_fn=list, persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch),
+            worker_init_fn=worker_ignores_stop_signals)
+        with stop_signals_blocked():  # workers forked here start with the stop signals blocked
+            batches_iter = iter(loader)
+        yield from batches_iter
 
     def _sample(self, index: int) -> DetectionSample:
         if self._cache is None:
