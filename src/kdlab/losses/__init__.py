@@ -7,6 +7,7 @@ detached inside each loss.
 
 from kdlab.losses.crd import crd_loss
 from kdlab.losses.dckd import dckd_loss
+from kdlab.losses.deit import deit_loss
 from kdlab.losses.dist import dist_loss
 from kdlab.losses.feature import (
     at_loss,
@@ -20,6 +21,7 @@ from kdlab.losses.feature import (
 )
 from kdlab.losses.logit import dkd_loss, kd_loss, nkd_loss
 from kdlab.losses.mlkd import mlkd_loss
+from kdlab.losses.ofa import ofa_loss
 from kdlab.losses.reviewkd import hcl_loss
 from kdlab.losses.sdd import multiscale_logits, sdd_loss
 from kdlab.losses.standardize import standardize_logits
@@ -30,6 +32,7 @@ __all__ = [
     "attention_map",
     "crd_loss",
     "dckd_loss",
+    "deit_loss",
     "dist_loss",
     "dkd_loss",
     "fitnet_loss",
@@ -38,6 +41,7 @@ __all__ = [
     "mlkd_loss",
     "multiscale_logits",
     "nkd_loss",
+    "ofa_loss",
     "pkt_loss",
     "rkd_angle_loss",
     "rkd_distance_loss",
