@@ -21,7 +21,12 @@ from pathlib import Path
 import pytest
 
 from .conftest import child_env, cli, load
-from .test_resume_with_workers import assert_equal_to, write_config, write_folder
+from .test_resume_with_workers import (
+    assert_equal_to,
+    start_until_step_checkpoint,
+    write_config,
+    write_folder,
+)
 
 pytestmark = [
     pytest.mark.e2e,  # kills real runs and resumes them
@@ -65,23 +70,15 @@ def stop_the_group(cfg: Path, run: Path, kill_a_worker: bool) -> tuple[int, str]
     """Start the run in its own session; once its step checkpoint after step 2 exists, SIGTERM
     the whole group (then SIGKILL one worker if asked). Returns the exit status and stderr,
     after every process of the group is gone."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kdlab", "train", str(cfg), "--run-dir", str(run),
-         "--no-progress", "--set", "runtime.checkpoint_every_steps=2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(),
-        start_new_session=True)
+    proc = start_until_step_checkpoint(cfg, run)
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "checkpoints" / "step.pt").exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "no step checkpoint within the time limit"
-            time.sleep(0.005)
         workers = children(proc.pid)
         assert len(workers) == 2, workers
         os.killpg(proc.pid, signal.SIGTERM)
         if kill_a_worker:
             os.kill(workers[0], signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
+        deadline = time.monotonic() + 30
         while group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not group_alive(proc.pid), "processes of the group were left behind"

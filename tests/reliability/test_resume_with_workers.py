@@ -106,6 +106,24 @@ def test_stop_after_then_resume_is_exact(workers: int, references: dict[int, Pat
     assert_equal_to(references[workers], run)
 
 
+def start_until_step_checkpoint(cfg: Path, run: Path, *flags: str) -> subprocess.Popen[str]:
+    """``kdlab [flags] train cfg`` with step checkpoints every 2 steps, in its own session
+    (process group); returns once its first step checkpoint exists (within 120 s)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdlab", *flags, "train", str(cfg), "--run-dir", str(run),
+         "--no-progress", "--set", "runtime.checkpoint_every_steps=2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(),
+        start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "step.pt").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("no step checkpoint within the time limit: "
+                                 + (proc.stderr.read() if proc.stderr else ""))
+        time.sleep(0.005)
+    return proc
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_mid_epoch_then_resume_is_exact(workers: int, references: dict[int, Path],
                                                 folder_root: Path, tmp_path: Path) -> None:
@@ -113,17 +131,8 @@ def test_sigterm_mid_epoch_then_resume_is_exact(workers: int, references: dict[i
     it stops at the next step boundary (with a step checkpoint when that is inside an epoch),
     and ``--resume`` continues there."""
     cfg, run = write_config(tmp_path, folder_root, workers), tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kdlab", "-q", "train", str(cfg), "--run-dir", str(run),
-         "--no-progress", "--set", "runtime.checkpoint_every_steps=2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(),
-        start_new_session=True)
+    proc = start_until_step_checkpoint(cfg, run, "-q")
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "checkpoints" / "step.pt").exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "no step checkpoint within the time limit"
-            time.sleep(0.005)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
