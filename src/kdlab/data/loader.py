@@ -42,7 +42,7 @@ from kdlab.data.randaugment import (
     strong_view_seed,
 )
 
-__all__ = ["Batch", "DeviceLoader", "EpochPlan", "epoch_seed"]
+__all__ = ["Batch", "DeviceLoader", "EpochPlan", "check_batch_and_rank", "epoch_seed"]
 
 
 class EpochPlan(NamedTuple):
@@ -56,18 +56,25 @@ class EpochPlan(NamedTuple):
     flip: torch.Tensor
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The CPU generator seed of an epoch: a well-mixed function of ``(seed, epoch)``."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFF, int(epoch)]).generate_state(2)
+def epoch_seed(seed: int, epoch: int, *tags: int) -> int:
+    """The CPU generator seed of an epoch: a well-mixed function of ``(seed, epoch)`` and of
+    ``tags`` (constants that keep generators of different purposes apart)."""
+    entropy = [int(seed) & 0xFFFFFFFFFFFF, int(epoch), *tags]
+    state = np.random.SeedSequence(entropy).generate_state(2)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def _check_loader_args(batch_size: int, rank: int, world_size: int, padding: int,
-                       normalize: bool, dtype: torch.dtype) -> None:
+def check_batch_and_rank(batch_size: int, rank: int, world_size: int) -> None:
+    """A one-line :class:`DatasetError` for a batch size below 1 or a rank outside the world."""
     if batch_size < 1:
         raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise DatasetError(f"need 0 <= rank < world_size, got rank={rank}, ws={world_size}")
+
+
+def _check_loader_args(batch_size: int, rank: int, world_size: int, padding: int,
+                       normalize: bool, dtype: torch.dtype) -> None:
+    check_batch_and_rank(batch_size, rank, world_size)
     if padding < 0:
         raise DatasetError(f"padding must be >= 0, got {padding}")
     if normalize and not dtype.is_floating_point:

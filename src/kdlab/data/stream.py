@@ -49,7 +49,7 @@ from kdlab.core.errors import DatasetError
 from kdlab.core.signals import stop_signals_blocked, worker_ignores_stop_signals
 from kdlab.data.cub import cub_index
 from kdlab.data.folder import FileIndex, imagenet_index, scan_class_folder
-from kdlab.data.loader import Batch
+from kdlab.data.loader import Batch, check_batch_and_rank, epoch_seed
 from kdlab.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -81,9 +81,7 @@ def loader_seed(seed: int, epoch: int) -> int:
     """The seed of a stream loader's own ``torch.Generator`` in epoch ``epoch``: a well-mixed
     function of ``(seed, epoch)`` only. The DataLoader draws its workers' base seed from that
     generator (kdlab's augmentation does not use the workers' RNGs; it is seeded per sample)."""
-    state = np.random.SeedSequence(
-        [int(seed) & 0xFFFFFFFFFFFF, int(epoch), _LOADER_SEED_TAG]).generate_state(2)
-    return (int(state[0]) << 31) ^ int(state[1])
+    return epoch_seed(seed, epoch, _LOADER_SEED_TAG)
 
 
 def read_image(path: str) -> Image.Image:
@@ -392,10 +390,7 @@ def make_stream_loader(
 
     Workers ignore SIGINT and SIGTERM from other processes than this one (module docstring).
     """
-    if batch_size < 1:
-        raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise DatasetError(f"need 0 <= rank < world_size, got rank={rank}, ws={world_size}")
+    check_batch_and_rank(batch_size, rank, world_size)
     if num_workers < 0:
         raise DatasetError(f"num_workers must be >= 0, got {num_workers}")
     dev = torch.device(device)

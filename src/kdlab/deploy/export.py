@@ -61,7 +61,7 @@ from kdlab.core.plugins import check_trusted, import_plugins, trusted_plugins
 from kdlab.core.version import __version__
 from kdlab.core.weights_file import read_verified
 from kdlab.models import create_model
-from kdlab.models.checkpoint import extract_state_dict, load_state_dict_strict
+from kdlab.models.checkpoint import load_state_dict_strict
 from kdlab.runs.checkpoint import save_atomic
 from kdlab.runs.open import open_run
 
@@ -314,7 +314,7 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Sequen
     ``plugins`` (with ``$KDLAB_PLUGINS``) are the plugins the caller trusts: the ones the run's
     config names are never imported (:func:`~kdlab.runs.open.open_run`).
 
-    Raises :class:`~kdlab.core.errors.ConfigError` for a folder that is no run,
+    Raises :class:`~kdlab.core.errors.RunError` for a folder that is no run,
     :class:`~kdlab.core.errors.PluginError` for a run naming a plugin not trusted,
     :class:`~kdlab.core.errors.CheckpointError` for a missing, corrupt or mismatching checkpoint and
     :class:`ExportError` for a task other than classification.
@@ -323,14 +323,10 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Sequen
     if not run.task.exportable:
         raise ExportError(f"run {run_dir} is a {run.cfg.task!r} run; export handles "
                           "classification students (images in, logits out)")
-    state, path = run.read_checkpoint(checkpoint or "best")
+    student, state, path = run.student_and_record(checkpoint or "best")
     record = {k: v for k, v in state.items() if isinstance(v, int | float | str)}
-    data = run.data()
-    student = run.task.create_model(run.cfg.student.arch, data)
-    load_state_dict_strict(student, extract_state_dict(state, path), str(path))
-    student.eval()
     return StudentRun(run_dir=run.path, cfg=run.cfg, task=run.task, checkpoint=path,
-                      record=record, data=data, student=student)
+                      record=record, data=run.data(), student=student)
 
 
 # --------------------------------------------------------------------------- the four formats

@@ -102,13 +102,19 @@ class OpenRun:
     def student(self, which: str | Path = "best", device: str | torch.device = "cpu"
                 ) -> nn.Module:
         """The run's student with the weights of checkpoint ``which`` (strict), in eval mode."""
+        return self.student_and_record(which, device)[0]
+
+    def student_and_record(self, which: str | Path = "best",
+                           device: str | torch.device = "cpu"
+                           ) -> tuple[nn.Module, dict[str, Any], Path]:
+        """:meth:`student` with the checkpoint's content and path (its epoch and metrics)."""
         state, path = self.read_checkpoint(which)
         model = self.build_model(self.cfg.student.arch, state)
         load_state_dict_strict(model, extract_state_dict(state, path), str(path))
         if not self.rundir.is_finished():
             log.info("run %s is not finished: using %s (epoch %s)", self.path, path.name,
                      state.get("epoch", "?"))
-        return model.to(torch.device(device)).eval()
+        return model.to(torch.device(device)).eval(), state, path
 
 
 def open_run(run_dir: str | Path, overrides: Sequence[str] = (),

@@ -172,6 +172,13 @@ class Task(ABC, Generic[D, B, O]):
         record this task's model size (the reader then sizes it by the run's data)."""
         return None
 
+    def recorded_classes(self, state: dict[str, Any]) -> int | None:
+        """The class count checkpoint ``state`` records for a model of this task (checkpoints
+        without a ``task`` entry are taken as this task's); None when it records none."""
+        if "num_classes" not in state or state.get("task", self.name) != self.name:
+            return None
+        return int(state["num_classes"])
+
     @abstractmethod
     def distill_context(self, student: KdModel, teacher: KdModel | None, data: D
                         ) -> DistillContext:

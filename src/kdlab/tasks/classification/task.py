@@ -100,10 +100,10 @@ class ClassificationTask(Task[DataBundle, Batch, ModelOutput]):
     def model_from_checkpoint(self, arch: str, state: dict[str, Any]) -> KdModel | None:
         """The zoo model sized by the checkpoint's ``num_classes`` and ``in_channels`` (every
         checkpoint kdlab 0.3 writes; last.pt of earlier versions)."""
-        if "num_classes" not in state or state.get("task", self.name) != self.name:
+        classes = self.recorded_classes(state)
+        if classes is None:
             return None
-        return create_model(arch, num_classes=int(state["num_classes"]),
-                            in_channels=int(state.get("in_channels", 3)))
+        return create_model(arch, num_classes=classes, in_channels=int(state.get("in_channels", 3)))
 
     def distill_context(self, student: KdModel, teacher: KdModel | None, data: DataBundle
                         ) -> DistillContext:

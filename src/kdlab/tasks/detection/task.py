@@ -159,10 +159,10 @@ class DetectionTask(Task[Any, Any, Any]):
 
     def model_from_checkpoint(self, arch: str, state: dict[str, Any]) -> KdModel | None:
         """The detector sized by the checkpoint's ``num_classes`` (no data set needed)."""
-        if "num_classes" not in state or state.get("task", self.name) != self.name:
+        classes = self.recorded_classes(state)
+        if classes is None:
             return None
-        return build_detector(arch, int(state["num_classes"]),  # type: ignore[return-value]
-                              self.detection)
+        return build_detector(arch, classes, self.detection)  # type: ignore[return-value]
 
     def load_pretrained(self, model: nn.Module) -> None:
         """The backbone's library weights (``torchvision:``/``timm:`` archs)."""
