@@ -6,6 +6,9 @@ TORCH_VERSION ?= 2.13.0
 # the torchvision release built against TORCH_VERSION (detection; pinned so pip never resolves
 # a newer torchvision, which would pull another torch)
 TORCHVISION_VERSION ?= 0.28.0
+# timm (timm:NAME archs: ViT / DeiT / Swin / ConvNeXt; pinned and --no-deps so pip never resolves
+# torch or torchvision through it; its other runtime deps come with the dev / vit extras)
+TIMM_VERSION ?= 1.0.31
 STAMP := $(VENV)/.kdlab-installed
 
 .PHONY: setup test lint demo clean
@@ -13,12 +16,14 @@ STAMP := $(VENV)/.kdlab-installed
 setup: $(STAMP)
 
 # torch is installed first and pinned, so pip never resolves a CUDA build from a range; then the
-# matching torchvision (--no-deps: it must not touch torch), then kdlab with its extras.
+# matching torchvision (--no-deps: it must not touch torch), then timm (--no-deps: it must not
+# touch torch or torchvision), then kdlab with its extras.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q --no-deps "torchvision==$(TORCHVISION_VERSION)"
+	$(PY) -m pip install -q --no-deps "timm==$(TIMM_VERSION)"
 	$(PY) -m pip install -q -e ".[dev,detection]"
 	touch $(STAMP)
 

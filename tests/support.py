@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdlab.methods.registry import get_method
 from kdlab.models import create_model
 from kdlab.models.output import KdModel, ModelOutput
 
@@ -78,3 +79,9 @@ class TinyNet(KdModel):
         if self.logit_scale != 1.0:
             logits = self.logit_scale * logits
         return ModelOutput(logits=logits, feature_map=fmap, embedding=emb)
+
+
+def student_arch_for(method: str, default: str) -> str:
+    """``default``, or kdlab's ``vit_tiny_distilled`` for methods that need a student with a
+    DeiT distillation token (``Distiller.needs_distillation_token``: ``deit``)."""
+    return "vit_tiny_distilled" if get_method(method).needs_distillation_token else default

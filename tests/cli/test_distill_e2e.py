@@ -20,6 +20,7 @@ import yaml
 from kdlab.cli.main import main
 from kdlab.methods.registry import get_method, list_methods
 from kdlab.models import create_model
+from support import student_arch_for
 
 pytestmark = pytest.mark.e2e  # trains runs end to end
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.e2e  # trains runs end to end
 METHODS = list_methods()
 #: per-name expectations on top of the defaults: partners that train helper modules
 #: (regressor, CRD embeddings and memory, ReviewKD fusions), which must be saved with the student.
-HAS_HELPERS = {"fitnet", "crd", "reviewkd"}
+HAS_HELPERS = {"fitnet", "crd", "reviewkd", "ofa"}
 COMPOSITES = [("dckd", "fitnet"), ("dckd", "crd"), ("dckd", "rkd"), ("dckd", "reviewkd"),
               ("sd_kd", "crd"), ("sd_dkd", "at")]
 
@@ -77,7 +78,8 @@ def run_distill(tmp_path: Path, teacher: str, student: str, teachers: dict[str, 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_same_family(tmp_path: Path, teachers, method: str) -> None:
-    out = run_distill(tmp_path, "resnet32x4", "resnet8x4", teachers, {"name": method})
+    student = student_arch_for(method, "resnet8x4")
+    out = run_distill(tmp_path, "resnet32x4", student, teachers, {"name": method})
     terms = out["record"]["train_terms"]
     assert "ce" in terms
     if get_method(method).kind == "partner":
@@ -88,12 +90,14 @@ def test_every_method_same_family(tmp_path: Path, teachers, method: str) -> None
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_cross_family(tmp_path: Path, teachers, method: str) -> None:
-    run_distill(tmp_path, "resnet32x4", "ShuffleV1", teachers, {"name": method})
+    run_distill(tmp_path, "resnet32x4", student_arch_for(method, "ShuffleV1"), teachers,
+                {"name": method})
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_vgg_to_mobilenet(tmp_path: Path, teachers, method: str) -> None:
-    run_distill(tmp_path, "vgg13", "MobileNetV2", teachers, {"name": method})
+    run_distill(tmp_path, "vgg13", student_arch_for(method, "MobileNetV2"), teachers,
+                {"name": method})
 
 
 @pytest.mark.parametrize(("logit", "partner"), COMPOSITES)

@@ -264,9 +264,17 @@ def cifar_paper_cells() -> list[tuple[str, str, str, str]]:
 
 
 def beyond_paper_cells(dataset: str) -> list[tuple[str, str, str]]:
-    """(method, teacher, student) of the ImageNet or CUB-200 cells kdlab implements."""
+    """(method, teacher, student) of the SDD paper's ImageNet or CUB-200 cells kdlab implements
+    (the transformer cells, DeiT's, have their own rows: :func:`transformer_rows`)."""
     return sorted({(r["method"], r["teacher"], r["student"]) for r in _csv_rows()
-                   if r["dataset"] == dataset and r["method"] not in BEYOND_NOT_IMPLEMENTED})
+                   if r["dataset"] == dataset and r["source"].startswith("SDD-CVPR2024")
+                   and r["method"] not in BEYOND_NOT_IMPLEMENTED})
+
+
+def deit_paper_cells() -> list[tuple[str, str, str]]:
+    """(method, teacher, student) of DeiT's published ImageNet cells (its README model zoo)."""
+    return sorted({(r["method"], r["teacher"], r["student"]) for r in _csv_rows()
+                   if r["source"] == "DeiT-ICML2021 README"})
 
 
 # ============================================================================ expectations
@@ -566,8 +574,30 @@ def detection_rows() -> list[Row]:
                for m in DETECTION_METHODS])
 
 
+def transformer_rows() -> list[Row]:
+    """DeiT's ImageNet cells: facebookresearch/deit main.py and README (AdamW 5e-4 x 1024 / 512,
+    weight decay 0.05, 300 epochs, cosine to 1e-5, 5 warm-up epochs, smoothing 0.1, hard
+    distillation with alpha 0.5 from regnety_160); the OFA configs must at least build."""
+    deit_arch = {"DeiT-Ti": "timm:deit_tiny_distilled_patch16_224",
+                 "DeiT-S": "timm:deit_small_distilled_patch16_224"}
+    rows: list[Row] = []
+    for method, teacher, student in deit_paper_cells():
+        if method != "deit":
+            continue
+        rows.append((f"imagenet/deit/{teacher}_{student}.yaml", {
+            "name": f"deit/{teacher}_{student}", "student.arch": deit_arch[student],
+            "teacher.arch": "timm:regnety_160", "teacher.pretrained": True,
+            "data.batch_size": 1024, "optim.name": "adamw", "optim.lr": 1e-3,
+            "optim.weight_decay": 0.05, "optim.epochs": 300, "optim.scheduler": "cosine",
+            "optim.min_lr": 1e-5, "optim.warmup_epochs": 5, "method.name": "deit",
+            **params(type="hard", alpha=0.5, tau=1.0, label_smoothing=0.1)}))
+    return rows + [("cifar100/ofa/*.yaml", {"method.name": "ofa"}),
+                   ("imagenet/ofa/*.yaml", {"method.name": "ofa"})]
+
+
 #: THE TABLE: (config path or glob under configs/, expected values)
-ROWS: list[Row] = cifar_rows() + imagenet_rows() + cub_rows() + detection_rows()
+ROWS: list[Row] = (cifar_rows() + imagenet_rows() + cub_rows() + detection_rows()
+                   + transformer_rows())
 
 
 # ============================================================================ shared checks

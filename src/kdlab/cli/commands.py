@@ -130,9 +130,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     shown = "  ".join(f"{task.metric(k).label} {v:.4f}" if k == "loss" else
                       f"{task.metric(k).label} {v:.2f}" for k, v in res.items() if k != "count")
     sys.stdout.write(f"{cfg.student.arch} {checkpoint}: {shown}  ({res['count']} images)\n")
+    if args.regions:
+        res.update(_eval_regions(task, model, data.test_loader, device, args.regions,
+                                 resolve_amp(cfg.runtime.amp, device)))
     if out is not None:
         _write_eval(out, cfg, checkpoint, res, getattr(task, "last_detections", None))
     return 0
+
+
+def _eval_regions(task: Any, model: Any, loader: Any, device: Any, scales: list[int],
+                  amp: Any) -> dict[str, float]:
+    """``kdlab eval --regions``: print and return the ``region_*`` scores of SDD's local logits."""
+    regions = {k: v for k, v in task.evaluate_regions(model, loader, device, scales, amp).items()
+               if k.startswith("region_")}
+    sys.stdout.write("scale  local top-1  agrees with the model\n")
+    for m in sorted({int(k.rsplit("_", 1)[1]) for k in regions}):
+        sys.stdout.write(f"{m}x{m:<4} {regions[f'region_top1_{m}']:10.2f}  "
+                         f"{regions[f'region_agree_{m}']:10.2f}\n")
+    return regions
 
 
 def _write_eval(out: Path, cfg: Any, checkpoint: str, scores: dict[str, float],

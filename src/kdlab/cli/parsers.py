@@ -87,8 +87,17 @@ def _add_eval(sub: _Subparsers) -> None:
     p.add_argument("--checkpoint", help="weights to evaluate (default: the run's best.pt)")
     p.add_argument("--out", help="folder for scores.json (and, for detection, detections.json "
                    "in the COCO results format); default: <run>/eval for a run directory")
+    p.add_argument("--regions", metavar="SCALES", type=_scales,
+                   help="also measure SDD's local logits: top-1 of the classifier on each cell "
+                   "of each m x m grid of the final map, and their agreement with the model, "
+                   "e.g. --regions 1,2,4 (classification)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     _add_plugin_arg(p, reads_runs=True)
+
+
+def _scales(text: str) -> list[int]:
+    """``"1,2,4"`` as ``[1, 2, 4]`` (argparse reports a ValueError as a usage error)."""
+    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def _add_listings(sub: _Subparsers) -> None:

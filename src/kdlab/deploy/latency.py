@@ -15,7 +15,8 @@ The protocol (one row = one model x runtime x batch size):
    linear-interpolation percentiles) and the minimum, in ms; images/s = bs / p50.
 4. bs = 1 (latency) and a throughput batch (default 64) are separate rows; parameters and
    multiply-accumulates (MACs per image: ``FlopCounterMode`` FLOPs / 2 of one image's forward
-   pass, convolutions and linear layers, the usual convention) are given per model.
+   pass, convolutions, linear layers and attention's matrix products, the usual convention;
+   :func:`count_macs`) are given per model.
 5. Teacher and student run in the same runtime and precision: ``eager`` (PyTorch fp32),
    ``torchscript`` (the traced fp32 artefact of ``kdlab export``), ``onnxruntime`` (the fp32
    ONNX artefact) and ``int8`` (FX post-training static int8 for x86, TorchScript; calibrated
@@ -49,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdlab.core.env import machine_info, named_cpu_flags
@@ -219,14 +221,19 @@ def count_macs(model: Any, input_shape: Sequence[int]) -> int:
     """Multiply-accumulates of one image's forward pass: ``FlopCounterMode`` FLOPs / 2.
 
     FlopCounterMode counts 2 FLOPs per multiply-add of convolutions and matrix products (bias,
-    BatchNorm, activations and pooling are not counted), so this is the usual MAC count:
-    sum over convolutions of ``C_out x H_out x W_out x C_in/groups x k_h x k_w`` plus
-    ``in x out`` per linear layer.
+    BatchNorm, LayerNorm, activations, softmax and pooling are not counted), so this is the usual
+    MAC count: sum over convolutions of ``C_out x H_out x W_out x C_in/groups x k_h x k_w``, plus
+    ``in x out`` per linear layer and token, plus, for attention, the two matrix products
+    ``q k^T`` and ``attn v`` (``2 x N^2 x C`` per block for ``N`` tokens of width ``C``).
+    The count runs with SDPA's math backend: FlopCounterMode has no formula for the fused CPU
+    kernel (``_scaled_dot_product_flash_attention_for_cpu``) and would leave attention out;
+    the math backend computes the same function through counted batched matrix products.
     """
     x = torch.zeros(1, *[int(s) for s in input_shape])
     was_training = model.training
     model.eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, \
+            torch.no_grad():
         model(x)
     model.train(was_training)
     return int(counter.get_total_flops()) // 2

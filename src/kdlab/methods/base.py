@@ -10,7 +10,7 @@ methods (SD-DKD + CRD, DCKD + FitNet) are compositions of registered distillers
 There are two kinds:
 
 * ``kind = "logit"``: vanilla, kd, dkd, nkd, sd_kd, sd_dkd, sd_nkd, dckd, mlkd, dist, ttm,
-  wttm. They own the
+  wttm, deit, ofa. They own the
   cross-entropy term (``ce_weight``) and at most one is used per run.
 * ``kind = "partner"``: fitnet, at, rkd, sp, pkt, crd, reviewkd. They return only their own
   term(s), scaled by their ``weight`` (lambda_f); any number may be added to a logit method. Used
@@ -140,6 +140,10 @@ class Distiller(nn.Module, Generic[P]):
     #: lists "strong" (MLKD) gets a strongly augmented view of every image (``Batch.strong``) and
     #: both models' outputs on it in ``out.views["strong"]`` (see :func:`requested_views`).
     views: ClassVar[tuple[str, ...]] = ("weak",)
+    #: whether the student must have a DeiT distillation token (``KdModel.distillation_token``)
+    needs_distillation_token: ClassVar[bool] = False
+    #: whether the method builds helper modules from the student's stage ``features`` (OFA)
+    needs_stage_features: ClassVar[bool] = False
 
     params: P
     ctx: DistillContext

@@ -5,12 +5,14 @@ hierarchical context loss (HCL) against the teacher's stages.
 The official code and mdistiller hard-code per-pair tables of channels and spatial sizes
 (``IN_CHANNELS``, ``OUT_CHANNELS``, ``SHAPES``, ``OUT_SHAPES``); here every size comes from the
 probes in the :class:`~kdlab.methods.base.DistillContext` (channels) and from the tensors
-themselves at run time (spatial sizes), so any student/teacher pair works.
+themselves at run time (spatial sizes), so any student/teacher pair works. Pairs with a ViT on
+either side (``KdModel.token_grid``) pair their levels by relative depth and resize smoothly
+(:func:`level_pairs`, :class:`ABF`; docs/methods/heterogeneous.md).
 """
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +22,16 @@ from torch import Tensor, nn
 from kdlab.core.errors import MethodError
 from kdlab.losses.reviewkd import hcl_loss
 from kdlab.methods.base import Batch, DistillContext, Distiller, MethodParams, warmup_factor
-from kdlab.methods.feature import pooled_embedding
+from kdlab.methods.feature import (
+    is_token_grid,
+    pooled_embedding,
+    resize_to_grid,
+    stage_pairs,
+)
 from kdlab.methods.registry import register_method
 from kdlab.models.output import ModelOutput
 
-__all__ = ["ABF", "ReviewKD", "ReviewKDParams", "review_levels"]
+__all__ = ["ABF", "ReviewKD", "ReviewKDParams", "level_pairs", "review_levels"]
 
 
 class ReviewKDParams(MethodParams):
@@ -62,10 +69,17 @@ class ABF(nn.Module):
     ``x' <- a_0 * x' + a_1 * y``. The result is resized (nearest) to the teacher level's size,
     becomes the residual passed to the next (shallower) level, and ``BN(conv3x3(.))`` maps it to
     the teacher's channel count.
+
+    ``smooth_resize`` (pairs with a ViT): both resizes use
+    :func:`~kdlab.methods.feature.resize_to_grid` (adaptive average pooling down, bilinear up)
+    instead of nearest neighbours, which would keep one cell in 16 when a CNN's 32x32 stage
+    meets an 8x8 token grid.
     """
 
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool) -> None:
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool,
+                 smooth_resize: bool = False) -> None:
         super().__init__()
+        self.smooth_resize = smooth_resize
         conv1 = nn.Conv2d(in_channels, mid_channels, kernel_size=1, bias=False)
         self.conv1 = nn.Sequential(conv1, nn.BatchNorm2d(mid_channels))
         conv2 = nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False)
@@ -90,12 +104,19 @@ class ABF(nn.Module):
         if self.att_conv is not None:
             if residual is None:
                 raise ValueError("ABF: a fusing level needs the residual of the deeper level")
-            y = F.interpolate(residual, size=tuple(x.shape[-2:]), mode="nearest")
+            y = self._resize(residual, x.shape[-2:])
             a = self.att_conv(torch.cat([x, y], dim=1))
             x = x * a[:, 0:1] + y * a[:, 1:2]
         if tuple(x.shape[-2:]) != tuple(out_size):
-            x = F.interpolate(x, size=tuple(out_size), mode="nearest")
+            x = self._resize(x, out_size)
         return self.conv2(x), x
+
+    def _resize(self, x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+        """``x`` at ``size``: :func:`~kdlab.methods.feature.resize_to_grid` when
+        ``smooth_resize``, else nearest neighbours (the official code)."""
+        if self.smooth_resize:
+            return resize_to_grid(x, size)
+        return F.interpolate(x, size=tuple(size), mode="nearest")
 
 
 def review_levels(out: ModelOutput, preact: bool, embedding: bool = True) -> list[Tensor]:
@@ -109,15 +130,39 @@ def review_levels(out: ModelOutput, preact: bool, embedding: bool = True) -> lis
     return levels + [pooled_embedding(out)[:, :, None, None]]
 
 
+def level_pairs(n_s: int, n_t: int, grid_pair: bool, embedding: bool) -> list[tuple[int, int]]:
+    """``(student level, teacher level)`` indices (0-based, shallow to deep) into
+    :func:`review_levels` lists of ``n_s`` and ``n_t`` levels (each >= 2 long).
+
+    Two CNNs (``grid_pair`` false): the deepest ``min(n_s, n_t)`` levels of each, in order.
+    A ViT on either side: the stage levels by relative depth
+    (:func:`~kdlab.methods.feature.stage_pairs`: every stage of the shallower model with the
+    other's stage at the same relative depth) and, when ``embedding``, the last level (the pooled
+    embedding) with the last.
+    """
+    if not grid_pair:
+        n = min(n_s, n_t)
+        return list(zip(range(n_s - n, n_s), range(n_t - n, n_t), strict=True))
+    k = 1 if embedding else 0
+    pairs = [(i - 1, j - 1) for i, j in stage_pairs(n_s - k, n_t - k)]
+    return pairs + [(n_s - 1, n_t - 1)] * k
+
+
 @register_method
 class ReviewKD(Distiller[ReviewKDParams]):
     """ReviewKD with ABF modules sized from the probes and the HCL loss, linear warm-up.
 
     Levels (shallow to deep) are ``features[1:] + [embedding]`` on both sides; the student's are
-    post-activation, the teacher's pre-activation (official code). When the two models have
-    different numbers of stages, the DEEPEST ``n = min(n_s, n_t)`` levels of each are paired
-    (the review path starts from the pooled embedding, so depth alignment keeps the pooled
-    vectors and the last stages together); the shallowest extra stages are unused.
+    post-activation, the teacher's pre-activation (official code; a ViT has no pre-activation
+    stages, so its ``features`` are used). Which levels are paired is :func:`level_pairs`: for two
+    CNNs with different numbers of stages, the DEEPEST ``n = min(n_s, n_t)`` levels of each (the
+    review path starts from the pooled embedding, so depth alignment keeps the pooled vectors and
+    the last stages together) and the shallowest extra stages are unused; with a ViT on either
+    side, the stages at the same relative depth, and the ABF resizes are smooth
+    (``ABF.smooth_resize``).
+
+    Raises:
+        MethodError: a model without stage features, or levels that are not maps.
     """
 
     name = "reviewkd"
@@ -137,24 +182,33 @@ class ReviewKD(Distiller[ReviewKDParams]):
                 )
             if any(f.dim() != 4 for f in levels):
                 raise MethodError(f"reviewkd: {who} stage features must be B x C x H x W maps")
-        n = min(len(s_levels), len(t_levels))
-        self.num_levels = n
-        s_levels, t_levels = s_levels[-n:], t_levels[-n:]
+        grid_pair = is_token_grid(ctx.student) or is_token_grid(ctx.teacher)
+        #: ``(student level, teacher level)`` indices into the review_levels lists.
+        self.pairs = level_pairs(len(s_levels), len(t_levels), grid_pair, p.embedding_level)
+        n = self.num_levels = len(self.pairs)
+        s_levels = [s_levels[i] for i, _ in self.pairs]
+        t_levels = [t_levels[j] for _, j in self.pairs]
         in_channels = [int(f.shape[1]) for f in s_levels]
         out_channels = [int(f.shape[1]) for f in t_levels]
         mid = min(p.max_mid_channels, in_channels[-1])
         # Built deepest first: abfs[0] takes the pooled embedding and does not fuse.
         self.abfs = nn.ModuleList(
-            ABF(in_channels[i], mid, out_channels[i], fuse=i < n - 1) for i in reversed(range(n))
+            ABF(in_channels[i], mid, out_channels[i], fuse=i < n - 1, smooth_resize=grid_pair)
+            for i in reversed(range(n))
         )
         #: probe shapes (C, H, W) per level, shallow to deep, for the record.
         self.student_shapes = [tuple(int(v) for v in f.shape[1:]) for f in s_levels]
         self.teacher_shapes = [tuple(int(v) for v in f.shape[1:]) for f in t_levels]
 
+    def describe(self) -> dict[str, Any]:
+        """The name, the parameters and the ``(student, teacher)`` level indices paired."""
+        return {**super().describe(), "resolved": {"pairs": [list(q) for q in self.pairs]}}
+
     def review(self, out_s: ModelOutput, teacher_sizes: list[tuple[int, int]]) -> list[Tensor]:
         """The student's reviewed maps, shallow to deep, each at the teacher level's size."""
         p = self.params
-        levels = review_levels(out_s, p.student_preact, p.embedding_level)[-self.num_levels :]
+        all_levels = review_levels(out_s, p.student_preact, p.embedding_level)
+        levels = [all_levels[i] for i, _ in self.pairs]
         results: list[Tensor] = []
         residual: Tensor | None = None
         for abf, x, size in zip(self.abfs, reversed(levels), reversed(teacher_sizes), strict=True):
@@ -166,7 +220,8 @@ class ReviewKD(Distiller[ReviewKDParams]):
         self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
     ) -> dict[str, Tensor]:
         p = self.params
-        t_levels = review_levels(out_t, p.teacher_preact, p.embedding_level)[-self.num_levels :]
+        all_levels = review_levels(out_t, p.teacher_preact, p.embedding_level)
+        t_levels = [all_levels[j] for _, j in self.pairs]
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in t_levels]
         loss = hcl_loss(self.review(out_s, sizes), t_levels)
         return {"reviewkd": p.weight * warmup_factor(epoch, p.warmup_epochs) * loss}

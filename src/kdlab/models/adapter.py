@@ -24,12 +24,32 @@ Presets (chosen from the model's structure; every choice can be overridden by na
 one, else of the linear layer), so ``classifier(embedding) == logits`` holds exactly; in training
 mode a dropout before the linear layer is already applied to ``embedding``.
 
+timm's transformers (within the timm preset; the conventions of :mod:`kdlab.models.vit`, and
+``token_grid`` is True on the wrapper):
+
+* **ViT / DeiT** (``patch_embed``, ``blocks`` and an integer ``num_prefix_tokens``):
+  ``forward_features`` returns ``B x (P + N) x C`` tokens; ``feature_map`` is that output (after
+  timm's final ``norm``) without the ``P`` prefix tokens (class, distillation, register), as a
+  ``B x C x H' x W'`` grid (``H' x W'`` the patch grid of this input); ``features`` are the
+  ``patch_embed`` output, then every block's output, as grids. A ``fc_norm`` (timm's
+  ``global_pool="avg"`` models, whose ``norm`` is then an identity) is part of
+  ``model.classifier``, so ``classifier(feature_map.mean((2, 3)))`` are the logits there; for
+  class-token heads ``embedding`` is the normed class token and the pooled map is not the logits.
+* **Distilled DeiT** (``get_classifier()`` returns ``(head, head_dist)`` and the model has
+  ``set_distilled_training``): the wrapper calls ``set_distilled_training(True)``. In training
+  mode ``logits`` are the class-token head's and ``dist_logits`` the distillation head's (timm's
+  pair); in eval mode ``logits`` are timm's mean of both heads and ``dist_logits`` is None.
+  ``classifier`` is the class-token head, ``embedding`` the normed class token, so
+  ``classifier(embedding) == logits`` in training mode only. ``distillation_token`` is True.
+* **Swin** (``output_fmt == "NHWC"``): ``feature_map`` and the ``feature_info`` stages are timm's
+  channels-last maps permuted to ``B x C x H x W``.
+
 Neither torchvision nor timm is imported: models are recognised by their attribute names.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,12 +62,14 @@ __all__ = ["AdaptedModel", "NormLinearHead", "adapt"]
 
 
 class NormLinearHead(nn.Module):
-    """A head ``linear(layer_norm(v))`` callable on ``(..., C)`` (ConvNeXt-style classifiers).
+    """A head ``linear(norm(v))`` callable on ``(..., C)`` (ConvNeXt heads, timm's ``fc_norm``).
 
-    ``norm`` is any LayerNorm-like module with ``weight``, ``bias``, ``eps`` and
-    ``normalized_shape`` (``nn.LayerNorm``, torchvision's/timm's ``LayerNorm2d``); it is applied
-    over the last dimension, which is what ``LayerNorm2d`` does to a ``B x C x 1 x 1`` pooled map.
-    The modules are referenced, not copied: training the wrapped model trains this head.
+    A channels-first ``LayerNorm2d`` (torchvision's/timm's; any norm whose class name ends in
+    ``2d``, with ``weight``, ``bias``, ``eps`` and ``normalized_shape``) is applied as a layer
+    norm over the last dimension, which is what it does to a ``B x C x 1 x 1`` pooled map. Any
+    other norm (``nn.LayerNorm``, timm's ``LayerNorm``/``RmsNorm`` as ``fc_norm``) already
+    normalises the last dimension and is called as it is. The modules are referenced, not
+    copied: training the wrapped model trains this head.
     """
 
     def __init__(self, norm: nn.Module, linear: nn.Linear) -> None:
@@ -56,9 +78,12 @@ class NormLinearHead(nn.Module):
         self.linear = linear
         self.in_features = linear.in_features
         self.out_features = linear.out_features
+        self.channels_first_norm = type(norm).__name__.lower().endswith("2d")
 
     def forward(self, x: Tensor) -> Tensor:
         norm = self.norm
+        if not self.channels_first_norm:
+            return self.linear(norm(x))
         shape = tuple(getattr(norm, "normalized_shape", (x.shape[-1],)))
         weight = getattr(norm, "weight", None)
         bias = getattr(norm, "bias", None)
@@ -98,6 +123,25 @@ def _last_linear(module: nn.Module, where: str) -> tuple[str, nn.Linear]:
     return linears[0]
 
 
+#: How :class:`AdaptedModel` reads the wrapped model's maps: ``"nchw"`` as they are, ``"tokens"``
+#: (timm's ViT family) prefix tokens removed and the rest laid out on the patch grid, ``"nhwc"``
+#: (timm's Swin) channels-last maps permuted to channels-first.
+Layout = Literal["nchw", "tokens", "nhwc"]
+
+
+def _make_head(model: nn.Module, classifier_path: str, head_norm_path: str | None) -> nn.Module:
+    """The ``classifier`` of the wrapper: the linear layer, or norm + linear."""
+    linear = _get(model, classifier_path)
+    if not isinstance(linear, nn.Linear):
+        raise ModelError(
+            f"adapt: classifier {classifier_path!r} is a {type(linear).__name__}, "
+            "expected nn.Linear"
+        )
+    if head_norm_path is None:
+        return linear
+    return NormLinearHead(_get(model, head_norm_path), linear)
+
+
 class AdaptedModel(KdModel):
     """A foreign classifier seen through hooks as a :class:`KdModel` (see :func:`adapt`).
 
@@ -109,6 +153,12 @@ class AdaptedModel(KdModel):
         feature_paths: dotted paths whose outputs are ``features`` (``None``: chosen per call,
             the last child of ``features`` at each resolution).
         preset: which preset built it (``"timm"``, ``"resnet"``, ``"features"``, ``"explicit"``).
+        layout: how maps are read (:data:`Layout`); ``token_grid`` is True for ``"tokens"`` and
+            for ``"nhwc"`` models with a ``patch_embed`` (Swin).
+        dist_classifier_path: dotted path of a DeiT distillation head (``head_dist``), else
+            ``None``; with one, ``distillation_token`` is True, the wrapped model's
+            ``set_distilled_training(True)`` is called, and in training mode ``logits`` are the
+            class-token head's and ``dist_logits`` the distillation head's.
     """
 
     def __init__(
@@ -121,6 +171,8 @@ class AdaptedModel(KdModel):
         head_norm_path: str | None = None,
         preset: str = "explicit",
         in_channels: int = 3,
+        layout: Layout = "nchw",
+        dist_classifier_path: str | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -130,16 +182,17 @@ class AdaptedModel(KdModel):
         self.head_norm_path = head_norm_path
         self.preset = preset
         self.in_channels = in_channels
-        linear = _get(model, classifier_path)
-        if not isinstance(linear, nn.Linear):
-            raise ModelError(
-                f"adapt: classifier {classifier_path!r} is a {type(linear).__name__}, "
-                "expected nn.Linear"
-            )
-        self.num_classes = linear.out_features
-        head: nn.Module = linear
-        if head_norm_path is not None:
-            head = NormLinearHead(_get(model, head_norm_path), linear)
+        self.layout: Layout = layout
+        self.dist_classifier_path = dist_classifier_path
+        head = _make_head(model, classifier_path, head_norm_path)
+        self.num_classes = _get(model, classifier_path).out_features
+        self.token_grid = layout == "tokens" or (
+            layout == "nhwc" and isinstance(getattr(model, "patch_embed", None), nn.Module)
+        )
+        self.distillation_token = dist_classifier_path is not None
+        if dist_classifier_path is not None:
+            _get(model, dist_classifier_path)
+            model.set_distilled_training(True)  # type: ignore[operator]
         # Kept outside ``_modules``: no second state-dict entry for the head's parameters.
         object.__setattr__(self, "_head", head)
         self._store: dict[str, Any] = {}
@@ -164,20 +217,21 @@ class AdaptedModel(KdModel):
             return hook
 
         first_head = self.head_norm_path or self.classifier_path
-        self._handles.append(
-            _get(model, first_head).register_forward_pre_hook(keep_input("embedding"))
-        )
-        self._handles.append(
-            _get(model, self.classifier_path).register_forward_hook(keep_output("head_out"))
-        )
+        hooks = [(first_head, True, "embedding"), (self.classifier_path, False, "head_out")]
         if self.feature_map_path is not None:
+            hooks.append((self.feature_map_path, False, "fmap"))
+        if self.layout == "tokens":  # its output gives the patch grid of each input
+            hooks.append(("patch_embed", False, "patches"))
+        for i, path in enumerate(self.feature_paths or []):
+            hooks.append((path, False, f"f{i}"))
+        for path, pre, key in hooks:
+            module = _get(model, path)
             self._handles.append(
-                _get(model, self.feature_map_path).register_forward_hook(keep_output("fmap"))
+                module.register_forward_pre_hook(keep_input(key))
+                if pre
+                else module.register_forward_hook(keep_output(key))
             )
-        if self.feature_paths is not None:
-            for i, path in enumerate(self.feature_paths):
-                self._handles.append(_get(model, path).register_forward_hook(keep_output(f"f{i}")))
-        elif self.preset == "features":
+        if self.feature_paths is None and self.preset == "features":
             children = list(_get(model, "features").children())
             for i, child in enumerate(children):
                 self._handles.append(child.register_forward_hook(keep_output(f"c{i}")))
@@ -209,36 +263,85 @@ class AdaptedModel(KdModel):
             if i + 1 == len(outs) or outs[i + 1].shape[-2:] != o.shape[-2:]
         ]
 
+    def _clear(self) -> None:
+        for k in [k for k in self._store if k != "n_children"]:
+            del self._store[k]
+
+    def _run(self, x: Tensor) -> tuple[Any, Any]:
+        """The wrapped model's own output and its final map (before any layout change)."""
+        if self.preset == "timm":
+            fmap = self.model.forward_features(x)  # type: ignore[operator]
+            return self.model.forward_head(fmap), fmap  # type: ignore[operator]
+        return self.model(x), self._store.get("fmap")
+
+    def _patch_grid(self, x: Tensor) -> tuple[int, int] | None:
+        """``(H', W')``, the patch grid of ``x`` for a token model (else None)."""
+        if self.layout != "tokens":
+            return None
+        patches = self._store.get("patches")
+        if isinstance(patches, Tensor) and patches.dim() == 4:  # timm's dynamic_img_size: NHWC
+            return int(patches.shape[1]), int(patches.shape[2])
+        embed = self.model.patch_embed
+        size = getattr(embed, "dynamic_feat_size", None)
+        h, w = size((int(x.shape[-2]), int(x.shape[-1]))) if callable(size) else embed.grid_size
+        return int(h), int(w)
+
+    def _to_grid(self, t: Any, grid: tuple[int, int] | None) -> Any:
+        """``t`` as ``B x C x H x W``: channels-last maps (every 4-d map of ``"nhwc"``, a token
+        model's ``H' x W' x C`` on ``grid``) permuted, token sequences without their prefix
+        tokens laid out on ``grid``; anything else (and every ``"nchw"`` map) as it is."""
+        if self.layout == "nchw" or not isinstance(t, Tensor):
+            return t
+        if t.dim() == 4:  # channels last: Swin's maps, a dynamic ViT's NHWC patch embedding
+            nhwc = self.layout == "nhwc" or tuple(t.shape[1:3]) == grid
+            return t.permute(0, 3, 1, 2) if nhwc else t
+        if t.dim() != 3 or grid is None:
+            return t
+        h, w = grid
+        prefix = int(getattr(self.model, "num_prefix_tokens", 0))
+        extra = t.shape[1] - h * w
+        if extra not in (0, prefix):
+            raise ModelError(
+                f"adapt: {t.shape[1]} tokens do not fit the {h}x{w} patch grid plus {prefix} "
+                "prefix tokens; build the model with patch_drop_rate=0 (no token dropping)"
+            )
+        return t[:, extra:].transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
+
+    def _logits(self, result: Any, head_out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(logits, dist_logits)``: timm's ``(cls, dist)`` pair of a distilled DeiT in
+        training mode is split; any other non-tensor output gives the linear head's output."""
+        if isinstance(result, Tensor):
+            return result, None
+        if self.dist_classifier_path is not None and isinstance(result, (tuple, list)):
+            return result[0], result[1]
+        return head_out, None
+
     def forward(self, x: Tensor) -> ModelOutput:
         store = self._store
-        for k in [k for k in store if k != "n_children"]:
-            del store[k]
+        self._clear()
         try:
-            if self.preset == "timm":
-                fmap = self.model.forward_features(x)  # type: ignore[operator]
-                result = self.model.forward_head(fmap)  # type: ignore[operator]
-            else:
-                result = self.model(x)
-                fmap = store.get("fmap")
+            result, fmap = self._run(x)
             embedding = store["embedding"]
             head_out = store["head_out"]
             features = self._stage_outputs()
+            grid = self._patch_grid(x)
         finally:
-            for k in [k for k in store if k != "n_children"]:
-                del store[k]
+            self._clear()
+        fmap = self._to_grid(fmap, grid)
         if not isinstance(fmap, Tensor) or fmap.dim() != 4:
             shape = tuple(fmap.shape) if isinstance(fmap, Tensor) else type(fmap).__name__
             raise ModelError(
                 f"adapt: the feature map must be B x C x H x W, got {shape}; pass "
                 "feature_map='<module path>' naming the last convolutional stage"
             )
-        logits = result if isinstance(result, Tensor) else head_out
+        logits, dist_logits = self._logits(result, head_out)
         return ModelOutput(
             logits=logits,
             feature_map=fmap,
-            features=features,
+            features=[self._to_grid(f, grid) for f in features],
             embedding=embedding.flatten(1),
             preact_features=[],
+            dist_logits=dist_logits,
         )
 
 
@@ -273,6 +376,8 @@ class _Plan(NamedTuple):
     feature_map: str | None
     stages: list[str] | None
     head_norm: str | None
+    layout: Layout = "nchw"
+    dist_head: str | None = None
 
 
 def _is_timm_like(model: nn.Module) -> bool:
@@ -282,12 +387,73 @@ def _is_timm_like(model: nn.Module) -> bool:
     )
 
 
-def _timm_stages(model: nn.Module) -> list[str] | None:
-    """The stage paths named by timm's ``feature_info``, if it names them all."""
+def _timm_layout(model: nn.Module) -> Layout:
+    """``"nhwc"`` for timm's channels-last models (``output_fmt``: Swin), ``"tokens"`` for its
+    ViT family (``patch_embed``, ``blocks`` and an integer ``num_prefix_tokens``), else
+    ``"nchw"``."""
+    if getattr(model, "output_fmt", None) == "NHWC":
+        return "nhwc"
+    if isinstance(getattr(model, "num_prefix_tokens", None), int) and all(
+        isinstance(getattr(model, a, None), nn.Module) for a in ("patch_embed", "blocks")
+    ):
+        return "tokens"
+    return "nchw"
+
+
+def _timm_stages(model: nn.Module, layout: Layout) -> list[str] | None:
+    """The stage paths named by timm's ``feature_info``, if it names them all; a token model's
+    start with ``patch_embed`` and default to every block."""
     info = getattr(model, "feature_info", None)
     names = [d.get("module") for d in info] if isinstance(info, list) else []
-    if names and all(isinstance(n, str) and n for n in names):
-        return [str(n) for n in names]
+    named = bool(names) and all(isinstance(n, str) and n for n in names)
+    stages = [str(n) for n in names] if named else None
+    if layout != "tokens":
+        return stages
+    if stages is None:
+        stages = [f"blocks.{i}" for i in range(len(list(model.blocks.children())))]
+    return ["patch_embed", *stages]
+
+
+def _timm_heads(model: nn.Module, classifier: str | None) -> tuple[str, str | None]:
+    """The path of ``get_classifier()``'s linear head (unless given) and of a DeiT distillation
+    head (``get_classifier()`` returning ``(head, head_dist)`` on a model with
+    ``set_distilled_training``)."""
+    head = model.get_classifier()  # type: ignore[operator]
+    dist_path = None
+    if isinstance(head, tuple) and len(head) == 2 and callable(
+        getattr(model, "set_distilled_training", None)
+    ):
+        head, dist = head
+        if not isinstance(dist, nn.Linear):
+            raise ModelError(
+                f"adapt: the distillation head is a {type(dist).__name__}, expected nn.Linear "
+                "(was the model built with num_classes=0?)"
+            )
+        dist_path = _path_of(model, dist)
+    if classifier is not None:
+        return classifier, dist_path
+    if not isinstance(head, nn.Linear):
+        raise ModelError(
+            f"adapt: get_classifier() returned a {type(head).__name__}, expected "
+            "nn.Linear (was the model built with num_classes=0?)"
+        )
+    return _path_of(model, head), dist_path
+
+
+def _timm_head_norm(model: nn.Module, cls_path: str, layout: Layout) -> str | None:
+    """A token model's ``fc_norm`` (applied to the pooled tokens), else a LayerNorm named
+    ``norm`` next to the linear head (ConvNeXt's ``head.norm``), else None."""
+    if layout == "tokens":
+        fc_norm = getattr(model, "fc_norm", None)
+        if isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity):
+            return "fc_norm"
+        return None
+    if "." not in cls_path:
+        return None
+    parent_path = cls_path.rsplit(".", 1)[0]
+    norm = getattr(_get(model, parent_path), "norm", None)
+    if isinstance(norm, nn.Module) and _is_layer_norm(norm):
+        return f"{parent_path}.norm"
     return None
 
 
@@ -298,26 +464,15 @@ def _timm_plan(
     feature_map: str | None,
     head_norm: str | None,
 ) -> _Plan:
-    """The timm preset: head from ``get_classifier()``, stages from ``feature_info``, a
-    ``norm`` next to the head; ``forward_features`` gives the map unless a path is forced."""
-    cls_path, stages, norm_path = classifier, feature_layers, head_norm
-    head = model.get_classifier()  # type: ignore[operator]
-    if cls_path is None:
-        if not isinstance(head, nn.Linear):
-            raise ModelError(
-                f"adapt: get_classifier() returned a {type(head).__name__}, expected "
-                "nn.Linear (was the model built with num_classes=0?)"
-            )
-        cls_path = _path_of(model, head)
-    if stages is None:
-        stages = _timm_stages(model)
-    if norm_path is None and "." in cls_path:
-        parent_path = cls_path.rsplit(".", 1)[0]
-        norm = getattr(_get(model, parent_path), "norm", None)
-        if isinstance(norm, nn.Module) and _is_layer_norm(norm):
-            norm_path = f"{parent_path}.norm"
+    """The timm preset: head from ``get_classifier()``, stages from ``feature_info``, a head
+    norm (``fc_norm``, ``head.norm``); ``forward_features`` gives the map unless a path is
+    forced."""
+    layout = _timm_layout(model)
+    cls_path, dist_path = _timm_heads(model, classifier)
+    stages = _timm_stages(model, layout) if feature_layers is None else feature_layers
+    norm_path = head_norm if head_norm is not None else _timm_head_norm(model, cls_path, layout)
     preset = "timm" if feature_map is None else "explicit"
-    return _Plan(preset, cls_path, feature_map, stages, norm_path)
+    return _Plan(preset, cls_path, feature_map, stages, norm_path, layout, dist_path)
 
 
 def _features_plan(
@@ -384,13 +539,16 @@ def adapt(
             (``[stem, stage1, ...]``); ``None``: the preset's.
         feature_map: dotted path of the module whose output is the final map before global
             pooling; ``None``: the preset's, else the last of ``feature_layers``.
-        head_norm: dotted path of a LayerNorm applied to the pooled vector before the linear
-            head (ConvNeXt); ``None``: found in the head container by the presets.
+        head_norm: dotted path of a norm applied to the pooled vector before the linear
+            head (ConvNeXt's ``head.norm``, a timm ViT's ``fc_norm``); ``None``: found by the
+            presets.
         in_channels: input channels (used by :meth:`KdModel.probe`).
 
     Returns:
-        An :class:`AdaptedModel`; ``out.logits`` is exactly the wrapped model's output,
-        ``model.classifier(out.embedding) == out.logits``.
+        An :class:`AdaptedModel`; ``out.logits`` is exactly the wrapped model's output and
+        ``model.classifier(out.embedding) == out.logits``, except for a distilled DeiT: in
+        training mode ``logits``/``dist_logits`` are its two heads' outputs, in eval mode
+        ``logits`` is their mean while ``classifier`` is the class-token head alone.
 
     Raises:
         ModelError: no preset fits and the paths were not given, a path does not exist, or the
@@ -398,25 +556,26 @@ def adapt(
     """
     if isinstance(model, KdModel):
         raise ModelError("adapt: the model is already a KdModel")
-    preset, cls_path, fmap_path, stages, norm_path = _plan(
-        model, classifier, feature_layers, feature_map, head_norm
-    )
-    if cls_path is None:
+    plan = _plan(model, classifier, feature_layers, feature_map, head_norm)
+    if plan.classifier is None:
         raise ModelError(
             f"adapt: cannot recognise {type(model).__name__} (no timm forward_features/"
             "get_classifier, no ResNet layer1..layerN + fc, no features + classifier): pass "
             "classifier='<linear head path>' and feature_map='<last stage path>'"
         )
-    if fmap_path is None and preset != "timm":
-        if not stages:
+    fmap_path = plan.feature_map
+    if fmap_path is None and plan.preset != "timm":
+        if not plan.stages:
             raise ModelError("adapt: pass feature_map='<path>' (or feature_layers=[...])")
-        fmap_path = stages[-1]
+        fmap_path = plan.stages[-1]
     return AdaptedModel(
         model,
-        classifier_path=cls_path,
+        classifier_path=plan.classifier,
         feature_map_path=fmap_path,
-        feature_paths=stages,
-        head_norm_path=norm_path,
-        preset=preset,
+        feature_paths=plan.stages,
+        head_norm_path=plan.head_norm,
+        preset=plan.preset,
+        layout=plan.layout,
+        dist_classifier_path=plan.dist_head,
         in_channels=in_channels,
     )

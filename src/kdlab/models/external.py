@@ -17,9 +17,15 @@ initialised), as timm does. Fetching needs the network the first time; without i
 says which file to put where.
 
 torchvision and timm stay optional: they are imported only when such an arch is used, and a
-missing (or unimportable) package is a one-line :class:`~kdlab.core.errors.ModelError`. They are
-not kdlab extras: pip would resolve torch again through them (a CUDA build from PyPI); install
-the build that matches your torch.
+missing (or unimportable) package is a one-line :class:`~kdlab.core.errors.ModelError`. Neither
+is a kdlab requirement: pip would resolve torch again through them (a CUDA build from PyPI).
+Install torch, then the torchvision build made for it, then ``pip install --no-deps timm==X``;
+the ``vit`` extra holds timm's other runtime dependencies (huggingface_hub, safetensors, PyYAML).
+timm imports torchvision: where torchvision's compiled operators do not load with this torch,
+a ``timm:`` arch fails with the message that names the torchvision build to install.
+
+timm's ViT / DeiT (distilled too) / Swin / ConvNeXt follow kdlab's token-model conventions
+through :func:`~kdlab.models.adapter.adapt` (docs/models.md, "timm transformers and ConvNeXt").
 """
 
 from __future__ import annotations
@@ -71,9 +77,26 @@ def _import(library: str, arch: str) -> ModuleType:
                              f"(the build that matches your torch {torch.__version__})") from e
         raise ModelError(f"arch {arch!r}: {library} cannot be imported ({_first_line(e)})") from e
     except Exception as e:  # a build compiled for another torch fails in many ways
+        if library == "timm" and "torchvision::" in str(e):
+            _raise_torchvision_error(arch, e)
         raise ModelError(f"arch {arch!r}: {library} is installed but cannot be imported "
                          f"({_first_line(e)}); install the {library} build that matches your "
                          f"torch {torch.__version__}") from e
+
+
+def _raise_torchvision_error(arch: str, error: BaseException) -> None:
+    """timm failed to import because torchvision's compiled operators do not load: raise the
+    one-line error of :func:`~kdlab.core.torchvision_shim.import_torchvision` (it names the
+    torchvision build to install); timm never installs kdlab's detection shim."""
+    try:
+        import_torchvision()
+    except ModelError as tv:
+        raise ModelError(f"arch {arch!r}: timm imports torchvision, and {tv}") from error
+    except ImportError:
+        pass
+    raise ModelError(f"arch {arch!r}: timm cannot import torchvision ({_first_line(error)}); "
+                     f"install the torchvision build made for your torch {torch.__version__}"
+                     ) from error
 
 
 def _build(library: str, name: str, arch: str, num_classes: int, in_channels: int

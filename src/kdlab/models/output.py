@@ -34,6 +34,9 @@ class ModelOutput:
             map of ``feature_map`` (detection: the RoI box head,
             :mod:`kdlab.tasks.detection.model`);
             None for classifiers, where SDD pools ``feature_map`` itself.
+        dist_logits: ``B x K`` scores of a distillation-token head (DeiT, Touvron et al., ICML
+            2021) in training mode, for students that have one; None otherwise. In eval mode
+            such a student's ``logits`` are already the mean of its two heads.
     """
 
     logits: Tensor
@@ -43,6 +46,7 @@ class ModelOutput:
     preact_features: list[Tensor] = field(default_factory=list)
     views: dict[str, ModelOutput] = field(default_factory=dict)
     region_logits: Callable[[Sequence[int], str], Tensor] | None = None
+    dist_logits: Tensor | None = None
 
     def detach(self) -> ModelOutput:
         """A copy with every tensor detached (used for the frozen teacher)."""
@@ -54,6 +58,7 @@ class ModelOutput:
             preact_features=[f.detach() for f in self.preact_features],
             views={k: v.detach() for k, v in self.views.items()},
             region_logits=self.region_logits,
+            dist_logits=None if self.dist_logits is None else self.dist_logits.detach(),
         )
 
 
@@ -67,6 +72,11 @@ class KdModel(nn.Module):
     classifier: nn.Linear
     num_classes: int
     in_channels: int
+    #: True when ``feature_map`` and ``features`` are a transformer's patch tokens laid out as
+    #: ``B x C x H' x W'`` grids (kdlab's ViTs, adapted timm ViT/DeiT/Swin), not convolution maps.
+    token_grid: bool = False
+    #: True for students with a DeiT distillation token and head (``ModelOutput.dist_logits``).
+    distillation_token: bool = False
 
     def forward(self, x: Tensor) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -1,4 +1,5 @@
-"""Small vision transformers for 32-px inputs: vit_tiny, vit_lite_6, vit_lite_7, vit_lite_7_gap.
+"""Small vision transformers for 32-px inputs: vit_tiny, vit_lite_6, vit_lite_7, vit_lite_7_gap,
+and their DeiT variants with a distillation token (vit_tiny_distilled, vit_lite_7_distilled).
 
 The sizes are the CIFAR "ViT-Lite" models of Hassani, Walton, Shah, Abuduweili, Li, Shi,
 "Escaping the Big Data Paradigm with Compact Transformers" (arXiv:2104.05704, 2021):
@@ -39,10 +40,20 @@ kdlab's choices (not from the paper):
 * ``embedding``: the vector the head reads (the normed class token, or the mean of the normed
   patch tokens), so ``logits == classifier(embedding)``.
 * ``preact_features``: empty.
+
+The distillation token (Touvron et al., "Training data-efficient image transformers &
+distillation through attention", ICML 2021; timm's ``VisionTransformerDistilled``): a second
+learnable token after the class token, with its own position embedding, read after the final
+norm by a second linear head ``head_dist``. In training mode ``logits`` are the class-token
+head's and ``dist_logits`` the distillation head's (the official student returns both); in eval
+mode ``logits = (head(cls) + head_dist(dist)) / 2``, DeiT's inference rule, and ``dist_logits`` is
+None. ``embedding`` is the normed class token (``logits == classifier(embedding)`` in training
+mode only); both prefix tokens are removed from the grids.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -62,8 +73,10 @@ __all__ = [
     "resample_pos_embed",
     "vit_lite_6",
     "vit_lite_7",
+    "vit_lite_7_distilled",
     "vit_lite_7_gap",
     "vit_tiny",
+    "vit_tiny_distilled",
 ]
 
 Pool = Literal["cls", "gap"]
@@ -76,11 +89,12 @@ def resample_pos_embed(grid_embed: Tensor, size: tuple[int, int]) -> Tensor:
     Bicubic interpolation with antialiasing, as timm's ``resample_abs_pos_embed``; the input is
     returned unchanged (the same tensor) when ``size`` is already its grid.
     """
-    n, c = grid_embed.shape[1], grid_embed.shape[2]
-    side = round(n**0.5)
+    n, c = int(grid_embed.shape[1]), int(grid_embed.shape[2])
+    side = math.isqrt(n)
     if side * side != n:
         raise ModelError(f"position embeddings of {n} tokens are not a square grid")
-    if (side, side) == tuple(size):
+    size = (int(size[0]), int(size[1]))  # plain ints under TorchScript tracing too
+    if (side, side) == size:
         return grid_embed
     grid = grid_embed.reshape(1, side, side, c).permute(0, 3, 1, 2)
     grid = F.interpolate(grid.float(), size=size, mode="bicubic", antialias=True,
@@ -89,30 +103,35 @@ def resample_pos_embed(grid_embed: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class PositionEmbedding(nn.Module):
-    """Learnable position embeddings of a ``grid x grid`` patch grid, and the optional class token.
+    """Learnable position embeddings of a ``grid x grid`` patch grid, and the optional class and
+    distillation tokens.
 
     ``forward(tokens, size)`` adds the (resampled, when ``size != (grid, grid)``) embeddings to
-    the ``B x N x C`` patch tokens and prepends the class token (with its own embedding) when
-    ``cls_token`` is on: ``B x (N + 1) x C``. ``pos_embed`` is ``1 x (prefix + grid^2) x C``
-    with the class token's entry first, as timm stores it.
+    the ``B x N x C`` patch tokens and prepends the class token and then the distillation token
+    (each with its own embedding) when they are on: ``B x (prefix + N) x C``. ``pos_embed`` is
+    ``1 x (prefix + grid^2) x C`` with the prefix tokens' entries first, as timm stores it.
     """
 
-    def __init__(self, dim: int, grid: int, cls_token: bool) -> None:
+    def __init__(self, dim: int, grid: int, cls_token: bool, dist_token: bool = False) -> None:
         super().__init__()
-        self.num_prefix = 1 if cls_token else 0
+        if dist_token and not cls_token:
+            raise ModelError("a ViT distillation token needs the class token (pool='cls')")
+        self.num_prefix = int(cls_token) + int(dist_token)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if dist_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + grid * grid, dim))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for p in (self.pos_embed, self.cls_token, self.dist_token):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
 
     def forward(self, tokens: Tensor, size: tuple[int, int]) -> Tensor:
         grid_embed = resample_pos_embed(self.pos_embed[:, self.num_prefix:], size)
         x = tokens + grid_embed
-        if self.cls_token is None:
+        prefix = [t for t in (self.cls_token, self.dist_token) if t is not None]
+        if not prefix:
             return x
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        return torch.cat([cls.to(x.dtype), x], dim=1)
+        embedded = torch.cat(prefix, dim=1) + self.pos_embed[:, :self.num_prefix]
+        return torch.cat([embedded.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
 
 
 class Attention(nn.Module):
@@ -226,6 +245,8 @@ class VisionTransformer(KdModel):
         num_classes, in_channels: head size and input channels.
         drop, attn_drop, drop_path: dropout after the MLP / projections, on the attention weights,
             and the largest stochastic-depth rate (linearly increasing over the blocks, as timm).
+        dist_token: add DeiT's distillation token and its head ``head_dist`` (needs
+            ``pool="cls"``); see the module docstring for the training/eval logits.
 
     Raises:
         ModelError: impossible sizes or rates; at run time, an input side not divisible by
@@ -235,16 +256,19 @@ class VisionTransformer(KdModel):
     def __init__(self, depth: int, dim: int, num_heads: int, mlp_ratio: float = 2.0, *,
                  pool: Pool = "cls", patch_size: int = 4, img_size: int = 32,
                  num_classes: int = 100, in_channels: int = 3, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0) -> None:
+                 attn_drop: float = 0.0, drop_path: float = 0.0, dist_token: bool = False) -> None:
         super().__init__()
         _check_args(depth, dim, patch_size, img_size, pool, (drop, attn_drop, drop_path))
+        self.token_grid = True
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.pool = pool
         self.patch_size = patch_size
         self.grid_size = img_size // patch_size
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
-        self.embed = PositionEmbedding(dim, self.grid_size, cls_token=pool == "cls")
+        self.embed = PositionEmbedding(dim, self.grid_size, cls_token=pool == "cls",
+                                       dist_token=dist_token)
+        self.distillation_token = dist_token
         self.pos_drop = nn.Dropout(drop)
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
@@ -252,6 +276,7 @@ class VisionTransformer(KdModel):
         )
         self.norm = nn.LayerNorm(dim, eps=_LN_EPS)
         self.classifier = nn.Linear(dim, num_classes)
+        self.head_dist = nn.Linear(dim, num_classes) if dist_token else None
         self.apply(_init_timm)
 
     def forward(self, x: Tensor) -> ModelOutput:
@@ -269,8 +294,13 @@ class VisionTransformer(KdModel):
         normed = self.norm(tokens)
         feature_map = _grid(normed[:, prefix:], h, w)
         embedding = normed[:, 0] if self.pool == "cls" else feature_map.mean((2, 3))
-        return ModelOutput(logits=self.classifier(embedding), feature_map=feature_map,
-                           features=features, embedding=embedding, preact_features=[])
+        logits, dist_logits = self.classifier(embedding), None
+        if self.head_dist is not None:
+            dist_logits = self.head_dist(normed[:, 1])
+            if not self.training:
+                logits, dist_logits = (logits + dist_logits) / 2, None
+        return ModelOutput(logits=logits, feature_map=feature_map, features=features,
+                           embedding=embedding, preact_features=[], dist_logits=dist_logits)
 
 
 def _init_timm(m: nn.Module) -> None:
@@ -314,3 +344,19 @@ def vit_lite_7_gap(num_classes: int = 100, in_channels: int = 3) -> VisionTransf
     class token (a kdlab variant)."""
     return VisionTransformer(7, 256, 4, 2.0, pool="gap", num_classes=num_classes,
                              in_channels=in_channels)
+
+
+@register_model("vit_tiny_distilled")
+def vit_tiny_distilled(num_classes: int = 100, in_channels: int = 3) -> VisionTransformer:
+    """``vit_tiny`` with DeiT's distillation token and head (Touvron et al., ICML 2021); eval-mode
+    logits average the two heads."""
+    return VisionTransformer(4, 128, 4, 2.0, pool="cls", num_classes=num_classes,
+                             in_channels=in_channels, dist_token=True)
+
+
+@register_model("vit_lite_7_distilled")
+def vit_lite_7_distilled(num_classes: int = 100, in_channels: int = 3) -> VisionTransformer:
+    """ViT-Lite-7/4 with DeiT's distillation token and head (Touvron et al., ICML 2021; a kdlab
+    combination); eval-mode logits average the two heads."""
+    return VisionTransformer(7, 256, 4, 2.0, pool="cls", num_classes=num_classes,
+                             in_channels=in_channels, dist_token=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -200,6 +200,14 @@ class Task(ABC, Generic[D, B, O]):
                  ) -> dict[str, float]:
         """Evaluation metrics of ``model`` over ``batches`` (global over ranks); must hold
         :attr:`best_metric`. Every key but ``count`` is recorded as ``test_<key>``."""
+
+    def evaluate_regions(self, model: nn.Module, batches: Iterable[B], device: torch.device,
+                         scales: Sequence[int], amp_dtype: torch.dtype | None
+                         ) -> dict[str, float]:
+        """SDD's local logits judged on ``batches`` (``kdlab eval --regions``): per-scale scores
+        keyed ``region_*``. Tasks without classifier-on-map local logits refuse."""
+        raise ConfigError(f"kdlab eval --regions measures classifiers' local logits; the "
+                          f"{self.name!r} task has none")
 
     def metric(self, name: str) -> Metric:
         """The declared :class:`Metric` ``name``; an undeclared key (a plugin task's extra

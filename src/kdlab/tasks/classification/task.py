@@ -8,7 +8,7 @@ cross-entropy, and top-1 decides the best epoch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from kdlab.config import DataConfig
 from kdlab.core.distributed import DistInfo, all_reduce_sum
+from kdlab.core.errors import ConfigError
 from kdlab.data.batch import Batch
 from kdlab.data.build import DataBundle, build_data
 from kdlab.methods.base import DistillContext
@@ -23,6 +24,7 @@ from kdlab.models import create_model
 from kdlab.models.output import KdModel, ModelOutput
 from kdlab.tasks.base import Mark, Metric, Task, register_task
 from kdlab.tasks.classification.evaluate import evaluate
+from kdlab.tasks.classification.regions import region_accuracy
 
 __all__ = ["AccuracyMeter", "ClassificationTask"]
 
@@ -146,3 +148,12 @@ class ClassificationTask(Task[DataBundle, Batch, ModelOutput]):
         """Top-1 / top-5 (%) and mean cross-entropy
         (:func:`kdlab.tasks.classification.evaluate.evaluate`)."""
         return evaluate(model, batches, device, amp_dtype, dist)
+
+    def evaluate_regions(self, model: nn.Module, batches: Iterable[Batch], device: torch.device,
+                         scales: Sequence[int], amp_dtype: torch.dtype | None
+                         ) -> dict[str, float]:
+        """Top-1 and agreement of SDD's local logits per scale
+        (:func:`kdlab.tasks.classification.regions.region_accuracy`)."""
+        if not isinstance(model, KdModel):
+            raise ConfigError("kdlab eval --regions needs a kdlab classifier (a KdModel)")
+        return region_accuracy(model, batches, device, scales, amp_dtype)
