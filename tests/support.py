@@ -85,3 +85,22 @@ def student_arch_for(method: str, default: str) -> str:
     """``default``, or kdlab's ``vit_tiny_distilled`` for methods that need a student with a
     DeiT distillation token (``Distiller.needs_distillation_token``: ``deit``)."""
     return "vit_tiny_distilled" if get_method(method).needs_distillation_token else default
+
+
+def synthetic_distill_run(root: Path, student: str, teacher: str, method: dict[str, Any], *,
+                          n_test: int, num_classes: int, size: int) -> Path:
+    """A 1-epoch ``kdlab distill`` run of ``student`` (one thread, fp32) on synthetic images
+    (64 train, ``n_test`` test, ``size`` px, ``num_classes`` classes) from a seeded random
+    ``teacher``, in ``root/run``; torch's global RNG is left as it was."""
+    teacher_path = save_random_teacher(root / "teacher.pth", num_classes, seed=0, arch=teacher)
+    return run_distill(root, {
+        "name": "export",
+        "data": {"name": "synthetic", "batch_size": 16, "eval_batch_size": 16,
+                 "synthetic": {"n_train": 64, "n_test": n_test, "num_classes": num_classes,
+                               "size": size}},
+        "student": {"arch": student},
+        "teacher": {"arch": teacher, "checkpoint": str(teacher_path)},
+        "method": method,
+        "optim": {"epochs": 1, "milestones": [], "lr": 0.05},
+        "runtime": {"threads": 1, "amp": "off"},
+    })

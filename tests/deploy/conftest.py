@@ -5,13 +5,12 @@ distiller, never in the exported student), on 16x16 synthetic images with 4 clas
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from kdlab.models import create_model
-from support import run_distill
+from support import synthetic_distill_run
 
 N_TEST = 23  # eval batches of 16 and 7: the parity pass itself uses two batch sizes
 NUM_CLASSES = 4
@@ -21,24 +20,10 @@ TEACHER, STUDENT = "resnet14", "resnet8"
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("export_run")
-    teacher = root / "teacher.pth"
-    state = torch.get_rng_state()
-    torch.manual_seed(0)
-    torch.save({"model": create_model(TEACHER, num_classes=NUM_CLASSES).state_dict()}, teacher)
-    torch.set_rng_state(state)
-    cfg: dict[str, Any] = {
-        "name": "export",
-        "data": {"name": "synthetic", "batch_size": 16, "eval_batch_size": 16,
-                 "synthetic": {"n_train": 64, "n_test": N_TEST, "num_classes": NUM_CLASSES,
-                               "size": SIZE}},
-        "student": {"arch": STUDENT},
-        "teacher": {"arch": TEACHER, "checkpoint": str(teacher)},
-        "method": {"name": "kd", "partners": [{"name": "crd", "params": {"nce_k": 16}}]},
-        "optim": {"epochs": 1, "milestones": [], "lr": 0.05},
-        "runtime": {"threads": 1, "amp": "off"},
-    }
-    return run_distill(root, cfg)
+    return synthetic_distill_run(
+        tmp_path_factory.mktemp("export_run"), STUDENT, TEACHER,
+        {"name": "kd", "partners": [{"name": "crd", "params": {"nce_k": 16}}]},
+        n_test=N_TEST, num_classes=NUM_CLASSES, size=SIZE)
 
 
 @pytest.fixture(scope="session")

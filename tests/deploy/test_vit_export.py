@@ -36,7 +36,7 @@ from kdlab.deploy.export import (
 from kdlab.deploy.latency import LatencySettings, count_macs, run_latency
 from kdlab.models import create_model
 from kdlab.models.vit import VisionTransformer
-from support import run_distill
+from support import synthetic_distill_run
 
 NUM_CLASSES = 4
 SIZE = 16
@@ -44,26 +44,12 @@ N_TEST = 23  # eval batches of 16 and 7
 STUDENT, TEACHER = "vit_tiny", "resnet8"
 TOL = 1e-5
 
+
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("vit_export_run")
-    teacher = root / "teacher.pth"
-    state = torch.get_rng_state()
-    torch.manual_seed(0)
-    torch.save({"model": create_model(TEACHER, num_classes=NUM_CLASSES).state_dict()}, teacher)
-    torch.set_rng_state(state)
-    cfg: dict[str, Any] = {
-        "name": "vit_export",
-        "data": {"name": "synthetic", "batch_size": 16, "eval_batch_size": 16,
-                 "synthetic": {"n_train": 64, "n_test": N_TEST, "num_classes": NUM_CLASSES,
-                               "size": SIZE}},
-        "student": {"arch": STUDENT},
-        "teacher": {"arch": TEACHER, "checkpoint": str(teacher)},
-        "method": {"name": "kd"},
-        "optim": {"epochs": 1, "milestones": [], "lr": 0.05},
-        "runtime": {"threads": 1, "amp": "off"},
-    }
-    return run_distill(root, cfg)
+    return synthetic_distill_run(tmp_path_factory.mktemp("vit_export_run"), STUDENT, TEACHER,
+                                 {"name": "kd"}, n_test=N_TEST, num_classes=NUM_CLASSES,
+                                 size=SIZE)
 
 
 @pytest.fixture(scope="module")
