@@ -103,7 +103,7 @@ def test_cub_and_folder_datasets(cub_root: Path, imagenet_root: Path) -> None:
     cub = load_stream_dataset("cub200", cub_root, train=True, image_size=32, resize=40)
     x, label, j, _ = cub[(1, 0)]
     assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and (label, j) == (0, 1)
-    folder = load_stream_dataset("folder", imagenet_root / "val", train=True, image_size=16)
+    folder = load_stream_dataset("folder", imagenet_root, train=False, image_size=16)
     assert len(folder) == 12 and folder.num_classes == 3
     with pytest.raises(DatasetError, match="unknown stream dataset"):
         load_stream_dataset("mnist", imagenet_root)

@@ -101,15 +101,28 @@ def idx_gzip_truncated(tmp: Path, write_cfg: Callable[..., Path]) -> tuple[list[
 
 
 def unreadable_images(tmp: Path, write_cfg: Callable[..., Path]) -> tuple[list[str], str]:
-    for cls in ("a", "b"):
-        (tmp / "imgs" / cls).mkdir(parents=True)
-        for i in range(4):
-            (tmp / "imgs" / cls / f"{i}.png").write_bytes(b"not a png at all")
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp / "imgs" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                (tmp / "imgs" / split / cls / f"{i}.png").write_bytes(b"not a png at all")
     cfg = write_cfg(tmp, teacher=None, method={"name": "vanilla", "partners": []},
                     data={"name": "folder", "root": str(tmp / "imgs"), "on_error": "stop",
                           "num_workers": 0, "image_size": 16, "resize": 18,
                           "batch_size": 4, "eval_batch_size": 4})
     return ["train", str(cfg), "--run-dir", str(tmp / "run")], "cannot read image"
+
+
+def folder_without_split(tmp: Path, write_cfg: Callable[..., Path]) -> tuple[list[str], str]:
+    """Class folders with no train/ and val/: no test set (it would be the training images)."""
+    for cls in ("a", "b"):
+        (tmp / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            (tmp / "imgs" / cls / f"{i}.png").write_bytes(b"not read: the split is checked first")
+    cfg = write_cfg(tmp, teacher=None, method={"name": "vanilla", "partners": []},
+                    data={"name": "folder", "root": str(tmp / "imgs"), "num_workers": 0,
+                          "image_size": 16, "resize": 18})
+    return ["train", str(cfg), "--run-dir", str(tmp / "run")], "has no train/ and val/"
 
 
 def teacher_other_arch(tmp: Path, write_cfg: Callable[..., Path]) -> tuple[list[str], str]:
@@ -176,7 +189,8 @@ def sdd_one_by_one_map(tmp: Path, write_cfg: Callable[..., Path]) -> tuple[list[
 
 CASES: dict[str, Setup] = {f.__name__: f for f in (
     missing_dataset, cifar_wrong_pickle, cifar_truncated, idx_wrong_magic, idx_wrong_size,
-    idx_gzip_truncated, unreadable_images, teacher_other_arch, teacher_other_class_count,
+    idx_gzip_truncated, unreadable_images, folder_without_split, teacher_other_arch,
+    teacher_other_class_count,
     unknown_key, wrong_type, out_of_range, sdd_scales_too_large, sdd_one_by_one_map,
     other_run_in_dir, not_a_run_dir)}
 

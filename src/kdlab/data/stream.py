@@ -431,6 +431,24 @@ def verify_index(index: FileIndex) -> FileIndex:
     return FileIndex(keep_p, keep_l, index.classes, index.name, index.root, dropped)
 
 
+def folder_split(root: str | os.PathLike[str], train: bool) -> str:
+    """``root/train`` or ``root/val`` of a class-folder data set.
+
+    Both must exist: a folder of class folders without that split has no test set, and using
+    its images as both the training and the test set would report training accuracy as test
+    accuracy, so it is a :class:`DatasetError` naming the fix.
+    """
+    base = os.fspath(root)
+    splits = {name: os.path.join(base, name) for name in ("train", "val")}
+    if all(os.path.isdir(p) for p in splits.values()):
+        return splits["train" if train else "val"]
+    missing = " and ".join(f"{name}/" for name, p in splits.items() if not os.path.isdir(p))
+    raise DatasetError(
+        f"folder data at {base} has no {missing}: kdlab needs {base}/train/<class>/ and "
+        f"{base}/val/<class>/ (the val images are the test set); move a share of each class's "
+        f"images into val/, e.g. 10-20%, never the same images as train/")
+
+
 def load_stream_dataset(
     name: str,
     root: str | os.PathLike[str],
@@ -448,8 +466,8 @@ def load_stream_dataset(
 
     * ``imagenet``: ``root/train|val/<wnid>/``; random-resized-crop + flip / resize + center crop.
     * ``cub200``: the official CUB_200_2011 layout; 256x256 + random crop + flip / center crop.
-    * ``folder``: ``root/train|val/<class>/`` when ``root/train`` exists, else ``root/<class>/``
-      for both splits; ImageNet transforms.
+    * ``folder``: ``root/train/<class>/`` and ``root/val/<class>/`` (:func:`folder_split`);
+      ImageNet transforms.
     """
     key = name.lower().replace("-", "_")
     if key == "imagenet":
@@ -457,9 +475,7 @@ def load_stream_dataset(
     elif key in ("cub200", "cub", "cub_200_2011"):
         index = cub_index(root, train)
     elif key == "folder":
-        base = os.fspath(root)
-        split = os.path.join(base, "train" if train else "val")
-        index = scan_class_folder(split if os.path.isdir(os.path.join(base, "train")) else base)
+        index = scan_class_folder(folder_split(root, train))
     else:
         raise DatasetError(
             f"unknown stream dataset {name!r}; valid names: imagenet, cub200, folder"
