@@ -27,7 +27,8 @@ light (this module, and torch, load at the first use).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,7 +36,7 @@ from kdlab.config import apply_overrides, load_config, validate_config_with_plug
 from kdlab.core.errors import ConfigError, RunInterrupted
 from kdlab.core.runtime import process_state_preserved
 from kdlab.core.signals import sigterm_raises
-from kdlab.engine.progress import TqdmProgress
+from kdlab.engine.progress import EpochLogProgress, TqdmProgress
 from kdlab.engine.trainer import Trainer
 from kdlab.runs.open import open_run
 from kdlab.runs.rundir import run_folder
@@ -110,7 +111,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: Resume = False,
 
 def run(config: str | Path | Mapping[str, Any], overrides: Sequence[str] | None = None,
         run_dir: str | Path | None = None, resume: Resume = False,
-        plugins: Sequence[str] = (), *, progress: bool = False, stop_after: int | None = None,
+        plugins: Sequence[str] = (), *, progress: bool | Literal["epochs"] = "epochs",
+        stop_after: int | None = None,
         allow_teacher_change: bool = False) -> dict[str, Any]:
     """Train (no ``teacher`` section) or distil (with one) the run a config describes, as
     ``kdlab train`` / ``kdlab distill`` do, and return its summary.
@@ -124,7 +126,9 @@ def run(config: str | Path | Mapping[str, Any], overrides: Sequence[str] | None 
             returns its summary); True: continue the run in ``run_dir`` if there is one, else
             start it; "required": continue it (``--resume``).
         plugins: modules to import first, as ``--plugin``.
-        progress: show the CLI's progress bar (and its log lines).
+        progress: ``"epochs"`` (default): one log line per finished epoch, shown on stderr
+            when the program has configured no logging; True: the CLI's progress bar (and its
+            log lines); False: nothing.
         stop_after: stop after this epoch (continue later with ``resume``).
         allow_teacher_change: as ``--allow-teacher-change``.
 
@@ -140,10 +144,35 @@ def run(config: str | Path | Mapping[str, Any], overrides: Sequence[str] | None 
     cfg = load_experiment(config, overrides, plugins)
     folder = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     shown: Progress | None = None
-    if progress:
+    if progress == "epochs":
+        shown = EpochLogProgress()
+    elif progress:
         shown = TqdmProgress()
-    return train(cfg, folder, resume=resume, progress=shown, stop_after=stop_after,
-                 allow_teacher_change=allow_teacher_change)
+    with _kdlab_logs_shown(shown is not None):
+        return train(cfg, folder, resume=resume, progress=shown, stop_after=stop_after,
+                     allow_teacher_change=allow_teacher_change)
+
+
+@contextlib.contextmanager
+def _kdlab_logs_shown(enabled: bool) -> Iterator[None]:
+    """While a run lasts, show the ``kdlab`` logger's INFO lines on stderr if the program has
+    configured no logging of its own (no handler on ``kdlab`` or the root logger); the logger
+    is left as it was afterwards."""
+    logger = logging.getLogger("kdlab")
+    if not enabled or logger.handlers or logging.getLogger().handlers:
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def load_student(run_dir: str | Path, checkpoint: Literal["best", "last"] | str = "best",

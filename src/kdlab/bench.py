@@ -173,7 +173,7 @@ class BenchSettings:
             "seed": self.seed,
             "data": data,
             "student": {"arch": self.student},
-            "teacher": {"arch": self.teacher},
+            "teacher": {"arch": self.teacher, "random_init": True},
             "method": {"name": self.method},
             "optim": {"epochs": 1_000_000, "milestones": []},
             "runtime": {"device": self.device, "amp": self.amp,

@@ -161,3 +161,19 @@ def test_readme_python_api_example_runs(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "runs" / "api-example" / "summary.json").read_text())
     assert f"{summary['best_top1']:.2f}" == shown.group(1)
     assert (tmp_path / "runs" / "api-example" / "epochs.csv").exists()
+
+
+def test_run_logs_one_line_per_epoch_by_default(tmp_path: Path) -> None:
+    """A script that configures no logging still sees ``kdlab.run``'s epoch lines (issue 23),
+    one per epoch, no per-step lines, and the ``kdlab`` logger is left as it was."""
+    code = ("import logging, sys, kdlab\n"
+            f"kdlab.run({CONFIG!r}, {OVERRIDES!r}, run_dir=sys.argv[1])\n"
+            "log = logging.getLogger('kdlab')\n"
+            "print(len(log.handlers), log.level)\n")
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], env=env,
+                         capture_output=True, text=True, timeout=300, check=True)
+    epoch_lines = [x for x in out.stderr.splitlines() if re.match(r"epoch \d+: loss", x)]
+    assert len(epoch_lines) == 2, out.stderr
+    assert "step" not in out.stderr
+    assert out.stdout.split() == ["0", "0"]

@@ -268,7 +268,7 @@ def test_builtin_entries_need_no_import_list() -> None:
 
 
 # --------------------------------------------------------------------------- misbehaving plugins
-DISTILL_CFG = ("student: {arch: resnet8}\nteacher: {arch: resnet14}\n"
+DISTILL_CFG = ("student: {arch: resnet8}\nteacher: {arch: resnet14, random_init: true}\n"
                "data: {name: synthetic, synthetic: {n_train: 8, n_test: 8}}\n")
 
 

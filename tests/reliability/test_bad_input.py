@@ -125,6 +125,18 @@ def folder_without_split(tmp: Path, write_cfg: Callable[..., Path]) -> tuple[lis
     return ["train", str(cfg), "--run-dir", str(tmp / "run")], "has no train/ and val/"
 
 
+def teacher_without_weights(tmp: Path, write_cfg: Callable[..., Path]) -> tuple[list[str], str]:
+    """No checkpoint, no pretrained weights: distilling from a random teacher needs a flag."""
+    cfg = write_cfg(tmp, teacher={"checkpoint": None})
+    return ["distill", str(cfg), "--run-dir", str(tmp / "run")], "teacher.random_init: true"
+
+
+def teacher_random_and_checkpoint(tmp: Path, write_cfg: Callable[..., Path]
+                                  ) -> tuple[list[str], str]:
+    cfg = write_cfg(tmp, teacher={"random_init": True})  # the suite's teacher has a checkpoint
+    return ["distill", str(cfg), "--run-dir", str(tmp / "run")], "random_init: true means"
+
+
 def teacher_other_arch(tmp: Path, write_cfg: Callable[..., Path]) -> tuple[list[str], str]:
     torch.save({"model": create_model("resnet20", num_classes=4).state_dict()}, tmp / "t20.pth")
     cfg = write_cfg(tmp, teacher={"checkpoint": str(tmp / "t20.pth")})
@@ -189,8 +201,8 @@ def sdd_one_by_one_map(tmp: Path, write_cfg: Callable[..., Path]) -> tuple[list[
 
 CASES: dict[str, Setup] = {f.__name__: f for f in (
     missing_dataset, cifar_wrong_pickle, cifar_truncated, idx_wrong_magic, idx_wrong_size,
-    idx_gzip_truncated, unreadable_images, folder_without_split, teacher_other_arch,
-    teacher_other_class_count,
+    idx_gzip_truncated, unreadable_images, folder_without_split, teacher_without_weights,
+    teacher_random_and_checkpoint, teacher_other_arch, teacher_other_class_count,
     unknown_key, wrong_type, out_of_range, sdd_scales_too_large, sdd_one_by_one_map,
     other_run_in_dir, not_a_run_dir)}
 

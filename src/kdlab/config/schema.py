@@ -204,6 +204,9 @@ class ModelConfig(_Strict):
     expected_accuracy: float | None = Field(None, ge=0.0, le=100.0)
     #: teacher only: how far (percentage points) worse than ``expected_accuracy`` stops the run.
     accuracy_tolerance: float = Field(2.0, ge=0.0)
+    #: teacher only: distil from a randomly initialised teacher on purpose (speed and smoke
+    #: tests); without it a teacher with neither a checkpoint nor pretrained weights stops the run.
+    random_init: bool = False
 
     @model_validator(mode="after")
     def _pretrained_source(self) -> ModelConfig:
@@ -212,6 +215,9 @@ class ModelConfig(_Strict):
                              f"{self.arch!r} (zoo models start from a checkpoint)")
         if self.pretrained and self.checkpoint:
             raise ValueError("set either pretrained: true or a checkpoint, not both")
+        if self.random_init and (self.pretrained or self.checkpoint):
+            raise ValueError("random_init: true means no weights: drop the checkpoint or "
+                             "pretrained setting")
         return self
 
 
@@ -467,6 +473,8 @@ _ADDED_AFTER_V1: dict[tuple[str, ...], Any] = {
     ("optim", "args"): {},
     ("student", "pretrained"): False,
     ("teacher", "pretrained"): False,
+    ("student", "random_init"): False,
+    ("teacher", "random_init"): False,
     ("runtime", "loggers"): ["jsonl"],
     ("runtime", "wandb"): WandbConfig().model_dump(mode="json"),
     ("data", "val_fraction"): 0.0,

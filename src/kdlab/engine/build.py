@@ -15,8 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from kdlab.config import ExperimentConfig, ModelConfig, OptimConfig
+from kdlab.core.errors import ConfigError
 from kdlab.engine.optimizers import TrainOptimizer, build_optimizer
 from kdlab.engine.schedules import LRSchedule, build_schedule
+from kdlab.methods.base import Distiller
 from kdlab.methods.compose import CompositeDistiller, build_method
 from kdlab.models import KdModel, load_checkpoint
 from kdlab.tasks.base import Task
@@ -24,7 +26,7 @@ from kdlab.tasks.base import Task
 log = logging.getLogger(__name__)
 
 __all__ = ["build_distiller", "build_model", "build_optimizer", "build_schedule",
-           "build_teacher", "scaled_lr", "trainable_parameters"]
+           "build_teacher", "scaled_lr", "trainable_parameters", "warn_long_warmups"]
 
 
 def build_model(task: Task[Any, Any, Any], cfg: ModelConfig, data: Any, device: torch.device,
@@ -46,8 +48,13 @@ def build_teacher(task: Task[Any, Any, Any], cfg: ModelConfig | None, data: Any,
     if cfg is None:
         return None
     if not cfg.checkpoint and not cfg.pretrained:
-        log.warning("teacher %s has no checkpoint: it is randomly initialised (only meaningful "
-                    "for speed tests)", cfg.arch)
+        if not cfg.random_init:
+            raise ConfigError(
+                f"teacher {cfg.arch} has no weights: set teacher.checkpoint (a trained teacher), "
+                "teacher.pretrained: true (torchvision:/timm: archs), or teacher.random_init: "
+                "true to distil from a random teacher on purpose (speed and smoke tests)")
+        log.warning("teacher %s is randomly initialised (teacher.random_init: only meaningful "
+                    "for speed and smoke tests)", cfg.arch)
     teacher = build_model(task, cfg, data, device, memory_format)
     teacher.eval()
     teacher.requires_grad_(False)
@@ -59,7 +66,25 @@ def build_distiller(cfg: ExperimentConfig, task: Task[Any, Any, Any], student: K
                     ) -> CompositeDistiller:
     """The configured method (and partners) for these models, on ``device``."""
     ctx = task.distill_context(student, teacher, data)
-    return build_method(cfg.method, ctx).to(device)
+    distiller = build_method(cfg.method, ctx).to(device)
+    warn_long_warmups(distiller, cfg.optim.epochs)
+    return distiller
+
+
+def warn_long_warmups(distiller: nn.Module, epochs: int) -> list[str]:
+    """Log (and return) a warning per method whose loss warm-up (``warmup_epochs``, the linear
+    ramp of DKD, CVPR 2022, and its followers) is longer than the ``epochs`` of the schedule: its
+    distillation term never reaches full weight."""
+    warnings = []
+    for module in distiller.modules():
+        warmup = getattr(getattr(module, "params", None), "warmup_epochs", 0)
+        if isinstance(module, Distiller) and isinstance(warmup, int | float) and warmup > epochs:
+            warnings.append(
+                f"method {module.name}: warmup_epochs {warmup} is longer than the {epochs}-epoch "
+                f"schedule, so its loss never reaches full weight; set "
+                f"method.params.warmup_epochs (e.g. {max(1, epochs // 5)})")
+            log.warning("%s", warnings[-1])
+    return warnings
 
 
 def trainable_parameters(student: nn.Module, distiller: nn.Module) -> list[Tensor]:

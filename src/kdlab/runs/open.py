@@ -27,10 +27,10 @@ from kdlab.config.yaml_io import validate_stored_config
 from kdlab.core.errors import CheckpointError, RunError
 from kdlab.models.checkpoint import extract_state_dict, load_state_dict_strict
 from kdlab.runs.checkpoint import load_latest, read_verified
-from kdlab.runs.rundir import RunDir
+from kdlab.runs.rundir import RunDir, find_run_dirs
 from kdlab.tasks.base import Task, task_for
 
-__all__ = ["OpenRun", "open_run"]
+__all__ = ["OpenRun", "open_run", "runs_inside_hint"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,17 @@ class OpenRun:
         return model.to(torch.device(device)).eval(), state, path
 
 
+def runs_inside_hint(folder: Path, shown: int = 3) -> str:
+    """``"; the runs inside it: a, b, c (+N more)"`` for a folder that holds run directories (a
+    sweep's or a method's folder, e.g. ``runs/x/sd_dkd`` holding ``seed0``), else ``""``."""
+    inside = [p for p in find_run_dirs(folder) if p != folder]
+    if not inside:
+        return ""
+    names = ", ".join(str(p) for p in inside[:shown])
+    more = f" (+{len(inside) - shown} more)" if len(inside) > shown else ""
+    return f"; it holds runs: {names}{more}"
+
+
 def open_run(run_dir: str | Path, overrides: Sequence[str] = (),
              plugins: Sequence[str] = ()) -> OpenRun:
     """Open the run in ``run_dir``: its recorded ``config.yaml`` with ``overrides`` applied,
@@ -137,7 +148,8 @@ def open_run(run_dir: str | Path, overrides: Sequence[str] = (),
     if not rd.path.is_dir():
         raise RunError(f"{run_dir} is not a kdlab run directory (it does not exist)")
     if not rd.exists():
-        raise RunError(f"{run_dir} is not a kdlab run directory (no config.yaml)")
+        raise RunError(f"{run_dir} is not a kdlab run directory (no config.yaml)"
+                       + runs_inside_hint(rd.path))
     stored = read_yaml_file(rd.config_path, "run config")
     if not isinstance(stored, dict):
         raise RunError(f"{rd.config_path} does not hold a config mapping")
