@@ -220,7 +220,7 @@ def test_missing_onnx_packages(tiny_run: Path, tmp_path: Path,
     out = tmp_path / "s.onnx"
     assert main(["export", str(tiny_run), "--format", "onnx", "--out", str(out)]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "onnxscript" in line and "pip install 'kdlab[export]'" in line
+    assert "onnxscript" in line and "pip install -e '.[export]' in the kdlab clone" in line
     assert not out.exists()
 
 

@@ -107,5 +107,5 @@ def test_missing_runtime_is_skipped(tiny_run: Path, tmp_path: Path,
     result = json.loads((tmp_path / "latency.json").read_text())
     assert {r["runtime"] for r in result["rows"]} == {"eager"} and len(result["rows"]) == 2
     assert any(n.startswith("onnxruntime skipped: onnxruntime not installed")
-               and "kdlab[export]" in n for n in result["notes"])
+               and "'.[export]'" in n for n in result["notes"])
     assert "onnxruntime skipped" in (tmp_path / "latency.md").read_text()

@@ -170,7 +170,8 @@ def test_missing_package_is_one_config_line_before_anything_is_written(
     with pytest.raises(ConfigError) as e:
         run(tmp_path / "run", config(["jsonl", "tensorboard"]))
     assert str(e.value) == ("config key 'runtime.loggers': logger 'tensorboard' needs the "
-                            "tensorboard package: pip install 'kdlab[tensorboard]'")
+                            "tensorboard package: pip install -e '.[tensorboard]' in the kdlab "
+                            "clone")
     assert not (tmp_path / "run").exists()
 
 

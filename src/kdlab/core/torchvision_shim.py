@@ -242,7 +242,7 @@ def import_torchvision_for_detection() -> types.ModuleType:
             if exc.name is not None and exc.name.split(".")[0] != "torchvision":
                 raise ModelError(f"torchvision is installed but its dependency {exc.name} is "
                                  f"missing: pip install {exc.name}") from None
-            raise ModelError("detection needs torchvision: pip install 'kdlab[detection]' (the "
+            raise ModelError("detection needs torchvision: pip install -e '.[detection]' (the "
                              f"torchvision build that matches your torch {torch.__version__})"
                              ) from None
         except TorchvisionOpsMissing as exc:

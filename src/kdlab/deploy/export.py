@@ -129,7 +129,7 @@ DEFAULT_CALIBRATION_BATCHES = 10
 INT8_BACKEND = "x86"
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
-INSTALL_HINT = "pip install 'kdlab[export]'"
+INSTALL_HINT = "pip install -e '.[export]' in the kdlab clone"
 
 
 class ExportError(KdlabError):

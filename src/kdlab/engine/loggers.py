@@ -6,9 +6,9 @@ The other loggers are views of the same numbers for other tools:
 
 * ``csv``: ``RUN_DIR/steps.csv`` and ``RUN_DIR/epochs.csv``, one row per logged step / epoch;
 * ``tensorboard``: ``RUN_DIR/tensorboard`` through ``torch.utils.tensorboard.SummaryWriter``
-  (needs ``pip install 'kdlab[tensorboard]'``);
+  (needs ``pip install -e '.[tensorboard]'``);
 * ``wandb``: Weights & Biases (``runtime.wandb``; offline by default, under ``RUN_DIR/wandb``;
-  needs ``pip install 'kdlab[wandb]'``).
+  needs ``pip install -e '.[wandb]'``).
 
 What they receive, from rank 0 only:
 
@@ -146,7 +146,8 @@ def require_logger_packages(names: list[str]) -> None:
         need = get_logger(name).requires
         if need is not None and importlib.util.find_spec(need[0]) is None:
             raise ConfigError(f"config key 'runtime.loggers': logger {name!r} needs the "
-                              f"{need[0]} package: pip install 'kdlab[{need[1]}]'")
+                              f"{need[0]} package: pip install -e '.[{need[1]}]' in the kdlab "
+                              "clone")
 
 
 def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -288,7 +288,7 @@ def render_plots(groups: Sequence[Group]) -> dict[str, bytes]:
     """``{file name: PNG bytes}`` of the curves and bars of every chart, in sorted order."""
     if not matplotlib_available():
         log.warning("matplotlib is not installed: the report has no plots "
-                    "(pip install 'kdlab[report]')")
+                    "(pip install -e '.[report]' in the kdlab clone)")
         return {}
     charts = chart_groups(groups)
     stems = chart_stems(list(charts))

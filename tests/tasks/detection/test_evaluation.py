@@ -168,7 +168,8 @@ def test_missing_pycocotools_is_one_line_config_error(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "pycocotools.cocoeval", None)
     with pytest.raises(ConfigError) as info:
         coco_metrics(tmp_path / "gt.json", [])
-    assert str(info.value) == "COCO mAP needs pycocotools: pip install 'kdlab[detection]'"
+    assert str(info.value) == ("COCO mAP needs pycocotools: pip install -e '.[detection]' in the "
+                               "kdlab clone")
 
 
 def test_ground_truth_cached_and_refreshed_when_rewritten(tmp_path: Path) -> None:

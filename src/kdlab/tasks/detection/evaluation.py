@@ -49,7 +49,7 @@ METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1
 BOX_DECIMALS = 3
 SCORE_DECIMALS = 6
 
-INSTALL_HINT = "COCO mAP needs pycocotools: pip install 'kdlab[detection]'"
+INSTALL_HINT = "COCO mAP needs pycocotools: pip install -e '.[detection]' in the kdlab clone"
 
 # Ground-truth COCO objects per (resolved path, mtime_ns, size): per-epoch evaluation of the same
 # split re-uses the index instead of re-reading and re-indexing the JSON.
