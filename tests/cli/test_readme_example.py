@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -62,3 +63,42 @@ def test_training_loop_example_runs(tmp_path: Path) -> None:
 def test_examples_need_no_data_or_files(name: str) -> None:
     code = readme_example(name)
     assert "load_dataset" not in code and "open(" not in code
+
+
+def bash_example(name: str) -> str:
+    """The code of the fenced ``bash`` block that follows ``<!-- readme-example: NAME -->``."""
+    found = re.search(rf"<!-- readme-example: {re.escape(name)} -->\n```bash\n(.*?)\n```\n",
+                      README.read_text(), re.S)
+    assert found, f"README.md has no bash block after <!-- readme-example: {name} -->"
+    return found.group(1) + "\n"
+
+
+def write_png_folders(root: Path, classes: int = 3, train: int = 12, val: int = 2) -> None:
+    """``root/train|val/class<k>/*.png``: 20x24 RGB images whose colour depends on the class."""
+    from PIL import Image  # optional dependency (class-folder data)
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for k in range(n):
+                pixels = rng.integers(0, 60, (20, 24, 3)) + 60 * c
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{k}.png")
+
+
+@pytest.mark.e2e
+def test_own_images_example_runs(tmp_path: Path) -> None:
+    """The README's "Your own images" commands, as written, from PNG folders to an ONNX file."""
+    code = bash_example("own-images")
+    assert len(code.splitlines()) <= 20, "keep the own-images recipe short"
+    write_png_folders(tmp_path / "my_images")
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "runs" / "sd_dkd" / "summary.json").is_file()
+    assert list((tmp_path / "runs" / "sd_dkd" / "export").glob("*.onnx"))
+    assert "warmup_epochs" not in done.stderr  # the example's warm-up fits its schedule

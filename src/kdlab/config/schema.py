@@ -107,6 +107,10 @@ class DataConfig(_Strict):
     image_size: int = Field(224, ge=8)
     resize: int = Field(256, ge=8)
     on_error: Literal["skip", "stop"] = "skip"
+    #: imagenet and folder: the area fraction range of the training random-resized crop;
+    #: "auto": ImageNet's (0.08, 1) for imagenet and for folders of image_size >= 128, (0.35, 1)
+    #: for smaller folder images (docs/data.md, "Your own images").
+    crop_scale: tuple[float, float] | Literal["auto"] = "auto"
 
     @field_validator("name")
     @classmethod
@@ -128,7 +132,46 @@ class DataConfig(_Strict):
             if self.train_fraction < 1.0:
                 raise ValueError("data.train_fraction < 1 is only supported for the small "
                                  "in-memory datasets")
+        if self.crop_scale != "auto" and not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"data.crop_scale must be (min, max) with 0 < min <= max <= 1, got "
+                             f"{list(self.crop_scale)}")
+        unused = self.inapplicable_keys()
+        if unused:
+            raise ValueError(f"data.{unused[0]} does not apply to dataset {self.name!r} "
+                             f"({_APPLIES_TO[unused[0]]}); remove it")
         return self
+
+    def inapplicable_keys(self) -> list[str]:
+        """The keys set to a non-default value that the dataset ``name`` does not read
+        (detection datasets: not checked here)."""
+        if self.name in DETECTION_DATASETS:
+            return []
+        if self.name in STREAMED_DATASETS:
+            keys = ["crop_padding", "synthetic"] + (["crop_scale"] if self.name == "cub200" else [])
+        else:
+            keys = ["num_workers", "image_size", "resize", "on_error", "crop_scale"]
+            keys += [] if self.name == "synthetic" else ["synthetic"]
+        fields = type(self).model_fields
+        return [k for k in keys
+                if getattr(self, k) != fields[k].get_default(call_default_factory=True)]
+
+    def resolved_crop_scale(self) -> tuple[float, float]:
+        """``crop_scale`` with "auto" resolved (see the key's comment)."""
+        if self.crop_scale != "auto":
+            return self.crop_scale
+        small_folder = self.name == "folder" and self.image_size < 128
+        return (0.35, 1.0) if small_folder else (0.08, 1.0)
+
+
+#: which datasets read each DataConfig key that only some of them read.
+_APPLIES_TO = {
+    "crop_padding": "padded random crops are for the in-memory datasets: cifar10/100, "
+                    "fashion_mnist, synthetic",
+    "synthetic": "the synthetic dataset only",
+    "crop_scale": "the random-resized crop of imagenet and folder data",
+    **{k: "streamed datasets only: imagenet, cub200, folder"
+       for k in ("num_workers", "image_size", "resize", "on_error")},
+}
 
 
 class DetectionConfig(_Strict):
@@ -478,6 +521,7 @@ _ADDED_AFTER_V1: dict[tuple[str, ...], Any] = {
     ("runtime", "loggers"): ["jsonl"],
     ("runtime", "wandb"): WandbConfig().model_dump(mode="json"),
     ("data", "val_fraction"): 0.0,
+    ("data", "crop_scale"): "auto",
     ("detection",): None,
 }
 #: method parameters renamed after v1: new name -> v1 name (the v1 name stays accepted).

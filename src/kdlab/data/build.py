@@ -120,7 +120,8 @@ def build_data(
         from kdlab.data.stream import StreamDataset, load_stream_dataset, make_stream_loader
 
         assert cfg.root is not None  # DataConfig requires a root for streamed datasets
-        kw = dict(on_error=cfg.on_error, seed=seed, image_size=cfg.image_size, resize=cfg.resize)
+        kw = dict(on_error=cfg.on_error, seed=seed, image_size=cfg.image_size, resize=cfg.resize,
+                  hflip=cfg.hflip, crop_scale=cfg.resolved_crop_scale())
         train_ds = load_stream_dataset(cfg.name, cfg.root, train=True, **kw)
         test_ds = load_stream_dataset(cfg.name, cfg.root, train=False, **kw)
         common = dict(num_workers=cfg.num_workers, rank=rank, world_size=world_size, seed=seed,

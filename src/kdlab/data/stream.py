@@ -459,6 +459,8 @@ def load_stream_dataset(
     image_size: int = 224,
     resize: int = 256,
     verify: bool = False,
+    hflip: bool = True,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
 ) -> StreamDataset:
     """Split ``train``/eval of ``"imagenet"``, ``"cub200"`` or ``"folder"`` as a
     :class:`StreamDataset` with its protocol's transforms (``uint8`` out; the loader normalises
@@ -468,6 +470,9 @@ def load_stream_dataset(
     * ``cub200``: the official CUB_200_2011 layout; 256x256 + random crop + flip / center crop.
     * ``folder``: ``root/train/<class>/`` and ``root/val/<class>/`` (:func:`folder_split`);
       ImageNet transforms.
+
+    ``hflip`` turns the training flip off; ``crop_scale`` is the random-resized crop's area
+    fraction range (imagenet, folder).
     """
     key = name.lower().replace("-", "_")
     if key == "imagenet":
@@ -484,13 +489,13 @@ def load_stream_dataset(
         index = verify_index(index)
     if key.startswith("cub"):
         transform = (
-            cub_train_transform(resize, image_size, normalize=False)
+            cub_train_transform(resize, image_size, normalize=False, flip=hflip)
             if train
             else cub_eval_transform(resize, image_size, normalize=False)
         )
     else:
         transform = (
-            imagenet_train_transform(image_size, normalize=False)
+            imagenet_train_transform(image_size, normalize=False, scale=crop_scale, flip=hflip)
             if train
             else imagenet_eval_transform(resize, image_size, normalize=False)
         )

@@ -229,9 +229,13 @@ def _to_tensor(normalize: bool) -> ToTensor:
     return ToTensor() if normalize else ToTensor(None, None)
 
 
-def imagenet_train_transform(size: int = 224, normalize: bool = True) -> Compose:
-    """ImageNet training: random-resized-crop ``size`` + flip + to tensor (+ normalise)."""
-    return Compose([RandomResizedCrop(size), RandomHorizontalFlip(), _to_tensor(normalize)])
+def imagenet_train_transform(size: int = 224, normalize: bool = True,
+                             scale: tuple[float, float] = (0.08, 1.0),
+                             flip: bool = True) -> Compose:
+    """ImageNet training: random-resized-crop ``size`` (area fraction in ``scale``) + flip (when
+    ``flip``) + to tensor (+ normalise)."""
+    return Compose([RandomResizedCrop(size, scale=scale),
+                    *([RandomHorizontalFlip()] if flip else []), _to_tensor(normalize)])
 
 
 def imagenet_eval_transform(resize: int = 256, size: int = 224, normalize: bool = True) -> Compose:
@@ -239,11 +243,12 @@ def imagenet_eval_transform(resize: int = 256, size: int = 224, normalize: bool 
     return Compose([Resize(resize), CenterCrop(size), _to_tensor(normalize)])
 
 
-def cub_train_transform(resize: int = 256, size: int = 224, normalize: bool = True) -> Compose:
-    """CUB-200 training (SDD code): resize to ``resize x resize``, random crop ``size``, flip."""
-    return Compose(
-        [Resize((resize, resize)), RandomCrop(size), RandomHorizontalFlip(), _to_tensor(normalize)]
-    )
+def cub_train_transform(resize: int = 256, size: int = 224, normalize: bool = True,
+                        flip: bool = True) -> Compose:
+    """CUB-200 training (SDD code): resize to ``resize x resize``, random crop ``size``, flip
+    (when ``flip``)."""
+    return Compose([Resize((resize, resize)), RandomCrop(size),
+                    *([RandomHorizontalFlip()] if flip else []), _to_tensor(normalize)])
 
 
 def cub_eval_transform(resize: int = 256, size: int = 224, normalize: bool = True) -> Compose:
