@@ -148,7 +148,7 @@ def test_missing_torchvision_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setitem(tvo._STATE, "module", None)
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import raises ModuleNotFoundError
-    with pytest.raises(ModelError, match=r"pip install 'kdlab\[detection\]'.*torch "):
+    with pytest.raises(ModelError, match=r"pip install -e '\.\[detection\]'.*torch "):
         tvo.import_torchvision_for_detection()
     with pytest.raises(ModuleNotFoundError):  # the plain import leaves the words to its caller
         tvo.import_torchvision()

@@ -61,6 +61,8 @@ def write_cfg(teacher_ckpt: Path) -> Callable[..., Path]:
     def write(folder: Path, name: str = "cfg.yaml", **changes: Any) -> Path:
         cfg = _merge(BASE_CFG, {"teacher": {"checkpoint": str(teacher_ckpt)}})
         cfg = _merge(cfg, changes)
+        if cfg["data"]["name"] != "synthetic":  # a real dataset reads no synthetic section
+            cfg["data"].pop("synthetic")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / name
         path.write_text(yaml.safe_dump(cfg))
