@@ -180,6 +180,18 @@ def test_parity_failure_keeps_files(tiny_run: Path, tmp_path: Path,
     assert "parity check" in line and "max |logit diff| 0 > -1" in line
     report = json.loads(out.with_name(out.name + ".parity.json").read_text())
     assert out.is_file() and report["passed"] is False and len(report["failures"]) == 1
+    assert "--batches" not in line  # the int8 knobs are for int8 artefacts only
+
+
+@pytest.mark.e2e
+def test_int8_parity_failure_names_the_knobs(tiny_run: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "student.int8.ts"
+    assert main(["-q", "export", str(tiny_run), "--format", "torchscript", "--int8",
+                 "--batches", "1", "--min-agreement", "101", "--out", str(out)]) == 4
+    line = one_error_line(capsys.readouterr().err)
+    assert "top-1 agreement" in line and "< 101%" in line
+    assert "--batches N" in line and "drop --int8" in line and "fine-tune" in line
 
 
 @pytest.mark.e2e

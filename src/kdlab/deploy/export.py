@@ -123,6 +123,10 @@ DEFAULT_TOLERANCE = 1e-3
 #: parity: minimum top-1 agreement (%) with the eager fp32 student.
 DEFAULT_MIN_AGREEMENT = 99.9
 DEFAULT_MIN_AGREEMENT_INT8 = 95.0
+#: what to try when an int8 artefact fails its parity check (appended to the error).
+INT8_KNOBS = ("; to close the gap: calibrate on more batches (--batches N), keep the model in "
+              "fp32 (drop --int8) or export ONNX and run it in fp32, or fine-tune the student "
+              "longer, since an undertrained student's close logits flip under int8 rounding")
 #: training batches that calibrate the int8 observers.
 DEFAULT_CALIBRATION_BATCHES = 10
 #: the quantisation backend and qconfig mapping of ``--int8``.
@@ -747,5 +751,5 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *,
              figures["top1_exported"], change)
     if failures:
         raise ParityError(f"parity check of {path} failed: {'; '.join(failures)} (files kept; "
-                          f"see {ppath.name})")
+                          f"see {ppath.name})" + (INT8_KNOBS if int8 else ""))
     return ExportResult(path=path, parity_path=ppath, report=report)
