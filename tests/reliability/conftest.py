@@ -32,7 +32,8 @@ BASE_CFG: dict[str, Any] = {
              "synthetic": {"n_train": 64, "n_test": 16, "num_classes": 4}},
     "student": {"arch": "resnet8"},
     "teacher": {"arch": "resnet14", "checkpoint": None},
-    "method": {"name": "sd_dkd", "partners": [{"name": "crd", "params": {"nce_k": 32}}]},
+    "method": {"name": "sd_dkd", "params": {"warmup_epochs": EPOCHS},  # fits the schedule
+               "partners": [{"name": "crd", "params": {"nce_k": 32}}]},
     "optim": {"epochs": EPOCHS, "milestones": [2], "lr": 0.05},
     "runtime": {"threads": 1, "amp": "off", "deterministic": True},
 }
@@ -63,6 +64,8 @@ def write_cfg(teacher_ckpt: Path) -> Callable[..., Path]:
         cfg = _merge(cfg, changes)
         if cfg["data"]["name"] != "synthetic":  # a real dataset reads no synthetic section
             cfg["data"].pop("synthetic")
+        if "name" in changes.get("method", {}) and "params" not in changes["method"]:
+            cfg["method"].pop("params")  # the base's params are sd_dkd's
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / name
         path.write_text(yaml.safe_dump(cfg))

@@ -53,7 +53,8 @@ def write_config(folder: Path, root: Path, workers: int) -> Path:
     cfg: dict[str, Any] = {
         "name": "workers",
         "data": {"name": "folder", "root": str(root), "image_size": 16, "resize": 18,
-                 "num_workers": workers, "batch_size": 4, "eval_batch_size": 6},
+                 "num_workers": workers, "batch_size": 4, "eval_batch_size": 6,
+                 "crop_scale": [0.08, 1.0]},  # the stream these tests were written against
         "student": {"arch": "MobileNetV2_imagenet"},
         "optim": {"epochs": EPOCHS, "milestones": [], "lr": 0.01},
         "runtime": {"threads": 1, "amp": "off", "deterministic": True},

@@ -339,7 +339,8 @@ def test_same_dataset_name_in_two_tasks_is_not_merged(tmp_path: Path) -> None:
     assert names == ["bars_coco-fm-detection_none_resnet8.png",
                      "bars_coco-fm-detection_none_resnet8_detection.png",
                      "curves_coco-fm-detection_none_resnet8.png",
-                     "curves_coco-fm-detection_none_resnet8_detection.png"]
+                     "curves_coco-fm-detection_none_resnet8_detection.png",
+                     "grid_coco-fm-detection.png", "grid_coco-fm-detection_detection.png"]
 
 
 def test_metric_specs_and_column_layout(caplog: pytest.LogCaptureFixture) -> None:

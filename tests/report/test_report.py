@@ -267,7 +267,9 @@ def test_html_is_self_contained(report: Report) -> None:
     assert 'src="http' not in html and "href=" not in html and "<link" not in html
     assert "<script" not in html
     srcs = re.findall(r'src="([^"]*)"', html)
-    assert len(srcs) == len(report.plots) == 4
+    # the page embeds the grid of each table (the single charts are files beside it)
+    assert len(srcs) == 1 and len(report.plots) == 5
+    assert 'alt="grid_cifar100.png"' in html
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "kd/resnet32x4_resnet8x4" in html and "76.63" in html
 
@@ -276,7 +278,7 @@ def test_png_files(report: Report) -> None:
     names = sorted(p.name for p in report.plots)
     assert names == ["bars_cifar100_none_resnet8x4.png", "bars_cifar100_resnet32x4_resnet8x4.png",
                      "curves_cifar100_none_resnet8x4.png",
-                     "curves_cifar100_resnet32x4_resnet8x4.png"]
+                     "curves_cifar100_resnet32x4_resnet8x4.png", "grid_cifar100.png"]
     for p in report.plots:
         data = p.read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000

@@ -316,6 +316,11 @@ class StreamLoader:
                 if died is None:
                     raise
                 raise died from e
+            except (EOFError, ConnectionError) as e:
+                # a worker killed while it handed over a batch's shared-memory file descriptor
+                raise DatasetError(f"{self.dataset.name}: a data loading worker process ended "
+                                   f"while sending a batch ({type(e).__name__}); continue from "
+                                   "the last checkpoint with --resume") from e
             for path, reason in errors:
                 self.skipped += 1
                 self.errors[path] = reason

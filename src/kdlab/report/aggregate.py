@@ -4,8 +4,13 @@ A run directory (see :mod:`kdlab.runs.rundir`) is finished when it has ``summary
 other run directory (``config.yaml`` but no summary) is *unfinished*: running, stopped, failed or
 killed. Unfinished runs are listed separately and never mixed into the numbers.
 
-Finished runs are grouped by (task, dataset, teacher, teacher checkpoint, student, data, method
-display name, config name without the seed). Each group has a headline metric given by its task
+Finished runs are grouped by experiment: runs are seeds of one experiment exactly when their stored
+configs (``config.yaml``, validated) agree in everything the config fingerprint covers except the
+seed (:func:`kdlab.report.identity.experiment_fingerprint`), and their task, dataset, teacher
+checkpoint, student, method display name, config name and data agree. Runs with differing configs
+never share a row: rows that would look alike get a ``variant`` naming the config keys they differ
+in. A seed found in several run directories of one experiment counts once (its newest finished
+run) and the row is flagged (``duplicates``). Each group has a headline metric given by its task
 (:data:`TASK_METRICS`): top-1 (and top-5) for classification, COCO box AP (and AP50, AP75) for
 detection. Each group gets mean +- sample std (0 for one seed) of
 
@@ -16,6 +21,11 @@ detection. Each group gets mean +- sample std (0 for one seed) of
 
 (and the secondary metrics likewise where measured), the teacher's value (``teacher.json``), and
 the published number with our difference to it when the paper has the cell.
+
+Each group has a ``role``: ``distilled`` (a method with a teacher), ``teacher`` (trained alone,
+and the teacher of a distillation run of the report: :func:`kdlab.report.identity.referenced_runs`),
+``student alone`` (trained alone with the architecture, dataset and data of a distilled student of
+the report, or a ``vanilla`` run that names a teacher) or ``trained alone`` (anything else).
 
 Two runs whose teachers have the same architecture but different checkpoints (the sha256 in
 ``teacher.json``, else the checkpoint path) are different experiments: they get different rows
@@ -28,7 +38,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import re
 import statistics
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,19 +48,38 @@ import yaml
 
 from kdlab.config import ExperimentConfig
 from kdlab.core.registries import TASKS
+from kdlab.report.identity import (
+    TeacherRef,
+    config_variants,
+    dataset_id,
+    dataset_labels,
+    experiment_fingerprint,
+    referenced_runs,
+    resolved_config,
+    strip_seed,
+)
 from kdlab.report.paper import PaperTable, paper_method
 from kdlab.runs.rundir import RunDir, find_run_dirs
 
 __all__ = [
-    "ChartKey", "DEFAULT_TASK", "Group", "MetricSpec", "RunRecord", "ScanResult", "TASK_METRICS",
-    "UnfinishedRun", "aggregate", "chart_groups", "data_label", "group_runs", "mean_std",
-    "metric_spec", "newest_time", "scan_runs", "short_teacher_id", "strip_seed",
+    "ChartKey", "DEFAULT_TASK", "DUPLICATE_MARK", "Group", "MetricSpec", "ROLES", "ROLE_ALONE",
+    "ROLE_DISTILLED", "ROLE_STUDENT", "ROLE_TEACHER", "RunRecord", "ScanResult", "TASK_METRICS",
+    "UnfinishedRun", "aggregate", "chart_groups", "data_label", "duplicates_text", "group_runs",
+    "mean_std", "metric_spec", "newest_time", "scan_runs", "short_teacher_id", "strip_seed",
 ]
 
 log = logging.getLogger(__name__)
 
-_SEED_PART = re.compile(r"^seed[_-]?\d+$")
-_SEED_SUFFIX = re.compile(r"[_.-]seed[_-]?\d+$")
+#: a group's role (:attr:`Group.role`): distilled from a teacher, the teacher of a distilled run
+#: of the report, a distilled student trained alone (its baseline), or another run trained alone
+ROLE_DISTILLED, ROLE_TEACHER = "distilled", "teacher"
+ROLE_STUDENT, ROLE_ALONE = "student alone", "trained alone"
+ROLES = (ROLE_DISTILLED, ROLE_TEACHER, ROLE_STUDENT, ROLE_ALONE)
+#: the mark of a row with a duplicated seed (next to its seed count)
+DUPLICATE_MARK = "†"
+#: the config name's first segment left out of a label when it only repeats the role
+_ROLE_WORDS = {ROLE_STUDENT: frozenset({"student", "vanilla", "baseline"}),
+               ROLE_TEACHER: frozenset({"teacher", "teachers"})}
 
 
 @dataclass(frozen=True)
@@ -144,7 +172,13 @@ def metric_spec(task: str | None) -> MetricSpec:
 
 @dataclass
 class RunRecord:
-    """One finished run as read from its directory."""
+    """One finished run as read from its directory.
+
+    ``config`` is the stored ``config.yaml`` as written; ``resolved`` the same validated (defaults
+    filled in, :func:`kdlab.report.identity.resolved_config`) and ``experiment`` its fingerprint
+    without the seed (:func:`kdlab.report.identity.experiment_fingerprint`; ``""`` without a
+    stored config): filled in by :func:`scan_runs`, else computed from ``config``.
+    """
 
     path: Path
     rel: str
@@ -153,10 +187,33 @@ class RunRecord:
     teacher: dict[str, Any] | None
     metrics: list[dict[str, Any]]
     finished_time: float | None
+    resolved: dict[str, Any] | None = None
+    experiment: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.resolved is None:
+            self.resolved = resolved_config(self.config, str(self.path / "config.yaml"))
+        if self.experiment is None:
+            self.experiment = experiment_fingerprint(self.resolved)
 
     @property
     def dataset(self) -> str | None:
-        return self.summary.get("dataset") or (self.config.get("data") or {}).get("name")
+        """The dataset's identity (:func:`kdlab.report.identity.dataset_id`): ``folder:<root>``
+        for a class folder, else the summary's ``dataset``, else ``data.name``."""
+        return dataset_id(self.config, self.summary.get("dataset"))
+
+    @property
+    def teacher_ref(self) -> TeacherRef | None:
+        """The teacher the run used (architecture, checkpoint path, sha256); None without one."""
+        if self.teacher_arch is None:
+            return None
+        tcfg = self.config.get("teacher")
+        ckpt = tcfg.get("checkpoint") if isinstance(tcfg, dict) else None
+        info = self.teacher or {}
+        ckpt = ckpt or info.get("checkpoint")
+        sha = info.get("sha256")
+        return TeacherRef(self.teacher_arch, str(ckpt) if ckpt else None,
+                          str(sha) if sha else None)
 
     @property
     def task(self) -> str:
@@ -254,7 +311,11 @@ class UnfinishedRun:
 
 @dataclass
 class Group:
-    """The runs of one table row (the seeds of one experiment) and their statistics."""
+    """The runs of one table row (the seeds of one experiment) and their statistics.
+
+    ``runs`` holds one run per seed, sorted by seed; ``duplicates`` the runs of each seed found
+    in several run directories (the one in ``runs`` first), which the statistics count once.
+    """
 
     dataset: str | None
     teacher: str | None
@@ -270,6 +331,16 @@ class Group:
     teacher_label: str | None = None
     #: the runs' task (part of the group key): it names the headline metric
     task: str = DEFAULT_TASK
+    #: the config fingerprint without the seed (part of the group key) and the resolved config
+    experiment: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    #: the dataset's identity (``folder:<root>``); ``dataset`` is its shown name
+    dataset_id: str | None = None
+    #: the config keys that tell this row from rows that look the same, e.g. ``optim.epochs=2``
+    variant: str | None = None
+    #: one of :data:`ROLES`
+    role: str = ROLE_DISTILLED
+    duplicates: list[list[RunRecord]] = field(default_factory=list)
 
     @property
     def spec(self) -> MetricSpec:
@@ -292,21 +363,29 @@ class Group:
         """Whether every run of the group chose its best epoch on validation."""
         return bool(self.runs) and all(r.has_val for r in self.runs)
 
+    def label_as(self, role: str, full: bool = False) -> str:
+        """The group's label when shown in ``role``: the method (a distilled run) or the role,
+        then the config name's first segment where it says more (``full``: the whole name),
+        then the variant (``kd (kd_t2), optim.epochs=2``)."""
+        what = self.method if role == ROLE_DISTILLED else role
+        if full:
+            text = what if self.name in ("", self.method) else f"{what} [{self.name}]"
+        else:
+            first = self.name.split("/", 1)[0]
+            if first in _ROLE_WORDS.get(role, ()):
+                first = ""
+            text = what if first in ("", self.method) else f"{what} ({first})"
+        return f"{text}, {self.variant}" if self.variant else text
+
     @property
     def label(self) -> str:
-        """Short plot label: the method, plus the config name's first segment if it differs
-        (the student alone is "student alone")."""
-        first = self.name.split("/", 1)[0]
-        method = "student alone" if self.is_baseline else self.method
-        if self.is_baseline and first in ("student", "vanilla", "baseline"):
-            first = ""
-        return method if first in ("", self.method) else f"{method} ({first})"
+        """Short plot label (:meth:`label_as` of the group's role)."""
+        return self.label_as(self.role)
 
     @property
     def full_label(self) -> str:
-        """Unambiguous label: the method and the whole config name."""
-        method = "student alone" if self.is_baseline else self.method
-        return method if self.name in ("", self.method) else f"{method} [{self.name}]"
+        """Unambiguous label: the method or role, the whole config name and the variant."""
+        return self.label_as(self.role, full=True)
 
 
 @dataclass
@@ -326,12 +405,6 @@ def _number(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) and v >= 0 else None
-
-
-def strip_seed(name: str) -> str:
-    """A config name without its seed part (``kd/r32x4_r8x4/seed1`` -> ``kd/r32x4_r8x4``)."""
-    parts = [_SEED_SUFFIX.sub("", p) for p in name.split("/") if not _SEED_PART.match(p)]
-    return "/".join(p for p in parts if p)
 
 
 def data_label(key: tuple[float, float, int | None]) -> str:
@@ -398,29 +471,117 @@ def scan_runs(runs_dir: str | Path) -> ScanResult:
 
 
 # --------------------------------------------------------------------------- aggregation
+def _group_key(r: RunRecord) -> tuple[Any, ...]:
+    return (r.dataset or "", r.teacher_arch or "", r.teacher_id or "", r.student_arch or "",
+            r.method, r.name, tuple(-1 if v is None else v for v in r.data_key), r.task,
+            r.experiment or "")
+
+
+def _one_per_seed(runs: Sequence[RunRecord]) -> tuple[list[RunRecord], list[list[RunRecord]]]:
+    """(one run per seed, sorted by seed; the runs of each seed found more than once, the kept
+    one first). The kept run is the newest finished one (ties: the first by path)."""
+    by_seed: dict[int | None, list[RunRecord]] = {}
+    for r in runs:
+        by_seed.setdefault(r.seed, []).append(r)
+    kept, duplicates = [], []
+    for seed in sorted(by_seed, key=lambda s: -1 if s is None else s):
+        members = sorted(by_seed[seed], key=lambda r: (-(r.finished_time or 0.0), r.rel))
+        kept.append(members[0])
+        if len(members) > 1:
+            duplicates.append(members)
+    return kept, duplicates
+
+
 def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
-    """Group runs over seeds, sorted by (dataset, teacher, teacher checkpoint, student,
-    method, name, data, task); sets each group's ``teacher_label``. Runs of different tasks
-    are never grouped together (the task is part of the key)."""
+    """Group runs over seeds: one group per experiment (the key: dataset, teacher, teacher
+    checkpoint, student, method, name, data, task and the config fingerprint without the seed).
+
+    Sets each group's shown ``dataset`` and ``teacher_label``, its ``variant`` (where groups
+    would look alike), its ``role`` and ``duplicates`` (:func:`_one_per_seed`); groups are
+    sorted by (shown dataset, teacher, teacher checkpoint, student, method, name, data, task,
+    variant). Runs of different tasks or configs are never grouped together.
+    """
     groups: dict[tuple[Any, ...], Group] = {}
     for r in runs:
-        key = (r.dataset or "", r.teacher_arch or "", r.teacher_id or "", r.student_arch or "",
-               r.method, r.name, tuple(-1 if v is None else v for v in r.data_key), r.task)
+        key = _group_key(r)
         if key not in groups:
             groups[key] = Group(r.dataset, r.teacher_arch, r.student_arch, r.method, r.name,
-                                teacher_id=r.teacher_id, data_key=r.data_key, task=r.task)
+                                teacher_id=r.teacher_id, data_key=r.data_key, task=r.task,
+                                experiment=r.experiment or "", config=dict(r.resolved or {}),
+                                dataset_id=r.dataset)
         groups[key].runs.append(r)
-    out = [groups[k] for k in sorted(groups)]
-    ids: dict[tuple[str, str, str], set[str | None]] = {}
+    out = list(groups.values())
     for g in out:
-        g.runs.sort(key=lambda r: (r.seed if r.seed is not None else -1, r.rel))
+        g.runs, g.duplicates = _one_per_seed(g.runs)
+    labels = dataset_labels(g.dataset_id for g in out)
+    for g in out:
+        g.dataset = labels[g.dataset_id]
+    _label_teachers(out)
+    _label_variants(out)
+    _assign_roles(out)
+    return sorted(out, key=lambda g: (g.dataset or "", *_group_key(g.runs[0])[1:-1],
+                                      g.variant or ""))
+
+
+def _label_teachers(groups: Sequence[Group]) -> None:
+    """``teacher_label``: the architecture, plus ``@<sha8>`` where one architecture has several
+    checkpoints in the groups of one task and dataset."""
+    ids: dict[tuple[str, str, str], set[str | None]] = {}
+    for g in groups:
         if g.teacher:
             ids.setdefault((g.task, g.dataset or "", g.teacher), set()).add(g.teacher_id)
-    for g in out:
+    for g in groups:
         ambiguous = g.teacher and len(ids[(g.task, g.dataset or "", g.teacher)]) > 1
         g.teacher_label = (f"{g.teacher}@{short_teacher_id(g.teacher_id)}" if ambiguous
                            else g.teacher)
-    return out
+
+
+def _label_variants(groups: Sequence[Group]) -> None:
+    """``variant`` of the groups that would be shown alike (same task, dataset, teacher label,
+    student, method, name and data) but hold different configs."""
+    alike: dict[tuple[Any, ...], list[Group]] = {}
+    for g in groups:
+        shown = (g.task, g.dataset, g.teacher_label, g.student, g.method, g.name, g.data_key)
+        alike.setdefault(shown, []).append(g)
+    for members in alike.values():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda g: g.experiment)
+        variants = config_variants([g.config for g in members], [g.experiment for g in members])
+        for g, variant in zip(members, variants, strict=True):
+            g.variant = variant
+
+
+def _assign_roles(groups: Sequence[Group]) -> None:
+    """Each group's ``role`` (:data:`ROLES`; the rule is in the module docstring)."""
+    distilled = [g for g in groups if g.teacher and not g.is_baseline]
+    students = {(g.task, g.dataset_id, g.student, g.data_key) for g in distilled}
+    alone = [g for g in groups if not g.teacher]
+    refs = [ref for g in distilled for r in _all_runs(g) if (ref := r.teacher_ref) is not None]
+    teachers = referenced_runs([(r.path, r.student_arch) for g in alone for r in _all_runs(g)],
+                               refs) if alone and refs else set()
+    for g in groups:
+        if g.teacher and not g.is_baseline:
+            g.role = ROLE_DISTILLED
+        elif any(r.path in teachers for r in _all_runs(g)):
+            g.role = ROLE_TEACHER
+        elif g.teacher or (g.task, g.dataset_id, g.student, g.data_key) in students:
+            g.role = ROLE_STUDENT
+        else:
+            g.role = ROLE_ALONE
+
+
+def _all_runs(g: Group) -> list[RunRecord]:
+    """The group's runs and its duplicates' left-out runs."""
+    return [*g.runs, *(r for members in g.duplicates for r in members[1:])]
+
+
+def duplicates_text(g: Group) -> str | None:
+    """``seed 0: a/seed0 (used), b/seed0`` for each duplicated seed of ``g``, else None."""
+    if not g.duplicates:
+        return None
+    return "; ".join(f"seed {members[0].seed}: {members[0].rel} (used), "
+                     + ", ".join(r.rel for r in members[1:]) for members in g.duplicates)
 
 
 def aggregate(runs: Sequence[RunRecord], paper: PaperTable) -> list[Group]:
@@ -445,12 +606,14 @@ def aggregate(runs: Sequence[RunRecord], paper: PaperTable) -> list[Group]:
                                g.teacher_id.startswith("path:") else None),
             "data": data_label(g.data_key) or None,
             "selection": "val" if g.has_val else "test",
+            "role": g.role, "variant": g.variant, "duplicates": duplicates_text(g),
+            "experiment_fingerprint": g.experiment or None,
         }
         for stat in spec.stats:
             mean, std, n = mean_std(r.metric(stat) for r in g.runs)
             row[f"{stat}_mean"], row[f"{stat}_std"], row[f"{stat}_n"] = mean, std, n
         row[f"teacher_{p}"], _, _ = mean_std(r.teacher_metric(p) for r in g.runs)
-        pm = paper_method(g.name, g.method, known)
+        pm = "teacher" if g.role == ROLE_TEACHER else paper_method(g.name, g.method, known)
         row["paper_method"] = pm
         first = paper.lookup(g.dataset, g.teacher, g.student, pm, p)
         second = paper.lookup(g.dataset, g.teacher, g.student, pm, s)

@@ -8,8 +8,15 @@ writes into the output folder:
   per (task, dataset) (columns that are empty for every row of a table, e.g. the paper's on a
   dataset without published numbers, are left out);
 * ``results.csv``: the same numbers, unrounded to 4 decimals, one row per group, every column;
-* ``results.html``: one self-contained page with the tables and the plots embedded;
-* ``curves_<dataset>_<teacher>_<student>.png`` and ``bars_<dataset>_<teacher>_<student>.png``.
+* ``results.html``: one self-contained page with the tables and the grid figures embedded;
+* ``curves_<dataset>_<teacher>_<student>.png`` and ``bars_<dataset>_<teacher>_<student>.png``,
+  one chart each, and ``grid_<dataset>[_<task>].png``: every chart of a table in one grid (a row
+  per teacher -> student pair, curves left, bars right).
+
+Rows are experiments (:func:`kdlab.report.aggregate.group_runs`): runs whose stored configs agree
+in all but the seed; rows that would look alike get a ``differs in`` column naming the config keys
+they differ in, a seed found in several run directories counts once and its row is marked
+:data:`kdlab.report.aggregate.DUPLICATE_MARK` with a note listing the directories.
 
 Statistics (each a mean over seeds; ``± sample std`` shown from two seeds on):
 
@@ -43,23 +50,27 @@ from kdlab.core.errors import RunError
 from kdlab.core.io import atomic_write
 from kdlab.report.aggregate import (
     DEFAULT_TASK,
+    DUPLICATE_MARK,
+    ROLE_DISTILLED,
     TASK_METRICS,
     Group,
     MetricSpec,
     UnfinishedRun,
     aggregate,
+    duplicates_text,
     metric_spec,
     newest_time,
     scan_runs,
 )
 from kdlab.report.html import describe_unfinished, render_html
 from kdlab.report.paper import STATISTIC_TEXT, load_paper_results
-from kdlab.report.plots import render_plots
+from kdlab.report.plots import GRID_PREFIX, render_plots
 from kdlab.report.table import format_cell, markdown_table
 
 __all__ = [
     "CSV_COLUMNS", "Report", "STAT_HEADERS", "TITLE", "Table", "build_report", "csv_columns",
-    "dataset_tables", "display_rows", "header_notes", "metric_csv_columns", "results_csv",
+    "dataset_tables", "display_rows", "header_notes", "identity_notes", "metric_csv_columns",
+    "results_csv",
     "results_markdown", "stat_headers",
 ]
 
@@ -76,8 +87,11 @@ CSV_COLUMNS = (
     "paper_source", "diff_top1",
     "selection", "test_top1_at_best_mean", "test_top1_at_best_std", "best_val_top1_mean",
     "best_val_top1_std", "test_top5_at_best_mean", "test_top5_at_best_std", "data",
-    "teacher_sha256",
+    "teacher_sha256", "role", "variant", "duplicates", "experiment_fingerprint",
 )
+#: the last CSV columns of every task: what the row is (:class:`kdlab.report.aggregate.Group`)
+_IDENTITY_COLUMNS = ("data", "teacher_sha256", "role", "variant", "duplicates",
+                     "experiment_fingerprint")
 
 #: (statistic, header) of the result columns, primary first: the header names the statistic.
 STAT_HEADERS = (
@@ -90,8 +104,8 @@ STAT_HEADERS = (
     ("last_top5", "last-epoch top-5"),
 )
 #: columns that name the row rather than hold a number
-_TEXT_COLUMNS = frozenset({"dataset", "teacher", "student", "method", "name", "data",
-                           "paper_statistic"})
+_TEXT_COLUMNS = frozenset({"dataset", "teacher", "student", "method", "role", "name",
+                           "variant", "data", "paper_statistic"})
 
 def stat_headers(spec: MetricSpec) -> tuple[tuple[str, str], ...]:
     """(statistic, header) of the result columns of ``spec``'s metrics, primary first
@@ -122,7 +136,7 @@ def metric_csv_columns(spec: MetricSpec) -> tuple[str, ...]:
              f"test_{p}_at_best_std", f"best_val_{p}_mean", f"best_val_{p}_std"]
     for key, _ in spec.others:
         cols += [f"test_{key}_at_best_mean", f"test_{key}_at_best_std"]
-    return (*cols, "data", "teacher_sha256")
+    return (*cols, *_IDENTITY_COLUMNS)
 
 
 def csv_columns(specs: Sequence[MetricSpec]) -> tuple[str, ...]:
@@ -194,7 +208,9 @@ def _format_row(r: dict[str, Any], spec: MetricSpec) -> dict[str, str]:
     return {
         "dataset": format_cell(r["dataset"], ""), "teacher": format_cell(r["teacher"], ""),
         "student": format_cell(r["student"], ""), "method": r["method"],
-        "name": format_cell(r["name"] or None, ""), "n": str(r["n"]),
+        "role": r.get("role") or "", "variant": format_cell(r.get("variant"), ""),
+        "name": format_cell(r["name"] or None, ""),
+        "n": f"{r['n']} {DUPLICATE_MARK}" if r.get("duplicates") else str(r["n"]),
         **{s: _pm(r.get(f"{s}_mean"), r.get(f"{s}_std"), r.get(f"{s}_n", 2))
            for s, _ in stat_headers(spec)},
         "data": format_cell(r.get("data"), ""),
@@ -212,26 +228,31 @@ def display_rows(groups: Sequence[Group]) -> tuple[list[tuple[str, str]], list[d
     one first. A column that is empty ("—") in every row is left out: top-5 where it was not
     measured, validation columns without a validation set, the paper's columns on a dataset
     without published numbers, the teacher without one. ``data`` is shown only when the rows
-    differ in it.
+    differ in it, ``role`` only when a row is not distilled, ``differs in`` (the variant) only
+    when a row has one. ``seeds (n)`` counts distinct seeds, marked :data:`DUPLICATE_MARK` where
+    a seed was found in several run directories.
     """
     spec = metric_spec(groups[0].task if groups else DEFAULT_TASK)
     p, pl = spec.primary, spec.primary_label
     cols = [("teacher", "teacher"), ("student", "student"), ("method", "method"),
-            ("name", "config name"), ("n", "seeds (n)"), *stat_headers(spec),
+            ("role", "role"), ("name", "config name"), ("variant", "differs in"),
+            ("n", "seeds (n)"), *stat_headers(spec),
             ("data", "data"), (f"teacher_{p}", f"teacher {pl}"), (f"paper_{p}", f"paper {pl}"),
             ("paper_statistic", "paper statistic"), (f"diff_{p}", "Δ best-on-test − paper")]
     rows = [_format_row(g.row, spec) for g in groups]
-    keep = []
-    for key, header in cols:
-        cells = {r[key] for r in rows}
-        if key in ("method", "name", "n"):
-            keep.append((key, header))
-        elif key == "data":
-            if len(cells) > 1:
-                keep.append((key, header))
-        elif cells - {"—"}:
-            keep.append((key, header))
-    return keep, rows
+    return [(k, h) for k, h in cols if _shown_column(k, {r[k] for r in rows})], rows
+
+
+def _shown_column(key: str, cells: set[str]) -> bool:
+    """Whether a table shows the column ``key`` whose rows hold ``cells``
+    (:func:`display_rows`)."""
+    if key in ("method", "name", "n"):
+        return True
+    if key == "data":
+        return len(cells) > 1
+    if key == "role":
+        return bool(cells - {ROLE_DISTILLED})
+    return bool(cells - {"—"})
 
 
 def dataset_tables(groups: Sequence[Group]) -> list[Table]:
@@ -253,18 +274,52 @@ def dataset_tables(groups: Sequence[Group]) -> list[Table]:
             label = metric_spec(task).primary_label
             notes.append(f"Primary column: test {label} at best-val epoch (the epoch chosen "
                          "on the held-out validation set; rows without one show —).")
+        notes += identity_notes(members)
         tables.append(Table(dataset, notes, columns, rows, task))
     return tables
+
+
+def identity_notes(groups: Sequence[Group]) -> list[str]:
+    """The notes of a table on what its rows are: the variants' meaning and every duplicated
+    seed (:data:`DUPLICATE_MARK`)."""
+    notes = []
+    if any(g.variant for g in groups):
+        notes.append("Rows that differ only in 'differs in' are different configs (never "
+                     "averaged together); it names the config keys in which they differ.")
+    dups = [(g, text) for g in groups if (text := duplicates_text(g))]
+    if dups:
+        notes.append(f"{DUPLICATE_MARK} Duplicate seed: the same config and seed in several run "
+                     "directories; each seed counts once, from its newest finished run "
+                     "(delete or move the others): " + "; ".join(
+                         f"{_row_name(g)}: {text}" for g, text in dups) + ".")
+    return notes
+
+
+def _row_name(g: Group) -> str:
+    """A row as a note names it: the config name (else the method), and its variant."""
+    name = g.name or g.method
+    return f"{name} ({g.variant})" if g.variant else name
+
+
+def _runs_note(groups: Sequence[Group], n_runs: int, n_unfinished: int) -> str:
+    """How many runs and groups the report holds, and which runs it leaves out."""
+    runs = (f"{n_runs} finished run{'s' if n_runs != 1 else ''} in {len(groups)} "
+            f"group{'s' if len(groups) != 1 else ''} (one row per experiment: runs whose configs "
+            "agree in all but the seed; seeds aggregated)")
+    left_out = sum(len(members) - 1 for g in groups for members in g.duplicates)
+    if left_out:
+        runs += (f"; {left_out} run{'s' if left_out != 1 else ''} left out as duplicate "
+                 f"seed{'s' if left_out != 1 else ''} ({DUPLICATE_MARK})")
+    if n_unfinished:
+        runs += f"; {n_unfinished} unfinished or failed, listed below and not in the table"
+    return runs
 
 
 def header_notes(groups: Sequence[Group], n_runs: int, n_unfinished: int,
                  when: float | None, paper_origin: str | None) -> list[str]:
     """The lines above the table: runs, date, the statistics used by us and by the paper."""
     date = time.strftime("%Y-%m-%d", time.gmtime(when)) if when is not None else "—"
-    runs = (f"{n_runs} finished run{'s' if n_runs != 1 else ''} in {len(groups)} "
-            f"group{'s' if len(groups) != 1 else ''} (one row per experiment, seeds aggregated)")
-    if n_unfinished:
-        runs += f"; {n_unfinished} unfinished or failed, listed below and not in the table"
+    runs = _runs_note(groups, n_runs, n_unfinished)
     stats = sorted({g.row["paper_statistic"] for g in groups if g.row.get("paper_statistic")})
     counts = ", ".join(
         f"{sum(1 for g in groups if g.row.get('paper_statistic') == s)} row(s) {s}"
@@ -344,6 +399,18 @@ def _write(path: Path, data: bytes) -> None:
     atomic_write(path, data)
 
 
+def _write_plots(out: Path, plots: dict[str, bytes]) -> list[Path]:
+    """Write the plots into ``out`` and remove the plots of an earlier report that are gone
+    (charts of pairs without runs now); the written paths."""
+    for stale in sorted([*out.glob("curves_*.png"), *out.glob("bars_*.png"),
+                         *out.glob(f"{GRID_PREFIX}*.png")]):
+        if stale.name not in plots:
+            stale.unlink()
+    for name, png in plots.items():
+        _write(out / name, png)
+    return [out / name for name in plots]
+
+
 def build_report(runs_dir: str | Path, out_dir: str | Path | None = None,
                  paper_csv: str | Path | None = None) -> Report:
     """Aggregate the runs under ``runs_dir`` and write the report into ``out_dir``.
@@ -375,15 +442,11 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None,
                     groups=groups, unfinished=scan.unfinished, n_runs=len(scan.finished))
     _write(report.markdown, results_markdown(notes, tables, scan.unfinished).encode())
     _write(report.csv, results_csv(groups).encode())
+    grids = {name: png for name, png in plots.items() if name.startswith(GRID_PREFIX)}
     _write(report.html, render_html(
         TITLE, notes, [(t.heading, t.notes, t.columns, t.rows, t.numeric) for t in tables],
-        scan.unfinished, plots).encode())
-    for stale in sorted([*out.glob("curves_*.png"), *out.glob("bars_*.png")]):
-        if stale.name not in plots:
-            stale.unlink()
-    for name, png in plots.items():
-        _write(out / name, png)
-        report.plots.append(out / name)
+        scan.unfinished, grids).encode())
+    report.plots = _write_plots(out, plots)
     log.info("report of %d run(s) in %d group(s) (%d unfinished) written to %s",
              report.n_runs, len(groups), len(scan.unfinished), out)
     return report
