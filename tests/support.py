@@ -104,3 +104,16 @@ def synthetic_distill_run(root: Path, student: str, teacher: str, method: dict[s
         "optim": {"epochs": 1, "milestones": [], "lr": 0.05},
         "runtime": {"threads": 1, "amp": "off"},
     })
+
+
+def section(md: str, heading: str) -> str:
+    """The text of the markdown section ``## heading`` (up to the next ``## ``)."""
+    return md.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def table_rows(text: str) -> list[dict[str, str]]:
+    """The rows of the first markdown table in ``text`` as dicts keyed by the header."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True))
+            for ln in lines[2:]]

@@ -28,6 +28,7 @@ from kdlab.report.build import (
 )
 from kdlab.report.paper import parse_paper_csv
 from kdlab.report.plots import bars_figure, curves_figure
+from support import section, table_rows
 
 pytest.importorskip("matplotlib")
 
@@ -145,17 +146,6 @@ def write_cls_study(root: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- helpers
-def section(md: str, heading: str) -> str:
-    return md.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-
-
-def table_rows(text: str) -> list[dict[str, str]]:
-    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True))
-            for ln in lines[2:]]
-
-
 def assert_pm(cell: str, values: list[float]) -> None:
     """The ``mean ± sample std`` cell holds the mean and std of ``values`` computed here with
     numpy (to the 2 decimals shown: half a unit of the last digit)."""

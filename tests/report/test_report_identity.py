@@ -35,6 +35,7 @@ from kdlab.report.identity import (
 )
 from kdlab.report.paper import parse_paper_csv
 from kdlab.report.plots import bars_figure, curves_figure, grid_figure
+from support import section, table_rows
 
 pytest.importorskip("matplotlib")
 
@@ -89,17 +90,6 @@ def build(root: Path, tmp_path: Path, paper: str = PAPER) -> Any:
 
 def groups_of(root: Path) -> Any:
     return aggregate(scan_runs(root).finished, parse_paper_csv(PAPER))
-
-
-def section(md: str, heading: str) -> str:
-    return md.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-
-
-def table_rows(text: str) -> list[dict[str, str]]:
-    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True))
-            for ln in lines[2:]]
 
 
 def csv_rows(report: Any) -> list[dict[str, str]]:
