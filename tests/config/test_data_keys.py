@@ -12,6 +12,7 @@ from kdlab.config import validate_config
 from kdlab.core.errors import ConfigError
 from kdlab.data.stream import load_stream_dataset
 from kdlab.data.transforms import RandomHorizontalFlip, RandomResizedCrop
+from kdlab.tasks import get_task
 
 
 def _cfg(**data: object):
@@ -67,3 +68,10 @@ def test_stream_transform_follows_the_keys(imagenet_root: Path) -> None:
     assert crop.scale == (0.5, 0.9)
     default = load_stream_dataset("folder", imagenet_root, train=True, image_size=16)
     assert any(isinstance(t, RandomHorizontalFlip) for t in default.transform.transforms)
+
+
+def test_folder_datasets_are_named_by_their_folder(tmp_path: Path) -> None:
+    task = get_task("classification")
+    assert task.dataset_label(_cfg(name="folder", root=str(tmp_path / "my_images"))) == (
+        "folder:my_images")
+    assert task.dataset_label(_cfg(name="cifar100")) == "cifar100"

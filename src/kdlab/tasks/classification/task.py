@@ -9,6 +9,7 @@ cross-entropy, and top-1 decides the best epoch.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,6 +89,13 @@ class ClassificationTask(Task[DataBundle, Batch, ModelOutput]):
     train_metric = Metric("top1", "top-1")
     report_metrics = ("top1", "top5")
     exportable = True
+
+    def dataset_label(self, cfg: DataConfig) -> str:
+        """``data.name``; a class-folder dataset is ``folder:<its root's folder name>`` (every
+        user folder is ``folder``, so two of them would otherwise share a name)."""
+        if cfg.name == "folder" and cfg.root:
+            return f"folder:{Path(cfg.root).resolve().name}"
+        return cfg.name
 
     def build_data(self, cfg: DataConfig, *, seed: int, device: torch.device,
                    channels_last: bool, rank: int, world_size: int) -> DataBundle:
