@@ -63,7 +63,7 @@ class DeiT(Distiller[DeiTParams]):
     needs_distillation_token = True
 
     def __init__(self, params: DeiTParams, ctx: DistillContext) -> None:
-        if not getattr(ctx.student, "distillation_token", False):
+        if not ctx.student.distillation_token:
             raise MethodError(
                 "method 'deit' needs a student with a distillation token: use "
                 "student.arch vit_tiny_distilled, vit_lite_7_distilled or a timm "

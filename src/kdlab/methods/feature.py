@@ -351,7 +351,6 @@ class AT(Distiller[ATParams]):
             self.pairs = stage_pairs(len(s), len(t))
         else:
             self.pairs = [(i, i) for i in range(1, min(len(s), len(t)) + 1)]
-        self.num_pairs = len(self.pairs)
 
     def describe(self) -> dict[str, Any]:
         """The name, the parameters and the ``(student, teacher)`` feature indices paired."""

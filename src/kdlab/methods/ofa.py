@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from kdlab.core.errors import MethodError
 from kdlab.losses.ofa import ofa_loss
 from kdlab.methods.base import Batch, DistillContext, Distiller, MethodParams
-from kdlab.methods.feature import pooled_embedding
+from kdlab.methods.feature import is_token_grid, pooled_embedding
 from kdlab.methods.registry import register_method
 from kdlab.models.output import KdModel, ModelOutput
 from kdlab.models.vit import Block
@@ -350,7 +350,7 @@ class OFA(Distiller[OFAParams]):
         super().__init__(params, ctx)
         feats = ctx.student_probe.features
         num_stages = len(feats) - 1
-        token_grid = bool(getattr(ctx.student, "token_grid", False))
+        token_grid = is_token_grid(ctx.student)
         self.stages = params.stages or default_stages(max(num_stages, 0), token_grid)
         _check_stages(self.stages, num_stages)
         self.eps = _resolve_eps(params.eps, len(self.stages))

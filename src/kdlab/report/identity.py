@@ -30,6 +30,7 @@ from typing import Any
 from kdlab.config import fingerprint_dict, validate_config
 from kdlab.core.errors import KdlabError
 from kdlab.core.io import file_sha256
+from kdlab.runs.rundir import UNSET, flatten_config, show_config_value
 
 __all__ = [
     "MAX_SHOWN_KEYS", "TeacherRef", "config_variants", "dataset_id", "dataset_labels",
@@ -45,7 +46,6 @@ _SEED_SUFFIX = re.compile(r"[_.-]seed[_-]?\d+$")
 MAX_SHOWN_KEYS = 3
 #: the checkpoints of a run directory that a distillation run may use as its teacher
 _WEIGHT_FILES = ("checkpoints/best.pt", "checkpoints/last.pt")
-_UNSET = object()
 
 
 def strip_seed(name: str) -> str:
@@ -90,34 +90,18 @@ def experiment_fingerprint(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _show(value: Any) -> str:
-    if value is _UNSET:
-        return "(unset)"
-    return value if isinstance(value, str) else json.dumps(value, default=str)
-
-
 def config_variants(configs: Sequence[Mapping[str, Any]], fingerprints: Sequence[str]
                     ) -> list[str]:
     """One label per config telling it apart from the others: ``key=value`` of every dotted key
     (of :func:`experiment_dict`) in which any two of them differ, in config order, e.g.
     ``optim.epochs=2``. More than :data:`MAX_SHOWN_KEYS` keys (or none: configs that agree) give
     the first keys, ``+N more`` and ``config <first 8 of the fingerprint>``, which is unique."""
-    flats = [_flatten(experiment_dict(c)) if c else {} for c in configs]
+    flats = [flatten_config(experiment_dict(c)) if c else {} for c in configs]
     keys = [k for k in dict.fromkeys(k for f in flats for k in f)
-            if len({_show(f.get(k, _UNSET)) for f in flats}) > 1]
+            if len({show_config_value(f.get(k, UNSET)) for f in flats}) > 1]
     out = []
     for flat, fp in zip(flats, fingerprints, strict=True):
-        shown = [f"{k}={_show(flat.get(k, _UNSET))}" for k in keys[:MAX_SHOWN_KEYS]]
+        shown = [f"{k}={show_config_value(flat.get(k, UNSET))}" for k in keys[:MAX_SHOWN_KEYS]]
         if not keys or len(keys) > MAX_SHOWN_KEYS:
             shown = shown[:MAX_SHOWN_KEYS - 1]
             more = len(keys) - len(shown)

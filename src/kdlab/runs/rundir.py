@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +41,8 @@ from kdlab.runs.lock import LOCK_FILE, FolderLock
 
 __all__ = [
     "EXTENSIBLE_SCHEDULES", "PROGRESS_FILES", "RUN_FILES", "Resume", "RunDir", "SHOWN_DIFFERENCES",
-    "config_differences", "find_run_dirs", "run_folder",
+    "UNSET", "config_differences", "find_run_dirs", "flatten_config", "run_folder",
+    "show_config_value",
 ]
 
 log = logging.getLogger(__name__)
@@ -396,35 +397,36 @@ def find_run_dirs(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.as_posix())
 
 
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"dotted.key": value}`` (an empty mapping adds no key)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):  # an empty mapping adds no key
-            out.update(_flatten(v, key + "."))
+        if isinstance(v, Mapping):
+            out.update(flatten_config(v, key + "."))
         else:
             out[key] = v
     return out
 
 
-def _show(value: Any) -> str:
-    if value is _UNSET:
+#: the value :func:`show_config_value` writes as ``(unset)``: a key one config lacks.
+UNSET: Any = object()
+
+
+def show_config_value(value: Any) -> str:
+    """A config value as text: strings as they are, ``UNSET`` as ``(unset)``, else JSON."""
+    if value is UNSET:
         return "(unset)"
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-_UNSET = object()
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 def config_differences(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for each dotted key in which two resolved config dicts differ, both
     reduced to the fingerprint's canonical form (:func:`kdlab.config.schema.fingerprint_dict`)."""
-    a, b = _flatten(fingerprint_dict(stored)), _flatten(fingerprint_dict(new))
+    a, b = flatten_config(fingerprint_dict(stored)), flatten_config(fingerprint_dict(new))
     keys = [*b, *(k for k in a if k not in b)]
-    return [f"{k}: {_show(a.get(k, _UNSET))} -> {_show(b.get(k, _UNSET))}"
-            for k in keys if a.get(k, _UNSET) != b.get(k, _UNSET)]
+    return [f"{k}: {show_config_value(a.get(k, UNSET))} -> {show_config_value(b.get(k, UNSET))}"
+            for k in keys if a.get(k, UNSET) != b.get(k, UNSET)]
 
 
 def _shown(diffs: Sequence[str]) -> str:
