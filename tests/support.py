@@ -32,6 +32,14 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
+def one_error_line(err: str) -> str:
+    """The single ``kdlab: error:`` line of a CLI failure's stderr (no traceback)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdlab: error:"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
 def save_random_teacher(path: Path, num_classes: int, seed: int = 1,
                         arch: str = "resnet14") -> Path:
     """Save a randomly initialised ``arch`` (seeded) as ``{"model": state_dict}`` at ``path``,

@@ -38,8 +38,8 @@ from kdlab.core.runtime import process_state_preserved
 from kdlab.core.signals import sigterm_raises
 from kdlab.engine.progress import EpochLogProgress, TqdmProgress
 from kdlab.engine.trainer import Trainer
-from kdlab.runs.open import open_run
 from kdlab.runs.rundir import run_folder
+from kdlab.runs.student import load_trained_student
 
 if TYPE_CHECKING:
     from torch import nn
@@ -177,29 +177,41 @@ def _kdlab_logs_shown(enabled: bool) -> Iterator[None]:
 
 def load_student(run_dir: str | Path, checkpoint: Literal["best", "last"] | str = "best",
                  device: str = "cpu", plugins: Sequence[str] = ()) -> nn.Module:
-    """A run's trained student, in eval mode, on ``device``.
+    """A trained student, in eval mode, on ``device``, with its classes and preprocessing.
 
-    The network is rebuilt from the run's recorded ``config.yaml`` (its ``student.arch``,
-    ``torchvision:``/``timm:`` names included) and the class count and input channels recorded
-    in the checkpoint; the weights are loaded strictly.
+    ``run_dir`` is a kdlab run directory, a hub folder (``kdlab export RUN --format hub``:
+    ``config.json`` + ``model.safetensors``, read without pickle) or a student weights file
+    (``kdlab export RUN --format state_dict``). For a run the network is rebuilt from the run's
+    recorded ``config.yaml`` (its ``student.arch``, ``torchvision:``/``timm:`` names included)
+    and the class count and input channels recorded in the checkpoint; the weights are loaded
+    strictly.
+
+    The returned module has ``student.kdlab_meta`` (``arch``, ``num_classes``, ``classes``:
+    logit ``i`` is ``classes[i]``, ``input``: the input description, ``source``) and
+    ``student.preprocess(image)``: a path, Pillow image or uint8 pixels in, exactly the
+    ``C x H x W`` tensor the model saw at test time out (:mod:`kdlab.data.input_spec`)::
+
+        student = kdlab.load_student("runs/flowers/sd_dkd/seed0")
+        x = torch.stack([student.preprocess(p) for p in ["a.png", "b.png"]])
+        names = [student.kdlab_meta["classes"][i] for i in student(x).logits.argmax(1)]
 
     Args:
-        run_dir: a kdlab run directory.
-        checkpoint: "best" (``checkpoints/best.pt``: the best evaluated epoch), "last"
-            (``checkpoints/last.pt``, or its ``.prev`` when the latest is unreadable), or the
-            path of a weights file of this run.
+        run_dir: a kdlab run directory, a hub folder or a student weights file.
+        checkpoint: for a run: "best" (``checkpoints/best.pt``: the best evaluated epoch),
+            "last" (``checkpoints/last.pt``, or its ``.prev`` when the latest is unreadable),
+            or the path of a weights file of this run.
         device: where to put the model.
         plugins: plugin modules to trust and import, as ``--plugin`` (``$KDLAB_PLUGINS`` adds
-            more). The plugins the run's ``config.yaml`` names are never imported by
-            themselves: a run naming one not given here is refused.
+            more). The plugins a run or file names are never imported by themselves: one
+            naming a plugin not given here is refused.
 
     Returns:
         The student (a :class:`~kdlab.models.KdModel`: ``student(images).logits``).
 
     Raises:
-        RunError: ``run_dir`` is not a kdlab run.
+        RunError: ``run_dir`` is neither a run, a hub folder nor a student file.
         PluginError: the run names a plugin not in ``plugins`` (one line: which, and how to
             trust it), or a trusted plugin cannot be imported.
         CheckpointError: the checkpoint is missing, corrupt, or does not fit the network.
     """
-    return open_run(run_dir, plugins=list(plugins)).student(checkpoint, device)
+    return load_trained_student(run_dir, checkpoint, device, plugins=list(plugins))

@@ -101,4 +101,7 @@ def test_own_images_example_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "runs" / "sd_dkd" / "summary.json").is_file()
     assert list((tmp_path / "runs" / "sd_dkd" / "export").glob("*.onnx"))
+    assert (tmp_path / "runs" / "sd_dkd" / "export" / "hub" / "model.safetensors").is_file()
+    shown = [ln.split()[1] for ln in done.stdout.splitlines() if ln.startswith("my_images/")]
+    assert len(shown) == 6 and set(shown) <= {"class0", "class1", "class2"}, done.stdout
     assert "warmup_epochs" not in done.stderr  # the example's warm-up fits its schedule

@@ -18,19 +18,12 @@ import torch
 from kdlab.cli.main import main
 from kdlab.config import load_config
 from kdlab.data.build import build_data
+from support import one_error_line
 
 N_TEST = 23
 NUM_CLASSES = 4
 SIZE = 16
 EXT = {"state_dict": ".pt", "torchscript": ".ts", "exported": ".pt2", "onnx": ".onnx"}
-
-
-def one_error_line(err: str) -> str:
-    """The single ``kdlab: error:`` line of a CLI failure's stderr (no traceback)."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kdlab: error:"), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def inputs(batch: int) -> torch.Tensor:
@@ -162,10 +155,11 @@ def test_int8(tiny_run: Path, student: torch.nn.Module, tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_int8_other_formats_refused(tiny_run: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "x.onnx"
-    assert main(["-q", "export", str(tiny_run), "--format", "onnx", "--int8",
+    out = tmp_path / "x.pt2"
+    assert main(["-q", "export", str(tiny_run), "--format", "exported", "--int8",
                  "--out", str(out)]) == 2
-    assert "--int8 supports --format torchscript only" in one_error_line(capsys.readouterr().err)
+    assert "--int8 supports --format torchscript or onnx only" in one_error_line(
+        capsys.readouterr().err)
     assert not out.exists()
 
 

@@ -146,9 +146,3 @@ def assert_runs_equal(reference: Path, run: Path) -> None:
         assert sa[k] == sb[k], k
 
 
-def one_error_line(err: str) -> str:
-    """The single ``kdlab: error:`` line of a CLI failure's stderr (no traceback)."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kdlab: error:"), err
-    assert "Traceback" not in err
-    return lines[0]

@@ -14,18 +14,11 @@ from typing import Any
 import pytest
 
 from kdlab.runs import checkpoint as ckpt_mod
+from support import one_error_line
 
 from .conftest import assert_runs_equal, cli, load
 
 pytestmark = pytest.mark.e2e  # damages checkpoints of real runs and resumes them
-
-
-def _one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("kdlab: error:"), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _disk_full_sizes(line: str, run: Path) -> tuple[float, float]:
@@ -68,7 +61,7 @@ def test_both_checkpoints_corrupt_is_a_one_line_error(cfg_path: Path, tmp_path: 
     (run / "checkpoints" / "last.pt.prev").write_bytes(b"PK\x03\x04broken")
     capsys.readouterr()
     assert cli(["distill", str(cfg_path), "--run-dir", str(run), "--resume"]) == 2
-    assert "no readable checkpoint" in _one_error_line(capsys.readouterr().err)
+    assert "no readable checkpoint" in one_error_line(capsys.readouterr().err)
 
 
 def test_disk_full_during_checkpoint_keeps_previous(reference: Path, cfg_path: Path,
@@ -91,7 +84,7 @@ def test_disk_full_during_checkpoint_keeps_previous(reference: Path, cfg_path: P
     monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
     capsys.readouterr()
     assert cli(["distill", str(cfg_path), "--run-dir", str(run)]) == 2
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     monkeypatch.undo()
     _disk_full_sizes(line, run)
     ckpts = run / "checkpoints"
@@ -128,7 +121,7 @@ def test_real_full_disk_on_small_tmpfs(reference: Path, cfg_path: Path, tmp_path
         run = mnt / "run"
         capsys.readouterr()
         assert cli(["distill", str(cfg_path), "--run-dir", str(run)]) == 2
-        line = _one_error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err)
         needs, free = _disk_full_sizes(line, run)
         assert free <= needs, line  # measured after the temporary file was removed
         assert load(run / "checkpoints" / "last.pt")["epoch"] == 1

@@ -14,8 +14,9 @@ import pytest
 from kdlab.cli.main import main
 from kdlab.core.errors import NonFiniteLossError
 from kdlab.engine import trainer as trainer_mod
+from support import one_error_line
 
-from .conftest import STEPS_PER_EPOCH, cli, load, one_error_line
+from .conftest import STEPS_PER_EPOCH, cli, load
 
 pytestmark = pytest.mark.e2e  # trains runs end to end
 

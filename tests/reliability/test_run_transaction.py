@@ -18,8 +18,9 @@ import yaml
 
 from kdlab.config import load_config
 from kdlab.runs.rundir import RunDir
+from support import one_error_line
 
-from .conftest import assert_runs_equal, child_env, cli, one_error_line, run_faulty_child
+from .conftest import assert_runs_equal, child_env, cli, run_faulty_child
 from .test_non_finite import _poison
 
 HOLDER = """

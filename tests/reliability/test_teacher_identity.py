@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from kdlab.models import create_model
+from support import one_error_line
 
-from .conftest import cli, one_error_line
+from .conftest import cli
 
 pytestmark = pytest.mark.e2e  # trains runs end to end
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,25 @@ from kdlab.core.errors import ConfigError, KdlabError
 from kdlab.core.io import atomic_write
 from kdlab.core.plugins import import_plugins, trusted_plugins
 from kdlab.core.runtime import resolve_amp, resolve_device
-from kdlab.deploy.export import export_run
+from kdlab.deploy.detection import (
+    export_detector,
+    export_summary,
+    is_detection_run,
+    run_detector_latency,
+)
+from kdlab.deploy.export import ExportError, export_run
+from kdlab.deploy.hub import export_hub
 from kdlab.deploy.latency import LatencySettings, format_markdown, run_latency
+from kdlab.deploy.onnx_int8 import OnnxInt8Settings
+from kdlab.deploy.predict import (
+    expand_images,
+    format_rows,
+    open_detector,
+    open_predictor,
+    predict_detections,
+    predict_files,
+)
+from kdlab.deploy.preprocessing import export_with_preprocessing
 from kdlab.engine.build import build_model
 from kdlab.engine.progress import TqdmProgress
 from kdlab.methods.compose import build_params
@@ -302,14 +320,67 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _onnx_int8_settings(args: argparse.Namespace) -> OnnxInt8Settings | None:
+    """The ``--calibration-method`` / ``--per-tensor`` knobs of ``--format onnx --int8``."""
+    if args.calibration_method is None and not args.per_tensor:
+        return None
+    if not (args.int8 and args.format == "onnx"):
+        raise ExportError("--calibration-method and --per-tensor go with --format onnx --int8")
+    kw: dict[str, Any] = {"per_channel": not args.per_tensor}
+    if args.calibration_method:
+        kw["calibration_method"] = args.calibration_method
+    return OnnxInt8Settings(**kw)
+
+
+def _special_export(args: argparse.Namespace, common: dict[str, Any]) -> int | None:
+    """``--format hub`` and ``--include-preprocessing`` (their own exporters); None for the
+    plain formats."""
+    if args.probabilities and not args.include_preprocessing:
+        raise ExportError("--probabilities goes with --include-preprocessing")
+    if args.format == "hub":
+        if args.int8 or args.include_preprocessing:
+            raise ExportError("--format hub holds the fp32 weights: drop --int8 and "
+                              "--include-preprocessing")
+        res = export_hub(args.run_dir, args.out, **common)
+        p = res.report["parity"]
+        sys.stdout.write(f"{res.path}: hub folder ({', '.join(sorted(os.listdir(res.path)))}), "
+                         f"top-1 agreement {p['top1_agreement']:.2f}%, max |logit diff| "
+                         f"{p['max_abs_logit_diff']:.3g} on {p['test_images']} test images\n")
+        return 0
+    if not args.include_preprocessing:
+        return None
+    if args.format != "onnx" or args.int8:
+        raise ExportError("--include-preprocessing makes an fp32 ONNX file: use --format onnx "
+                          "without --int8")
+    res = export_with_preprocessing(args.run_dir, args.out, probabilities=args.probabilities,
+                                    **common)
+    r = res.report
+    sys.stdout.write(f"{res.path}: onnx with preprocessing (uint8 {r['input']['shape']} in, "
+                     f"{r['output']} out), top-1 agreement {r['top1_agreement']:.2f}%, max "
+                     f"|diff| {r['max_abs_logit_diff']:.3g} on {r['test_images']} test images; "
+                     f"{res.parity_path}\n")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a run's student alone, checked for parity with the eager model
     (:mod:`kdlab.deploy.export`)."""
 
+    common = dict(tolerance=args.tolerance, min_agreement=args.min_agreement,
+                  overrides=args.set, plugins=args.plugin, checkpoint=args.checkpoint)
+    if is_detection_run(args.run_dir, args.set, args.plugin):  # kdlab.deploy.detection
+        if getattr(args, "include_preprocessing", False):
+            raise ExportError("--include-preprocessing is for classifiers: a detector's "
+                              "resize and normalisation are inside every artefact already")
+        res = export_detector(args.run_dir, args.format, args.out, int8=args.int8, **common)
+        sys.stdout.write(export_summary(res) + "\n")
+        return 0
+    special = _special_export(args, common)
+    if special is not None:
+        return special
     res = export_run(args.run_dir, args.format, args.out, int8=args.int8,
-                     calibration_batches=args.batches, tolerance=args.tolerance,
-                     min_agreement=args.min_agreement, overrides=args.set, plugins=args.plugin,
-                     checkpoint=args.checkpoint)
+                     calibration_batches=args.batches, onnx_int8=_onnx_int8_settings(args),
+                     **common)
     r = res.report
     sys.stdout.write(f"{res.path}: {r['precision']} {r['format']}, top-1 agreement "
                      f"{r['top1_agreement']:.2f}%, max |logit diff| "
@@ -320,6 +391,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Top-k classes, or detections, of image files (:mod:`kdlab.deploy.predict`)."""
+    images = expand_images(args.images)
+    detector = open_detector(args.source, plugins=args.plugin, checkpoint=args.checkpoint)
+    if detector is not None:
+        done = predict_detections(detector, images, Path(args.out or "predictions"),
+                                  min_score=args.min_score, draw=not args.no_draw)
+        sys.stdout.write(f"{done['detections']} detections (score >= {args.min_score:g}) in "
+                         f"{done['images']} images: {done['json']}"
+                         + (f", {len(done['drawn'])} drawn PNGs" if done["drawn"] else "") + "\n")
+        return 0
+    predictor = open_predictor(args.source, plugins=args.plugin, checkpoint=args.checkpoint)
+    rows = predict_files(predictor, images, top_k=args.top_k, batch_size=args.batch_size)
+    text = format_rows(rows, args.output_format)
+    if args.out:
+        atomic_write(Path(args.out), text)
+        log.info("wrote %d predictions (%s) to %s", len(rows), predictor.fmt, args.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_latency(args: argparse.Namespace) -> int:
     """Teacher-vs-student latency, one process per configuration (kdlab.deploy.latency)."""
 
@@ -327,7 +420,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
         batch_sizes=tuple(args.batch_sizes), runs=args.runs, warmup=args.warmup,
         threads=args.threads, runtimes=tuple(args.runtimes),
         calibration_batches=args.batches, allow_short=args.allow_short)
-    result = run_latency(args.run_dir, settings, args.out, overrides=args.set,
-                         plugins=args.plugin)
+    detector = is_detection_run(args.run_dir, args.set, args.plugin)
+    result = (run_detector_latency if detector else run_latency)(
+        args.run_dir, settings, args.out, overrides=args.set, plugins=args.plugin)
     sys.stdout.write(format_markdown(result) + f"\n{result['markdown']}\n")
     return 1 if any("error" in r for r in result["rows"]) else 0

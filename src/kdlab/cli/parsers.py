@@ -24,11 +24,14 @@ from kdlab.cli.commands import (
     cmd_latency,
     cmd_methods,
     cmd_models,
+    cmd_predict,
     cmd_report,
     cmd_sweep,
     cmd_train,
 )
 from kdlab.cli.detection_data import add_detection_data_parser
+from kdlab.core.version import __version__
+from kdlab.deploy.latency import RUNTIMES
 
 __all__ = ["build_parser"]
 
@@ -197,15 +200,29 @@ def _add_bench(sub: _Subparsers) -> None:
 def _add_export(sub: _Subparsers) -> None:
     p = _add_command(sub, "export", cmd_export,
                      "export a run's student alone (state_dict, torchscript, "
-                     "exported, onnx; optionally int8) and check its parity")
+                     "exported, onnx, hub; optionally int8) and check its parity")
     p.add_argument("run_dir", help="run directory (its checkpoints/best.pt is exported)")
     p.add_argument("--format", required=True, metavar="FORMAT",
-                   help="state_dict, torchscript, exported (torch.export) or onnx")
-    p.add_argument("--out", metavar="FILE", help="default: RUN_DIR/export/student.<ext>")
+                   help="state_dict, torchscript, exported (torch.export), onnx, or hub (a "
+                        "folder: model.safetensors, config.json, README.md model card)")
+    p.add_argument("--out", metavar="FILE", help="default: RUN_DIR/export/student.<ext> "
+                   "(hub: RUN_DIR/export/hub)")
+    p.add_argument("--include-preprocessing", action="store_true",
+                   help="onnx: uint8 pixels in (after the resize and crop of the run's input "
+                        "description), padding and normalisation inside the graph")
+    p.add_argument("--probabilities", action="store_true",
+                   help="with --include-preprocessing: softmax probabilities out, not logits")
     p.add_argument("--int8", action="store_true",
-                   help="post-training static int8 for x86 CPUs (FX; --format torchscript)")
+                   help="post-training static int8 for x86 CPUs, calibrated on clean training "
+                        "images: --format torchscript (torch FX) or onnx (onnxruntime "
+                        "quantize_static, QDQ)")
     p.add_argument("--batches", type=int, default=10, metavar="N",
                    help="training batches that calibrate --int8 (default 10)")
+    p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"],
+                   help="--format onnx --int8: how activation ranges are chosen (default minmax)")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="--format onnx --int8: one weight scale per tensor instead of per "
+                        "output channel")
     p.add_argument("--tolerance", type=float, metavar="X",
                    help="fp32 parity: max |logit difference| allowed (default 1e-3)")
     p.add_argument("--min-agreement", type=float, metavar="PCT",
@@ -225,9 +242,9 @@ def _add_latency(sub: _Subparsers) -> None:
     p.add_argument("--runs", type=int, default=30, help="timed runs per row (>= 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (>= 5)")
     p.add_argument("--threads", type=int, default=1, help="threads per worker (default 1)")
-    p.add_argument("--runtimes", nargs="+", default=["eager", "torchscript", "onnxruntime",
-                                                     "int8"], metavar="RUNTIME",
-                   help="eager, torchscript, onnxruntime, int8 (default: all)")
+    p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), metavar="RUNTIME",
+                   help=f"{', '.join(RUNTIMES)} (default: all; int8 is torch FX int8 in "
+                        "TorchScript, onnxruntime_int8 the static QDQ int8 ONNX file)")
     p.add_argument("--batches", type=int, default=10, metavar="N",
                    help="training batches that calibrate the int8 models (default 10)")
     p.add_argument("--out", metavar="DIR", help="default: RUN_DIR/latency")
@@ -238,15 +255,41 @@ def _add_latency(sub: _Subparsers) -> None:
     _add_plugin_arg(p, reads_runs=True)
 
 
+def _add_predict(sub: _Subparsers) -> None:
+    p = _add_command(sub, "predict", cmd_predict,
+                     "classify (top-k classes) or detect (COCO JSON + drawn boxes) in image "
+                     "files with a trained student: a run, hub folder, .pt, .ts, .pt2 or .onnx")
+    p.add_argument("source", help="run directory, hub folder, or exported student file")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K",
+                   help="most probable classes shown per image (default 5)")
+    p.add_argument("--output-format", choices=["table", "csv", "json"], default="table",
+                   help="table (default), csv (a row per image and rank) or json")
+    p.add_argument("--out", metavar="PATH",
+                   help="classifier: write the predictions to this file (default: stdout); "
+                        "detector: the folder for detections.json, images.json and the drawn "
+                        "PNGs (default: predictions)")
+    p.add_argument("--min-score", type=float, default=0.5, metavar="S",
+                   help="detector: leave out detections scoring below S (default 0.5)")
+    p.add_argument("--no-draw", action="store_true",
+                   help="detector: write the JSON files only, no PNGs with drawn boxes")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="images per forward pass (default 32)")
+    p.add_argument("--checkpoint", default="best",
+                   help="for a run: best (default), last, or a weights file of the run")
+    _add_plugin_arg(p, reads_runs=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``kdlab`` parser: global options, then every command in ``kdlab --help`` order."""
     parser = argparse.ArgumentParser(
         prog="kdlab", description="Knowledge distillation lab: SDD, DCKD and friends.")
+    parser.add_argument("--version", action="version", version=f"kdlab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_listings, _add_config, _add_demo, _add_report,
-                _add_sweep, _add_doctor, _add_bench, _add_export, _add_latency,
+                _add_sweep, _add_doctor, _add_bench, _add_export, _add_latency, _add_predict,
                 add_detection_data_parser):
         add(sub)
     return parser

@@ -23,13 +23,14 @@ from kdlab.core.distributed import split_batch
 from kdlab.core.errors import ConfigError
 from kdlab.data.dataset import ImageTensorDataset, subset
 from kdlab.data.folder import FileIndex
+from kdlab.data.input_spec import InputSpec, default_classes
 from kdlab.data.loader import DeviceLoader
 from kdlab.data.randaugment import StrongViewLoader
 from kdlab.data.registry import load_dataset
 from kdlab.data.split import select, split_indices
 
 __all__ = ["DataBundle", "build_data", "load_resident_data", "load_resident_splits",
-           "request_views"]
+           "clean_train_loader", "request_views", "resident_input_spec", "stream_input_spec"]
 
 
 @dataclass
@@ -49,6 +50,7 @@ class DataBundle:
     in_channels: int
     input_size: int
     val_loader: Any = None
+    input_spec: InputSpec | None = None
 
     @property
     def train_size(self) -> int:
@@ -84,6 +86,32 @@ def load_resident_splits(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTens
     dataset (:func:`load_resident_data` without the validation set)."""
     train, _, test = load_resident_data(cfg)
     return train, test
+
+
+def resident_input_spec(ds: ImageTensorDataset) -> InputSpec:
+    """The input description of a device-resident split: its class names, channels and size,
+    its source images' own size as resize and crop (so an image of that size passes
+    unchanged), its padding, and the :class:`~kdlab.data.loader.DeviceLoader`'s normalisation
+    ``(x - 255 mean) * (1 / (255 std))``."""
+    size = int(ds.images.shape[-1])
+    native = size - 2 * int(ds.pad)
+    return InputSpec(task="classification", classes=default_classes(ds.num_classes, ds.classes),
+                     channels=int(ds.images.shape[1]), size=size, resize=native, crop=native,
+                     pad=int(ds.pad), mean=ds.mean, std=ds.std,
+                     normalization="shift_then_scale", dataset=ds.name)
+
+
+def stream_input_spec(cfg: DataConfig, classes: list[str], mean: tuple[float, ...],
+                      std: tuple[float, ...]) -> InputSpec:
+    """The input description of a streamed data set: RGB, its evaluation transform (CUB-200:
+    exact ``resize x resize``; the others: shorter side to ``resize``; then a centre crop of
+    ``image_size``) and the stream loader's normalisation ``(x / 255 - mean) / std``."""
+    exact = cfg.name.startswith("cub")
+    return InputSpec(task="classification", classes=tuple(classes), channels=3,
+                     size=cfg.image_size,
+                     resize=(cfg.resize, cfg.resize) if exact else cfg.resize,
+                     crop=cfg.image_size, pad=0, mean=tuple(mean), std=tuple(std),
+                     normalization="scale_then_shift", dataset=cfg.name)
 
 
 def _split_stream_index(index: FileIndex, fraction: float, seed: int
@@ -140,7 +168,9 @@ def build_data(
             test_loader=make_stream_loader(test_ds, cfg.eval_batch_size, train=False, **common),
             train_labels=torch.tensor(train_ds.index.labels, dtype=torch.long, device=device),
             num_classes=train_ds.num_classes, in_channels=3, input_size=cfg.image_size,
-            val_loader=val_loader)
+            val_loader=val_loader,
+            input_spec=stream_input_spec(cfg, list(train_ds.index.classes), test_ds.mean,
+                                         test_ds.std))
     train, val, test = load_resident_data(cfg)
     common = dict(device=device, channels_last=channels_last, rank=rank, world_size=world_size)
     return DataBundle(
@@ -154,7 +184,41 @@ def build_data(
         num_classes=train.num_classes,
         in_channels=int(train.images.shape[1]),
         input_size=int(train.images.shape[-1]),
+        input_spec=resident_input_spec(test),
     )
+
+
+def clean_train_loader(data: DataBundle, *, batch_size: int | None = None) -> Any:
+    """The training images of ``data`` as the evaluation transform serves them, in a seeded order.
+
+    Same images as ``data.train_loader`` (after the validation split and ``train_fraction``),
+    same seed, rank and device, but no augmentation: a resident split is only normalised (a
+    :class:`DeviceLoader` with ``train=False, shuffle=True``), a streamed one goes through the
+    test set's transform (resize, centre crop, normalisation). The order is a seeded shuffle,
+    so the first N images are a reproducible sample of every class: the training loader's
+    epoch-0 order (the same seeded permutation). In one process every image comes once and the
+    last batch may be partial. ``batch_size``: default the
+    training loader's. Yields ``Batch(images, labels, index)`` like the other loaders; use it
+    for statistics of the clean inputs (int8 calibration).
+    """
+    loader = data.train_loader
+    if isinstance(loader, DeviceLoader):
+        bs = int(batch_size or loader.batch_size)
+        return DeviceLoader(loader.dataset, batch_size=bs, device=loader.device, train=False,
+                            shuffle=True, seed=loader.seed, rank=loader.rank,
+                            world_size=loader.world_size, channels_last=loader.channels_last,
+                            dtype=loader.dtype)
+    # optional heavy dependency: Pillow, needed by streamed (folder) data sets only
+    from kdlab.data.stream import StreamDataset, make_stream_loader
+
+    bs = int(batch_size or loader.loader.batch_size)
+    train_ds, test_ds = loader.dataset, data.test_loader.dataset
+    clean = StreamDataset(train_ds.index, test_ds.transform, on_error=train_ds.on_error,
+                          seed=train_ds.seed, mean=test_ds.mean, std=test_ds.std)
+    return make_stream_loader(clean, bs, train=True, drop_last=False,
+                              num_workers=int(loader.loader.num_workers), rank=loader.rank,
+                              world_size=loader.world_size, seed=loader.seed,
+                              device=loader.device, persistent_workers=False)
 
 
 def request_views(loader: Any, views: tuple[str, ...], *, seed: int, rank: int = 0) -> Any:

@@ -43,6 +43,8 @@ class ImageTensorDataset:
         classes: optional class names, ``len(classes) == num_classes``.
         source_indices: for a subset, the ``int64`` index of each sample in the full split it
             was drawn from; ``None`` for a full split.
+        pad: zero padding per side the loader added around the source images (Fashion-MNIST:
+            2, 28 -> 32); the source images are ``H - 2 pad`` pixels wide.
     """
 
     images: torch.Tensor
@@ -53,6 +55,7 @@ class ImageTensorDataset:
     name: str
     classes: list[str] | None = None
     source_indices: torch.Tensor | None = field(default=None, repr=False)
+    pad: int = 0
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:

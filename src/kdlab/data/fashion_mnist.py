@@ -151,4 +151,5 @@ def load_fashion_mnist(
         std=FASHION_MNIST_STD,
         name="fashion_mnist",
         classes=list(FASHION_MNIST_CLASSES),
+        pad=int(pad),
     )

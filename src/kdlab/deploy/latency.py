@@ -19,8 +19,9 @@ The protocol (one row = one model x runtime x batch size):
    :func:`count_macs`) are given per model.
 5. Teacher and student run in the same runtime and precision: ``eager`` (PyTorch fp32),
    ``torchscript`` (the traced fp32 artefact of ``kdlab export``), ``onnxruntime`` (the fp32
-   ONNX artefact) and ``int8`` (FX post-training static int8 for x86, TorchScript; calibrated
-   on training batches).
+   ONNX artefact), ``int8`` (FX post-training static int8 for x86, TorchScript) and
+   ``onnxruntime_int8`` (onnxruntime's static int8, QDQ ONNX, :mod:`kdlab.deploy.onnx_int8`);
+   both int8 rows are calibrated on the same clean training images as ``kdlab export --int8``.
 6. The machine is recorded: CPU model, the ``lscpu`` flags that matter (AVX2, AVX-512,
    VNNI, AVX512-BF16, AMX), torch and onnxruntime versions, date, and the 1-minute load average
    before and after each row; a load above the thread count is warned about (re-run then).
@@ -56,8 +57,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdlab.core.env import machine_info, named_cpu_flags
 from kdlab.core.errors import CheckpointError, KdlabError
 from kdlab.core.io import atomic_write
+from kdlab.data.build import clean_train_loader
 from kdlab.deploy import export as ex
 from kdlab.deploy.export import INSTALL_HINT, LogitsOnly, read_student
+from kdlab.deploy.onnx_int8 import OnnxInt8Error, quantize_onnx_int8
 from kdlab.models.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -81,9 +84,13 @@ __all__ = [
 ]
 
 #: the runtimes, in table order.
-RUNTIMES = ("eager", "torchscript", "onnxruntime", "int8")
-PRECISION = {"eager": "fp32", "torchscript": "fp32", "onnxruntime": "fp32", "int8": "int8"}
-_SUFFIX = {"eager": ".pt", "torchscript": ".ts", "onnxruntime": ".onnx", "int8": ".int8.ts"}
+RUNTIMES = ("eager", "torchscript", "onnxruntime", "int8", "onnxruntime_int8")
+PRECISION = {"eager": "fp32", "torchscript": "fp32", "onnxruntime": "fp32", "int8": "int8",
+             "onnxruntime_int8": "int8"}
+_SUFFIX = {"eager": ".pt", "torchscript": ".ts", "onnxruntime": ".onnx", "int8": ".int8.ts",
+           "onnxruntime_int8": ".int8.onnx"}
+#: the runtimes an onnxruntime session times.
+_ORT_RUNTIMES = ("onnxruntime", "onnxruntime_int8")
 #: the protocol's minimum timed runs and warm-up runs (``allow_short`` lowers them, for tests).
 MIN_RUNS = 30
 MIN_WARMUP = 5
@@ -188,7 +195,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """
     threads = int(spec["threads"])
     shape = [int(s) for s in spec["input_shape"]]
-    if spec["runtime"] == "onnxruntime":
+    if spec["runtime"] in _ORT_RUNTIMES:
         fn, ctx = _ort_callable(spec["path"], threads, shape)
     else:
         fn, ctx = _torch_callable(spec["runtime"], spec["path"], threads, shape,
@@ -241,11 +248,11 @@ def count_macs(model: Any, input_shape: Sequence[int]) -> int:
 
 def _unavailable(runtime: str) -> str | None:
     """Why ``runtime`` cannot run here (a one-line note), or None."""
-    if runtime == "onnxruntime":
+    if runtime in _ORT_RUNTIMES:
         missing = [m for m in ("onnx", "onnxscript", "onnxruntime")
                    if importlib.util.find_spec(m) is None]
         if missing:
-            return f"onnxruntime skipped: {', '.join(missing)} not installed ({INSTALL_HINT})"
+            return f"{runtime} skipped: {', '.join(missing)} not installed ({INSTALL_HINT})"
     if runtime == "int8":
         if "x86" not in torch.backends.quantized.supported_engines:
             return "int8 skipped: this torch build has no x86 quantized engine"
@@ -272,8 +279,10 @@ def _teacher(run: Any, notes: list[str]) -> Any:
     return model.eval()
 
 
-def _spawn(spec: dict[str, Any], work: Path, index: int, timeout_s: float) -> dict[str, Any]:
-    """Run one worker process; its figures, or ``{"error": ...}``."""
+def _spawn(spec: dict[str, Any], work: Path, index: int, timeout_s: float,
+           module: str = "kdlab.deploy.latency") -> dict[str, Any]:
+    """Run one worker process (``python -m module --worker SPEC``: this module's, or
+    :mod:`kdlab.deploy.detection`'s for detectors); its figures, or ``{"error": ...}``."""
     spec_path = work / f"spec-{index}.json"
     spec = {**spec, "result": str(work / f"result-{index}.json")}
     spec_path.write_text(json.dumps(spec))
@@ -284,7 +293,7 @@ def _spawn(spec: dict[str, Any], work: Path, index: int, timeout_s: float) -> di
     before = _load()
     t0 = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", "kdlab.deploy.latency", "--worker",
+        proc = subprocess.run([sys.executable, "-m", module, "--worker",
                                str(spec_path)], env=env, capture_output=True, text=True,
                               timeout=timeout_s)
         error = None
@@ -359,6 +368,15 @@ def _save_artefact(rt: str, model: Any, path: Path, meta: dict[str, Any], exampl
         ex.save_torchscript(ex.LogitsOnly(ex.deployable(model)), path, example)
     elif rt == "onnxruntime":
         ex.save_onnx(ex.LogitsOnly(ex.deployable(model)), path, example)
+    elif rt == "onnxruntime_int8":
+        fp32 = path.with_name(f"{path.name}.fp32.onnx")
+        ex.save_onnx(ex.LogitsOnly(ex.deployable(model)), fp32, example)
+        try:
+            quantize_onnx_int8(fp32, path, calib)
+        except OnnxInt8Error as e:
+            raise ex.ExportError(str(e)) from e
+        finally:
+            fp32.unlink(missing_ok=True)
     else:
         ex.save_torchscript(ex.quantize_int8(model, calib, example), path, example,
                             quantized=True)
@@ -372,9 +390,9 @@ def _write_artefacts(run: Any, models: dict[str, Any], info: dict[str, dict[str,
     c, h, w = run.input_shape
     example = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
     calib: list[Any] = []
-    if "int8" in runtimes:
-        n_cal = min(calibration_batches, len(run.data.train_loader))
-        calib = list(ex.calibration_images(run.data.train_loader, n_cal))
+    if any(PRECISION[rt] == "int8" for rt in runtimes):  # clean images, as kdlab export --int8
+        loader = clean_train_loader(run.data)
+        calib = list(ex.calibration_images(loader, min(calibration_batches, len(loader))))
     artefacts: dict[tuple[str, str], Path] = {}
     for role, model in models.items():
         meta = {"arch": info[role]["arch"], "num_classes": int(run.data.num_classes),

@@ -276,6 +276,9 @@ class Trainer:
             self.run_dir.write_json("method.json", self.distiller.describe())
             self.run_dir.write_json("env.json", {**self.run_dir.read_json("env.json"),
                                                  "torchvision_shim": shim_state()})
+            spec = self._input_spec()
+            if spec is not None:
+                self.run_dir.write_json("input.json", spec)
         if self.teacher is not None:
             self._check_teacher()
 
@@ -727,6 +730,12 @@ class Trainer:
         if self._stop_signal is not None:
             raise RunInterrupted(self._stop_signal)
 
+    def _input_spec(self) -> dict[str, Any] | None:
+        """The data's input description (:mod:`kdlab.data.input_spec`) as a dict, if it has
+        one."""
+        spec = getattr(self.data, "input_spec", None)
+        return None if spec is None else spec.to_dict()
+
     def _save_best(self, epoch: int, metrics: dict[str, Any]) -> None:
         """Write ``best.pt``: the student's weights of ``epoch`` and the metrics that chose it
         (stop signals and a loader worker's exit are held until the write is complete)."""
@@ -735,7 +744,7 @@ class Trainer:
                 {"kind": "kdlab-weights", "arch": self.cfg.student.arch,
                  "task": self.task.name, "num_classes": self.data.num_classes,
                  "in_channels": self.data.in_channels, "epoch": epoch, **metrics,
-                 "model": self.student.state_dict()},
+                 "input": self._input_spec(), "model": self.student.state_dict()},
                 self.run_dir.best_checkpoint, keep_previous=False)
 
     def _best_test_so_far(self, record: dict[str, Any]) -> float | None:

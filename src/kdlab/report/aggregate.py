@@ -6,7 +6,7 @@ killed. Unfinished runs are listed separately and never mixed into the numbers.
 
 Finished runs are grouped by experiment: runs are seeds of one experiment exactly when their stored
 configs (``config.yaml``, validated) agree in everything the config fingerprint covers except the
-seed (:func:`kdlab.report.identity.experiment_fingerprint`), and their task, dataset, teacher
+seed (:func:`kdlab.runs.identity.experiment_fingerprint`), and their task, dataset, teacher
 checkpoint, student, method display name, config name and data agree. Runs with differing configs
 never share a row: rows that would look alike get a ``variant`` naming the config keys they differ
 in. A seed found in several run directories of one experiment counts once (its newest finished
@@ -23,7 +23,7 @@ detection. Each group gets mean +- sample std (0 for one seed) of
 the published number with our difference to it when the paper has the cell.
 
 Each group has a ``role``: ``distilled`` (a method with a teacher), ``teacher`` (trained alone,
-and the teacher of a distillation run of the report: :func:`kdlab.report.identity.referenced_runs`),
+and the teacher of a distillation run of the report: :func:`kdlab.runs.identity.referenced_runs`),
 ``student alone`` (trained alone with the architecture, dataset and data of a distilled student of
 the report, or a ``vanilla`` run that names a teacher) or ``trained alone`` (anything else).
 
@@ -48,7 +48,8 @@ import yaml
 
 from kdlab.config import ExperimentConfig
 from kdlab.core.registries import TASKS
-from kdlab.report.identity import (
+from kdlab.report.paper import PaperTable, paper_method
+from kdlab.runs.identity import (
     TeacherRef,
     config_variants,
     dataset_id,
@@ -58,7 +59,6 @@ from kdlab.report.identity import (
     resolved_config,
     strip_seed,
 )
-from kdlab.report.paper import PaperTable, paper_method
 from kdlab.runs.rundir import RunDir, find_run_dirs
 
 __all__ = [
@@ -175,8 +175,8 @@ class RunRecord:
     """One finished run as read from its directory.
 
     ``config`` is the stored ``config.yaml`` as written; ``resolved`` the same validated (defaults
-    filled in, :func:`kdlab.report.identity.resolved_config`) and ``experiment`` its fingerprint
-    without the seed (:func:`kdlab.report.identity.experiment_fingerprint`; ``""`` without a
+    filled in, :func:`kdlab.runs.identity.resolved_config`) and ``experiment`` its fingerprint
+    without the seed (:func:`kdlab.runs.identity.experiment_fingerprint`; ``""`` without a
     stored config): filled in by :func:`scan_runs`, else computed from ``config``.
     """
 
@@ -198,7 +198,7 @@ class RunRecord:
 
     @property
     def dataset(self) -> str | None:
-        """The dataset's identity (:func:`kdlab.report.identity.dataset_id`): ``folder:<root>``
+        """The dataset's identity (:func:`kdlab.runs.identity.dataset_id`): ``folder:<root>``
         for a class folder, else the summary's ``dataset``, else ``data.name``."""
         return dataset_id(self.config, self.summary.get("dataset"))
 

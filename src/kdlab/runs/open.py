@@ -25,6 +25,7 @@ from torch import nn
 from kdlab.config import ExperimentConfig, apply_overrides, read_yaml_file
 from kdlab.config.yaml_io import validate_stored_config
 from kdlab.core.errors import CheckpointError, RunError
+from kdlab.data.input_spec import InputSpec
 from kdlab.models.checkpoint import extract_state_dict, load_state_dict_strict
 from kdlab.runs.checkpoint import load_latest, read_verified
 from kdlab.runs.rundir import RunDir, find_run_dirs
@@ -98,6 +99,17 @@ class OpenRun:
             if found is not None:
                 records.append(found[0])
         return records
+
+    def input_spec(self, state: dict[str, Any] | None = None) -> InputSpec | None:
+        """The run's input description: from the checkpoint ``state`` (``best.pt`` records it),
+        else the run's ``input.json``, else rebuilt from the run's data (runs of kdlab 0.3
+        and earlier recorded none); None for a task whose data has none."""
+        recorded = (state or {}).get("input")
+        if not isinstance(recorded, dict) and self.rundir.inside("input.json").is_file():
+            recorded = self.rundir.read_json("input.json")
+        if isinstance(recorded, dict):
+            return InputSpec.from_dict(recorded)
+        return getattr(self.data(), "input_spec", None)
 
     def student(self, which: str | Path = "best", device: str | torch.device = "cpu"
                 ) -> nn.Module:

@@ -54,7 +54,7 @@ Resume = bool | Literal["required"]
 #: files a run writes at its top level: a run that never completed an epoch is restarted
 #: afresh with none of them kept.
 RUN_FILES = ("config.yaml", "run.json", "env.json", "metrics.jsonl", "status.json",
-             "teacher.json", "method.json", "summary.json")
+             "teacher.json", "method.json", "summary.json", "input.json")
 #: training checkpoints: any of them means the run has progress worth keeping (``step.pt`` is
 #: the mid-epoch checkpoint of ``runtime.checkpoint_every_steps``).
 PROGRESS_FILES = ("last.pt", "last.pt.prev", "step.pt", "step.pt.prev")

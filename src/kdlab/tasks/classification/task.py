@@ -8,6 +8,7 @@ cross-entropy, and top-1 decides the best epoch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,12 @@ class ClassificationTask(Task[DataBundle, Batch, ModelOutput]):
     def build_data(self, cfg: DataConfig, *, seed: int, device: torch.device,
                    channels_last: bool, rank: int, world_size: int) -> DataBundle:
         """Device-resident or streamed loaders (:func:`kdlab.data.build.build_data`)."""
-        return build_data(cfg, seed=seed, device=device, channels_last=channels_last,
+        data = build_data(cfg, seed=seed, device=device, channels_last=channels_last,
                           rank=rank, world_size=world_size)
+        if data.input_spec is not None:
+            data.input_spec = dataclasses.replace(data.input_spec,
+                                                  dataset=self.dataset_label(cfg))
+        return data
 
     def create_model(self, arch: str, data: DataBundle) -> KdModel:
         """A zoo model with the dataset's class count and input channels."""

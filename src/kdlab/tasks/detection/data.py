@@ -25,6 +25,7 @@ from torch import Tensor
 from kdlab.config import DataConfig, DetectionConfig
 from kdlab.core.errors import ConfigError
 from kdlab.core.signals import stop_signals_blocked, worker_ignores_stop_signals
+from kdlab.data.input_spec import InputSpec
 from kdlab.tasks.detection.coco import CocoDetection, DetectionSample
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,8 @@ class DetectionData:
     detection: DetectionConfig
     in_channels: int = 3
     val_loader: Any = None
+    #: the data set's name in summaries (``coco:<folder>``)
+    dataset_label: str = "coco"
 
     @property
     def train_size(self) -> int:
@@ -173,6 +176,20 @@ class DetectionData:
     def input_size(self) -> int:
         """The side images are resized to (the shorter one)."""
         return self.detection.min_size
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The detector's input: RGB ``x / 255`` at any size, labels ``1..K`` naming
+        ``classes[label - 1]``; the resize and normalisation happen inside the model
+        (``model_transform``)."""
+        d = self.detection
+        return InputSpec(task="detection",
+                         classes=tuple(self.test_loader.dataset.class_names),
+                         channels=3, size=None, resize=None, crop=None, pad=0,
+                         normalization="unit", dataset=self.dataset_label,
+                         model_transform={"min_size": d.min_size, "max_size": d.max_size,
+                                          "image_mean": list(d.image_mean),
+                                          "image_std": list(d.image_std)})
 
     @property
     def train_labels(self) -> Tensor:

@@ -151,7 +151,9 @@ class DetectionTask(Task[Any, Any, Any]):
         if world_size > 1:
             raise ConfigError("detection runs in one process in this kdlab version; run it "
                               "without torchrun")
-        return build_detection_data(cfg, self.detection, seed=seed, device=device)
+        data = build_detection_data(cfg, self.detection, seed=seed, device=device)
+        data.dataset_label = self.dataset_label(cfg)
+        return data
 
     def create_model(self, arch: str, data: Any) -> KdModel:
         """Faster R-CNN FPN with backbone ``arch`` for the dataset's classes."""

@@ -28,13 +28,13 @@ from kdlab.report.aggregate import (
     scan_runs,
 )
 from kdlab.report.build import build_report
-from kdlab.report.identity import (
+from kdlab.report.paper import parse_paper_csv
+from kdlab.report.plots import bars_figure, curves_figure, grid_figure
+from kdlab.runs.identity import (
     config_variants,
     dataset_labels,
     experiment_fingerprint,
 )
-from kdlab.report.paper import parse_paper_csv
-from kdlab.report.plots import bars_figure, curves_figure, grid_figure
 from support import section, table_rows
 
 pytest.importorskip("matplotlib")
