@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +39,30 @@ def one_error_line(err: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("kdlab: error:"), err
     assert "Traceback" not in err
     return lines[0]
+
+
+def box_canvases(rng: Any, n: int, prefix: str, side: int,
+                 category_ids: tuple[int, ...]) -> list[Any]:
+    """``n`` COCO images (:class:`~kdlab.tasks.detection.coco.CocoImage`) of ``side`` px: dark
+    noise with one or two rectangles of 12-32 px, each filled with its category's colour (red,
+    green, blue for ``category_ids[0..2]``), drawn from ``rng``."""
+    from kdlab.tasks.detection.coco import CocoImage
+
+    colours = np.array([[230, 40, 40], [40, 230, 40], [40, 40, 230]], dtype=np.uint8)
+    out = []
+    for i in range(n):
+        img = rng.integers(0, 40, size=(side, side, 3), dtype=np.uint8)
+        boxes, cats = [], []
+        for _ in range(int(rng.integers(1, 3))):
+            w, h = (int(v) for v in rng.integers(12, 33, size=2))
+            x1, y1 = int(rng.integers(0, side - w + 1)), int(rng.integers(0, side - h + 1))
+            c = int(rng.integers(0, 3))
+            img[y1:y1 + h, x1:x1 + w] = colours[c]
+            boxes.append([x1, y1, x1 + w, y1 + h])
+            cats.append(category_ids[c])
+        out.append(CocoImage(f"{prefix}{i:03d}.png", img, np.array(boxes, dtype=np.float64),
+                             cats))
+    return out
 
 
 def save_random_teacher(path: Path, num_classes: int, seed: int = 1,

@@ -36,6 +36,7 @@ from kdlab.core.io import file_sha256
 from kdlab.deploy import detection as det
 from kdlab.deploy.export import ExportError, ParityError, export_run
 from kdlab.deploy.latency import LatencyError, LatencySettings
+from support import box_canvases
 
 SIDE = 64
 CATEGORY_IDS = (1, 2, 5)
@@ -48,26 +49,6 @@ DETECTION = {"train_split": "train", "test_split": "test", "min_size": SIDE, "ma
              "box_batch_size_per_image": 16, "representation_size": 32}
 #: the round-trip tolerances of the traced / scripted / ONNX artefacts (module docstring).
 BOX_TOL, SCORE_TOL = 1e-3, 1e-5
-
-
-def _images(rng: np.random.Generator, n: int, prefix: str) -> list[Any]:
-    from kdlab.tasks.detection.coco import CocoImage
-
-    colours = np.array([[230, 40, 40], [40, 230, 40], [40, 40, 230]], dtype=np.uint8)
-    out = []
-    for i in range(n):
-        img = rng.integers(0, 40, size=(SIDE, SIDE, 3), dtype=np.uint8)
-        boxes, cats = [], []
-        for _ in range(int(rng.integers(1, 3))):
-            w, h = (int(v) for v in rng.integers(12, 33, size=2))
-            x1, y1 = int(rng.integers(0, SIDE - w + 1)), int(rng.integers(0, SIDE - h + 1))
-            c = int(rng.integers(0, 3))
-            img[y1:y1 + h, x1:x1 + w] = colours[c]
-            boxes.append([x1, y1, x1 + w, y1 + h])
-            cats.append(CATEGORY_IDS[c])
-        out.append(CocoImage(f"{prefix}{i:03d}.png", img, np.array(boxes, dtype=np.float64),
-                             cats))
-    return out
 
 
 @pytest.fixture(autouse=True)
@@ -83,8 +64,9 @@ def det_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("det_export")
     rng = np.random.default_rng(0)
     cats = [{"id": c, "name": f"class{c}"} for c in CATEGORY_IDS]
-    write_coco_split(root / "data", "train", _images(rng, N_TRAIN, "tr"), cats)
-    write_coco_split(root / "data", "test", _images(rng, N_TEST, "te"), cats)
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        write_coco_split(root / "data", split,
+                         box_canvases(rng, n, split[:2], SIDE, CATEGORY_IDS), cats)
     cfg = {"name": "det", "task": "detection", "seed": 0,
            "data": {"name": "coco", "root": str(root / "data"), "batch_size": 4,
                     "eval_batch_size": 2, "num_workers": 0},
@@ -340,3 +322,57 @@ def test_latency_rows_of_a_detector(det_run: Path, tmp_path: Path) -> None:
         assert r["image_size"] == [SIDE, SIDE] and r["macs_per_image"] > 0
     assert any(n.startswith("int8 skipped") for n in result["notes"])
     assert "| student | MobileNetV2_imagenet |" in (out / "latency.md").read_text()
+
+
+@pytest.mark.e2e
+def test_predict_detections_from_every_source(det_run: Path, eager: Any, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`kdlab predict` on a detection run and on its state-dict, TorchScript and ONNX files:
+    COCO results JSON whose boxes are the eager detector's own (in file pixels), the images
+    list, one drawn PNG per image; the same detections from every source."""
+    import kdlab
+
+    images = det_run.parent / "data" / "test"
+    meta = kdlab.load_student(det_run).kdlab_meta
+    assert meta["classes"] == [f"class{c}" for c in CATEGORY_IDS]
+    first = sorted(images.glob("*.png"))[0]
+    assert torch.equal(kdlab.load_student(det_run).preprocess(first), _unit_image(first))
+    sources = {"run": det_run}
+    for fmt, ext in (("state_dict", ".pt"), ("torchscript", ".ts"), ("onnx", ".onnx")):
+        sources[fmt] = tmp_path / f"det{ext}"
+        assert main(["-q", "export", str(det_run), "--format", fmt, "--out",
+                     str(sources[fmt])]) == 0
+    capsys.readouterr()
+    found: dict[str, list[dict[str, Any]]] = {}
+    for name, source in sources.items():
+        out = tmp_path / f"pred_{name}"
+        assert main(["-q", "predict", str(source), str(images), "--min-score", "0.05",
+                     "--out", str(out)]) == 0
+        assert "detections" in capsys.readouterr().out
+        found[name] = json.loads((out / "detections.json").read_text())
+        listed = json.loads((out / "images.json").read_text())
+        assert [i["id"] for i in listed["images"]] == list(range(1, N_TEST + 1))
+        assert [c["id"] for c in listed["categories"]] == list(CATEGORY_IDS)
+        assert len(list(out.glob("*.png"))) == N_TEST
+    ref = found["run"]
+    assert ref and {d["category_id"] for d in ref} <= set(CATEGORY_IDS)
+    with torch.no_grad():  # the run's detections are the eager detector's, >= 0.05
+        own = eager([_unit_image(first)])[0]
+    n_own = int((own["scores"] >= 0.05).sum())
+    assert len([d for d in ref if d["image_id"] == 1]) == n_own
+    for name in ("state_dict", "torchscript", "onnx"):
+        assert len(found[name]) == len(ref), name
+        for a, b in zip(found[name], ref, strict=True):
+            assert a["category_id"] == b["category_id"] and a["image_id"] == b["image_id"]
+            assert np.allclose(a["bbox"], b["bbox"], atol=0.01), name
+    # a classifier-only option on a detector, and a missing image, are one-line errors
+    assert main(["predict", str(det_run), str(tmp_path / "none.png")]) == 2
+    assert "no such image" in capsys.readouterr().err
+
+
+def _unit_image(path: Path) -> torch.Tensor:
+    """The PNG at ``path`` as the detection loader feeds it: RGB ``uint8 / 255``, CHW."""
+    from PIL import Image
+
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()
+                            ).permute(2, 0, 1).float().div(255)

@@ -69,7 +69,6 @@ rows give ms per image and images/s. The int8 runtimes are refused for detectors
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -86,22 +85,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdlab.config import DetectionConfig
 from kdlab.core.errors import CheckpointError
 from kdlab.core.io import atomic_write, file_sha256
-from kdlab.core.plugins import check_trusted, import_plugins, trusted_plugins
 from kdlab.core.torchvision_shim import import_torchvision_for_detection, ops_backend
-from kdlab.core.weights_file import read_verified
 from kdlab.deploy import export as ex
 from kdlab.deploy import latency as lat
-from kdlab.models.checkpoint import load_state_dict_strict
 from kdlab.runs.open import open_run
+from kdlab.runs.student import read_student_file
 from kdlab.tasks.detection.evaluation import coco_metrics, detections_to_coco
-from kdlab.tasks.detection.model import Detector, PyramidBackbone, build_detector
+from kdlab.tasks.detection.model import Detector, PyramidBackbone
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +222,8 @@ def detector_metadata(run: ex.StudentRun, arch: str | None = None) -> dict[str, 
         "plugins": list(run.cfg.plugins),
         "detection": det_cfg.model_dump(mode="json"),
         "categories": categories,
+        "classes": [c["name"] for c in categories],
+        "input_spec": run.data.input_spec.to_dict(),
         "input": {**INPUT_CONVENTION, "min_size": det_cfg.min_size,
                   "max_size": det_cfg.max_size, "image_mean": list(det_cfg.image_mean),
                   "image_std": list(det_cfg.image_std)},
@@ -257,28 +255,12 @@ def read_detector(path: str | Path, plugins: Sequence[str] = ()) -> Detector:
     Raises :class:`~kdlab.core.errors.CheckpointError` (one line) for a file that is not a
     kdlab detector file, has an invalid ``detection`` section or weights that do not fit, and
     :class:`~kdlab.core.errors.PluginError` for an untrusted plugin."""
-    path = Path(path)
-    obj = read_verified(path)
-    if obj.get("kind") != ex.STUDENT_KIND or obj.get("task") != TASK:
-        raise CheckpointError(f"{path} is not a kdlab detector file (kind {obj.get('kind')!r}, "
-                              f"task {obj.get('task')!r}); make one with `kdlab export RUN "
-                              "--format state_dict` on a detection run")
-    named = obj.get("plugins") or []
-    if not isinstance(named, list) or not all(isinstance(p, str) for p in named):
-        raise CheckpointError(f"detector file {path}: 'plugins' must be a list of plugin specs")
-    trusted = trusted_plugins(plugins)
-    check_trusted(named, trusted, f"detector file {path}")
-    import_plugins(trusted)
-    try:
-        det_cfg = DetectionConfig(**obj["detection"])
-        arch, num_classes = str(obj["arch"]), int(obj["num_classes"])
-    except (KeyError, TypeError, ValueError, ValidationError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"detector file {path}: metadata unusable ({first}); export it "
-                              "again") from e
-    model = build_detector(arch, num_classes, det_cfg)
-    load_state_dict_strict(model, obj["model"], str(path))
-    return model.eval()
+    model = read_student_file(path, plugins)
+    if model.kdlab_meta.get("task") != TASK:
+        raise CheckpointError(f"{path} is not a kdlab detector file (task "
+                              f"{model.kdlab_meta.get('task')!r}); make one with `kdlab export "
+                              "RUN --format state_dict` on a detection run")
+    return model  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- TorchScript, ONNX
@@ -942,15 +924,7 @@ def run_detector_latency(run_dir: str | Path, settings: lat.LatencySettings | No
 
 
 def _worker_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdlab.deploy.detection",
-                                     description="time one detector configuration (a kdlab "
-                                                 "latency worker; run `kdlab latency` instead)")
-    parser.add_argument("--worker", required=True, metavar="SPEC_JSON")
-    args = parser.parse_args(argv)
-    spec = json.loads(Path(args.worker).read_text())
-    result = measure_detector(spec)
-    Path(spec["result"]).write_text(json.dumps(result))
-    return 0
+    return lat.run_worker(argv, "python -m kdlab.deploy.detection", measure_detector)
 
 
 if __name__ == "__main__":

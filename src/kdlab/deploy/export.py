@@ -62,9 +62,8 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from torch.export import Dim
 
 from kdlab.core.env import machine_info, named_cpu_flags
-from kdlab.core.errors import CheckpointError, KdlabError
+from kdlab.core.errors import KdlabError
 from kdlab.core.io import atomic_write, file_sha256
-from kdlab.core.plugins import check_trusted, import_plugins, trusted_plugins
 from kdlab.core.version import __version__
 from kdlab.core.weights_file import read_verified
 from kdlab.data.build import clean_train_loader
@@ -75,10 +74,9 @@ from kdlab.deploy.onnx_int8 import (
     OnnxInt8Settings,
     quantize_onnx_int8,
 )
-from kdlab.models import create_model
-from kdlab.models.checkpoint import load_state_dict_strict
 from kdlab.runs.checkpoint import save_atomic
 from kdlab.runs.open import open_run
+from kdlab.runs.student import read_student_file
 
 log = logging.getLogger(__name__)
 
@@ -384,35 +382,20 @@ def save_student(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -
 
 
 def read_student(path: str | Path, plugins: Sequence[str] = ()) -> nn.Module:
-    """The model of a :func:`save_student` file (eval mode, CPU): ``create_model(arch,
-    num_classes, in_channels)`` loaded strictly.
+    """The model of a :func:`save_student` file (eval mode, CPU), rebuilt from its metadata
+    and loaded strictly, with ``kdlab_meta`` and ``preprocess`` attached
+    (:func:`kdlab.runs.student.read_student_file`, which also reads detector files).
 
-    The file is data: the plugins it lists (``plugins``) are never imported. Models of plugins
-    need the caller to trust them: ``plugins`` and ``$KDLAB_PLUGINS`` are imported, and every
-    plugin the file lists must be among them.
+    The file is data: the plugins it lists are never imported. Models of plugins need the
+    caller to trust them: ``plugins`` and ``$KDLAB_PLUGINS`` are imported, and every plugin
+    the file lists must be among them.
 
     Raises:
         CheckpointError: not a kdlab student file, or its weights do not fit.
         PluginError: one line, when the file lists a plugin the caller did not trust (nothing
             is imported then), or a trusted plugin cannot be imported.
     """
-
-    path = Path(path)
-    obj = read_verified(path)
-    if obj.get("kind") != STUDENT_KIND:
-        raise CheckpointError(f"{path} is not a kdlab student file (kind {obj.get('kind')!r}); "
-                              "make one with `kdlab export RUN --format state_dict`")
-    named = obj.get("plugins") or []
-    if not isinstance(named, list) or not all(isinstance(p, str) for p in named):
-        raise CheckpointError(f"student file {path}: 'plugins' must be a list of plugin specs, "
-                              f"found a {type(named).__name__}")
-    trusted = trusted_plugins(plugins)
-    check_trusted(named, trusted, f"student file {path}")
-    import_plugins(trusted)
-    model = create_model(str(obj["arch"]), num_classes=int(obj["num_classes"]),
-                         in_channels=int(obj["in_channels"]))
-    load_state_dict_strict(model, obj["model"], str(path))
-    return model.eval()
+    return read_student_file(path, plugins)
 
 
 def _dynamic_batch() -> dict[str, dict[int, Any]]:

@@ -211,16 +211,21 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return {**summarize(times), "times_ms": times}
 
 
-def _worker_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdlab.deploy.latency",
-                                     description="time one configuration (a kdlab latency "
-                                                 "worker; run `kdlab latency` instead)")
+def run_worker(argv: Sequence[str], prog: str,
+               measure_fn: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """The body of a latency worker process: ``--worker SPEC_JSON`` names the spec file; the
+    result of ``measure_fn(spec)`` is written to ``spec["result"]`` as JSON."""
+    parser = argparse.ArgumentParser(prog=prog, description="time one configuration (a kdlab "
+                                     "latency worker; run `kdlab latency` instead)")
     parser.add_argument("--worker", required=True, metavar="SPEC_JSON")
     args = parser.parse_args(argv)
     spec = json.loads(Path(args.worker).read_text())
-    result = measure(spec)
-    Path(spec["result"]).write_text(json.dumps(result))
+    Path(spec["result"]).write_text(json.dumps(measure_fn(spec)))
     return 0
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    return run_worker(argv, "python -m kdlab.deploy.latency", measure)
 
 
 # --------------------------------------------------------------------------- the parent side

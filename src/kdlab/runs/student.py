@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
+from kdlab.config import DetectionConfig
 from kdlab.core.errors import CheckpointError, KdlabError
 from kdlab.core.io import file_sha256
 from kdlab.core.plugins import check_trusted, import_plugins, trusted_plugins
@@ -34,6 +36,7 @@ from kdlab.data.input_spec import InputSpec
 from kdlab.models import create_model
 from kdlab.models.checkpoint import load_state_dict_strict
 from kdlab.runs.open import open_run
+from kdlab.tasks.detection.model import build_detector
 
 __all__ = [
     "HUB_CONFIG",
@@ -76,7 +79,7 @@ def _no_preprocessing(image: Any) -> torch.Tensor:
 
 
 def _spec_of(meta: dict[str, Any], where: str) -> InputSpec | None:
-    recorded = meta.get("input_spec", meta.get("input"))
+    recorded = meta.get("input_spec")
     if not isinstance(recorded, dict) or "kind" not in recorded:
         return None
     try:
@@ -87,8 +90,9 @@ def _spec_of(meta: dict[str, Any], where: str) -> InputSpec | None:
 
 def _build(meta: dict[str, Any], state: dict[str, Any], where: str,
            plugins: Sequence[str]) -> nn.Module:
-    """``create_model(arch, num_classes, in_channels)`` with ``state`` loaded strictly, after
-    the file's plugins are checked against the trusted ones."""
+    """``create_model(arch, num_classes, in_channels)`` (a detector: ``build_detector(arch,
+    num_classes, DetectionConfig(**detection))``) with ``state`` loaded strictly, after the
+    file's plugins are checked against the trusted ones."""
     named = meta.get("plugins") or []
     if not isinstance(named, list) or not all(isinstance(p, str) for p in named):
         raise CheckpointError(f"{where}: 'plugins' must be a list of plugin specs, found a "
@@ -97,10 +101,15 @@ def _build(meta: dict[str, Any], state: dict[str, Any], where: str,
     check_trusted(named, trusted, where)
     import_plugins(trusted)
     try:
-        model = create_model(str(meta["arch"]), num_classes=int(meta["num_classes"]),
-                             in_channels=int(meta["in_channels"]))
-    except KeyError as e:
-        raise CheckpointError(f"{where}: metadata lacks {e.args[0]!r}") from e
+        if meta.get("task") == "detection":
+            model: nn.Module = build_detector(str(meta["arch"]), int(meta["num_classes"]),
+                                              DetectionConfig(**meta["detection"]))
+        else:
+            model = create_model(str(meta["arch"]), num_classes=int(meta["num_classes"]),
+                                 in_channels=int(meta["in_channels"]))
+    except (KeyError, TypeError, ValueError, ValidationError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{where}: metadata unusable ({first}); export it again") from e
     load_state_dict_strict(model, state, where)
     return model.eval()
 

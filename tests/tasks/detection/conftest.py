@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from kdlab.config import DetectionConfig
+from support import box_canvases
 
 #: COCO category ids of the tiny set (not contiguous: labels 1..3 map to them).
 CATEGORY_IDS = (1, 2, 5)
@@ -49,26 +50,6 @@ def _single_thread(one_thread: None) -> None:
     """Every detection test on one intra-op thread (``one_thread``, tests/conftest.py)."""
 
 
-def _images(rng: np.random.Generator, n: int, prefix: str) -> list[Any]:
-    from kdlab.tasks.detection.coco import CocoImage
-
-    colours = np.array([[230, 40, 40], [40, 230, 40], [40, 40, 230]], dtype=np.uint8)
-    out = []
-    for i in range(n):
-        img = rng.integers(0, 40, size=(SIDE, SIDE, 3), dtype=np.uint8)
-        boxes, cats = [], []
-        for _ in range(int(rng.integers(1, 3))):
-            w, h = (int(v) for v in rng.integers(12, 33, size=2))
-            x1, y1 = int(rng.integers(0, SIDE - w + 1)), int(rng.integers(0, SIDE - h + 1))
-            c = int(rng.integers(0, 3))
-            img[y1:y1 + h, x1:x1 + w] = colours[c]
-            boxes.append([x1, y1, x1 + w, y1 + h])
-            cats.append(CATEGORY_IDS[c])
-        out.append(CocoImage(f"{prefix}{i:03d}.png", img, np.array(boxes, dtype=np.float64),
-                             cats))
-    return out
-
-
 @pytest.fixture(scope="session")
 def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny COCO-format dataset (``annotations/instances_{train,test}.json``)."""
@@ -77,8 +58,8 @@ def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny_coco")
     rng = np.random.default_rng(0)
     cats = [{"id": c, "name": f"class{c}"} for c in CATEGORY_IDS]
-    write_coco_split(root, "train", _images(rng, N_TRAIN, "tr"), cats)
-    write_coco_split(root, "test", _images(rng, N_TEST, "te"), cats)
+    write_coco_split(root, "train", box_canvases(rng, N_TRAIN, "tr", SIDE, CATEGORY_IDS), cats)
+    write_coco_split(root, "test", box_canvases(rng, N_TEST, "te", SIDE, CATEGORY_IDS), cats)
     return root
 
 
