@@ -172,7 +172,8 @@ def test_match_detections_figures() -> None:
 @pytest.mark.parametrize(("fmt", "int8", "needle"), [
     ("exported", False, "--format onnx, torchscript or state_dict"),
     ("torchscript", True, "--int8 is not available for detectors"),
-    ("hub", False, "choose one of state_dict, torchscript, onnx"),
+    ("hub", False, "for a detector use --format state_dict"),
+    ("tflite", False, "choose one of state_dict, torchscript, onnx"),
 ])
 def test_refused_requests_are_one_line(tmp_path: Path, fmt: str, int8: bool, needle: str
                                        ) -> None:

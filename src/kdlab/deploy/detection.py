@@ -665,6 +665,10 @@ def refuse_request(fmt: str, int8: bool = False) -> None:
         raise ex.ExportError(INT8_REFUSAL)
     if fmt == "exported":
         raise ex.ExportError(EXPORTED_REFUSAL.format(torch=torch.__version__.split("+")[0]))
+    if fmt == "hub":
+        raise ex.ExportError("--format hub holds classifiers in this kdlab version; for a "
+                             "detector use --format state_dict (weights and metadata, read "
+                             "without the run by kdlab.load_student, no pickled code) or onnx")
     if fmt not in FORMATS:
         raise ex.ExportError(f"unknown format {fmt!r} for a detector; choose one of "
                              f"{', '.join(FORMATS)}")
