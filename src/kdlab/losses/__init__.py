@@ -8,6 +8,7 @@ detached inside each loss.
 from kdlab.losses.crd import crd_loss
 from kdlab.losses.dckd import dckd_loss
 from kdlab.losses.deit import deit_loss
+from kdlab.losses.dense import cwd_loss, dist_pixel_loss, pixel_kd_loss
 from kdlab.losses.dist import dist_loss
 from kdlab.losses.feature import (
     at_loss,
@@ -31,9 +32,11 @@ __all__ = [
     "at_loss",
     "attention_map",
     "crd_loss",
+    "cwd_loss",
     "dckd_loss",
     "deit_loss",
     "dist_loss",
+    "dist_pixel_loss",
     "dkd_loss",
     "fitnet_loss",
     "hcl_loss",
@@ -42,6 +45,7 @@ __all__ = [
     "multiscale_logits",
     "nkd_loss",
     "ofa_loss",
+    "pixel_kd_loss",
     "pkt_loss",
     "rkd_angle_loss",
     "rkd_distance_loss",
