@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.core.errors import MethodError
-from kdlab.losses.dense import cwd_loss, dist_pixel_loss, pixel_kd_loss
+from kdlab.losses.dense import (
+    cwd_loss,
+    dist_pixel_loss,
+    pixel_kd_loss,
+    pixel_sdd_loss,
+    pixels_as_rows,
+    window_logits,
+)
+from kdlab.losses.logit import dkd_loss, kd_loss
+from kdlab.losses.sdd import sdd_loss
 
 B, K, H, W = 2, 5, 3, 4
 
@@ -131,3 +140,63 @@ def test_refusals_are_one_line() -> None:
         pixel_kd_loss(s, te, 0.0)
     with pytest.raises(MethodError, match="mask must be"):
         pixel_kd_loss(s, te, mask=torch.ones(B, H, W + 1, dtype=torch.bool))
+
+
+def test_window_logits_are_window_means() -> None:
+    """Every pixel gets the mean logits of its s x s window (float64 loop), the border windows
+    of a 5 x 7 map averaging only their existing pixels."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64)
+    local = window_logits(z, (1, 2, 4))
+    assert local.shape == (2, 3, 3, 5, 7)
+    assert torch.equal(local[:, :, 0], z)
+    for i, s in enumerate((1, 2, 4)):
+        for h in range(5):
+            for w in range(7):
+                r0, c0 = (h // s) * s, (w // s) * s
+                want = z[:, :, r0:r0 + s, c0:c0 + s].mean(dim=(2, 3))
+                assert torch.allclose(local[:, :, i, h, w], want, atol=1e-12), (s, h, w)
+
+
+def test_window_logits_are_the_head_on_window_features() -> None:
+    """A 1x1 convolution head is linear: a window's mean logit is the head on the window's mean
+    feature (SDD's local logit: the classifier on a pooled region)."""
+    g = torch.Generator().manual_seed(6)
+    feats = torch.randn(1, 6, 8, 8, generator=g, dtype=torch.float64)
+    head = torch.nn.Conv2d(6, 4, 1).double()
+    with torch.no_grad():
+        local = window_logits(head(feats), (1, 4))[:, :, 1]
+        pooled = head(F.avg_pool2d(feats, 4))
+    assert torch.allclose(local[:, :, ::4, ::4], pooled, atol=1e-12)
+
+
+def test_pixel_sdd_reduces_to_the_base_and_matches_sdd_loss() -> None:
+    s, te = _maps(7)
+    labels = torch.randint(0, K, (B, H, W), generator=torch.Generator().manual_seed(7))
+    labels[0, 0, :2] = 255
+    keep = labels.reshape(-1) != 255
+    rows_s, rows_t = pixels_as_rows(s)[keep], pixels_as_rows(te)[keep]
+    target = labels.reshape(-1)[keep]
+    # scales (1,): the base loss over the labelled pixels
+    assert torch.allclose(pixel_sdd_loss(s, te, labels, (1,), base="kd",
+                                         base_kwargs={"temperature": 4.0}),
+                          kd_loss(rows_s, rows_t, temperature=4.0), atol=1e-6)
+    assert torch.allclose(pixel_sdd_loss(s, te, labels, (1,), base="dkd"),
+                          dkd_loss(rows_s, rows_t, target), atol=1e-6)
+    # scales (1, 2): sdd_loss on the pixels' window logits, built by hand
+    local_s = torch.stack([s, _upsampled_means(s, 2)], 2).permute(0, 3, 4, 1, 2)
+    local_t = torch.stack([te, _upsampled_means(te, 2)], 2).permute(0, 3, 4, 1, 2)
+    want = sdd_loss(local_s.reshape(-1, K, 2)[keep], local_t.reshape(-1, K, 2)[keep], target,
+                    base="dkd", beta=2.0)
+    assert torch.allclose(pixel_sdd_loss(s, te, labels, (1, 2), base="dkd"), want, atol=1e-6)
+    assert pixel_sdd_loss(s, te, torch.full_like(labels, 255)).item() == 0.0
+
+
+def _upsampled_means(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Each pixel's s x s window mean, computed window by window."""
+    out = torch.empty_like(z)
+    for r in range(0, z.shape[2], s):
+        for c in range(0, z.shape[3], s):
+            out[:, :, r:r + s, c:c + s] = z[:, :, r:r + s, c:c + s].mean(dim=(2, 3),
+                                                                        keepdim=True)
+    return out

@@ -9,6 +9,11 @@
   Distillation for Dense Prediction", ICCV 2021): each channel's map is turned into a
   distribution over the ``H W`` positions by a softmax at ``T``, and
   ``T^2 / (B C) * sum_{b,c} KL(softmax(y_t[b,c,:] / T) || softmax(y_s[b,c,:] / T))``.
+* :func:`window_logits` / :func:`pixel_sdd_loss`: SDD on a logit map (docs/methods/
+  sdd-segmentation.md): every pixel's prediction is decoupled into the mean logits of the
+  ``s x s`` windows around it at several scales ``s`` (``s = 1``: the pixel itself, SDD's
+  "global" logit), and SDD's loss (consistent / complementary windows, Wei et al., CVPR 2024)
+  is taken with the pixels as samples.
 * :func:`dist_pixel_loss`: DIST (Huang et al., NeurIPS 2022) with every pixel a sample, as the
   official segmentation code (``hunto/DIST_KD``, ``segmentation/losses/dist_kd.py``) reshapes the
   maps to ``(B H W) x K`` before the inter- and intra-class relations.
@@ -28,8 +33,10 @@ from torch import Tensor
 from kdlab.core.errors import MethodError
 from kdlab.losses._common import Temperature, check_temperature, to_float
 from kdlab.losses.dist import DIST_EPS, dist_loss
+from kdlab.losses.sdd import Base, Criterion, sdd_loss
 
-__all__ = ["cwd_loss", "dist_pixel_loss", "pixel_kd_loss", "pixels_as_rows"]
+__all__ = ["cwd_loss", "dist_pixel_loss", "pixel_kd_loss", "pixel_sdd_loss", "pixels_as_rows",
+           "window_logits"]
 
 
 def _maps(student_map: Tensor, teacher_map: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,3 +105,53 @@ def dist_pixel_loss(student_map: Tensor, teacher_map: Tensor, beta: float = 1.0,
     whose ``tau`` is 1)."""
     zs, zt = _maps(student_map, teacher_map)
     return dist_loss(pixels_as_rows(zs), pixels_as_rows(zt), beta, gamma, temperature, eps=eps)
+
+
+def window_logits(logit_map: Tensor, scales: tuple[int, ...] | list[int] = (1, 2, 4)) -> Tensor:
+    """SDD's local logits of a logit map: ``B x K x N x H x W`` where slice ``i`` gives every
+    pixel the mean logits of the ``s_i x s_i`` window (stride ``s_i``, aligned at the top-left
+    corner; windows cut by the border average their existing pixels) that contains it.
+    ``scales`` must start with 1 (the pixel itself) and be increasing. Because the logits of
+    the segmentation head are linear in its input, a window's mean logit is the head applied
+    to the window's mean feature, as SDD's local logits are (docs/methods/sdd-segmentation.md).
+    """
+    if logit_map.dim() != 4:
+        raise MethodError(f"SDD on maps needs B x K x H x W logits, got {tuple(logit_map.shape)}")
+    sc = [int(x) for x in scales]
+    if not sc or sc[0] != 1 or any(b <= a for a, b in zip(sc, sc[1:], strict=False)):
+        raise MethodError(f"SDD scales on maps must start with 1 and increase, got {list(scales)}")
+    h, w = logit_map.shape[-2:]
+    if sc[-1] > min(h, w):
+        raise MethodError(f"SDD scale {sc[-1]} is larger than the {h} x {w} logit map")
+    out = [logit_map]
+    for s in sc[1:]:
+        pooled = F.avg_pool2d(logit_map, s, stride=s, ceil_mode=True, count_include_pad=False)
+        out.append(pooled.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)[..., :h, :w])
+    return torch.stack(out, dim=2)
+
+
+def pixel_sdd_loss(student_map: Tensor, teacher_map: Tensor, labels: Tensor,
+                   scales: tuple[int, ...] | list[int] = (1, 2, 4), base: Base = "kd",
+                   base_kwargs: dict[str, object] | None = None, beta: float = 2.0,
+                   criterion: Criterion = "correctness", ignore_index: int = 255) -> Tensor:
+    """SDD on logit maps: :func:`~kdlab.losses.sdd.sdd_loss` with every labelled pixel a sample
+    and its windows (:func:`window_logits`) the regions: ``sum_{p, i} w_{p,i} l_{p,i} / (N P)``
+    over the ``P`` pixels whose label is not ``ignore_index``, ``l`` the base loss (KD, DKD,
+    NKD) of window ``i`` of pixel ``p`` against the pixel's label, ``w`` = ``beta`` when the
+    teacher's window prediction is complementary to its pixel prediction, else 1. With
+    ``scales = (1,)`` it is the base loss over the labelled pixels. No labelled pixel: 0."""
+    zs, zt = _maps(student_map, teacher_map)
+    if labels.shape != (zs.shape[0], *zs.shape[2:]):
+        raise MethodError(f"labels must be B x H x W = {(zs.shape[0], *zs.shape[2:])}, got "
+                          f"{tuple(labels.shape)}")
+    keep = labels.reshape(-1) != ignore_index
+    if not bool(keep.any()):
+        return zs.sum() * 0.0
+    n = len(scales)
+
+    def rows(x: Tensor) -> Tensor:  # B x K x N x H x W -> P x K x N (labelled pixels)
+        local = window_logits(x, scales)
+        return local.permute(0, 3, 4, 1, 2).reshape(-1, x.shape[1], n)[keep]
+
+    return sdd_loss(rows(zs), rows(zt), labels.reshape(-1)[keep].long(), base=base,
+                    base_kwargs=dict(base_kwargs or {}), beta=beta, criterion=criterion)
