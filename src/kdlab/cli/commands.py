@@ -276,7 +276,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         with logging_redirect_tqdm(loggers=[logging.getLogger()]):
             result = run_sweep(args.spec, jobs=args.jobs, retry_failed=args.retry_failed,
-                               dry_run=args.dry_run, progress=progress, plugins=args.plugin)
+                               dry_run=args.dry_run, progress=progress, plugins=args.plugin,
+                               launcher=args.launcher)
     finally:
         progress.close()
     if args.dry_run:

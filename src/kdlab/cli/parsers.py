@@ -151,7 +151,11 @@ def _add_sweep(sub: _Subparsers) -> None:
                      "run configs x seeds in worker processes (resumable)")
     p.add_argument("spec", help="sweep spec YAML (name, output_dir, configs, seeds, ...)")
     _add_plugin_arg(p)
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs at a time")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs at a time (local launcher)")
+    p.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                   help="local worker processes, or a submitit job per run (the spec's "
+                        "`slurm:` section; pip install -e '.[cluster]')")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     p.add_argument("--dry-run", action="store_true", help="show the runs, start nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -135,8 +135,10 @@ class DOT(TrainOptimizer):
     ``optim.momentum - delta`` and ``optim.momentum + delta``
     (:class:`~kdlab.engine.dot.DistillationOrientedSGD`, the official update). Each step runs two
     backward passes: the distillation loss (graph retained), then the task loss. No Nesterov
-    (the official optimizer has none), single-process only; fp16 autocast with a GradScaler
-    works (both gradients are unscaled and checked for overflow). Gradient-norm clipping scales
+    (the official optimizer has none); fp16 autocast with a GradScaler
+    works (both gradients are unscaled and checked for overflow). Under torchrun, DDP reduces the
+    first (distillation) backward pass and the task gradients are averaged over the ranks
+    explicitly (``_average_task_grads``). Gradient-norm clipping scales
     both gradients by one factor computed from the norm of their sum, the gradient of the total
     loss, so that ``delta = 0`` is exactly SGD with the same clipping.
     """
@@ -156,11 +158,6 @@ class DOT(TrainOptimizer):
                 f"config key 'optim.args.delta': {delta} with optim.momentum {cfg.momentum} "
                 f"gives momenta {m_task:g} (task) and {m_kd:g} (distillation); both must be in "
                 "[0, 1)")
-        if (torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1):
-            raise ConfigError("config key 'optim.name': dot runs two backward passes per step, "
-                              "which DistributedDataParallel does not support; train it in one "
-                              "process")
         return DistillationOrientedSGD(params, lr=lr, momentum=m_task, momentum_kd=m_kd,
                                        weight_decay=cfg.weight_decay)
 
@@ -197,6 +194,7 @@ class DOT(TrainOptimizer):
             opt.stash_kd_grads()
         if task is not None and task.requires_grad:
             scaler.scale(task).backward()
+            _average_task_grads(opt)
         if scaler.is_enabled():
             self._unscale_kd_grads(scaler)
 
@@ -247,6 +245,33 @@ class DOT(TrainOptimizer):
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in task + kd:
             g.mul_(coef.to(g.device))
+
+
+def _average_task_grads(opt: torch.optim.Optimizer) -> None:
+    """Under torchrun, average the task gradients (``.grad``) over the ranks.
+
+    DOT's first backward pass (the distillation loss) is the one DistributedDataParallel
+    reduces: its hooks fire once per forward, so the second pass (the task loss) leaves each
+    rank's own gradient, which is averaged here, coalesced per device and dtype. Both momentum
+    buffers then see the gradients of the global batch, identical on every rank.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    world = dist.get_world_size()
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for grads in by_kind.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def build_optimizer(cfg: OptimConfig, params: list[Tensor], lr: float) -> TrainOptimizer:

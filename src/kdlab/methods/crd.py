@@ -86,6 +86,12 @@ class CRD(Distiller[CRDParams]):
     ``nce_k`` distinct negatives of other classes, ``nce_k`` is lowered to the largest feasible
     value with a warning (``self.nce_k`` holds the value used); i.i.d. sampling
     (``with_replacement``) keeps ``nce_k``.
+
+    Under torchrun the memory bank is replicated, not sharded: every rank gathers the global
+    batch's indices and embeddings, writes all of their rows, draws the negatives of the global
+    batch (the same seeded draw on every rank) and keeps its own slice, and ``Z`` is estimated
+    from the mean over the ranks; the banks stay identical, and a step equals the one-process
+    step on the global batch.
     """
 
     name = "crd"
@@ -203,7 +209,11 @@ class CRD(Distiller[CRDParams]):
             f_t = f_t.clone()
         e_t = self.embed_t(f_t.float())
 
-        neg = self.draw_negatives(index)
+        world, rank = _world()
+        global_index = _gather(index, world)
+        neg = self.draw_negatives(global_index)  # the global batch's draw, identical on all ranks
+        if world > 1:
+            neg = neg[rank * index.shape[0]:(rank + 1) * index.shape[0]]
         idx = torch.cat([index.unsqueeze(1), neg], dim=1)  # positive first
         b, k1 = idx.shape
         rows_t = self.memory_t.index_select(0, idx.flatten()).view(b, k1, -1)
@@ -213,19 +223,51 @@ class CRD(Distiller[CRDParams]):
 
         # Z: fixed from the first batch (RepDistiller), kept on device (no host sync).
         with torch.no_grad():
-            z_s = torch.where(self.z_s < 0, estimate_partition(scores_s, self.n_data), self.z_s)
-            z_t = torch.where(self.z_t < 0, estimate_partition(scores_t, self.n_data), self.z_t)
+            est_s = _mean_over_ranks(estimate_partition(scores_s, self.n_data), world)
+            est_t = _mean_over_ranks(estimate_partition(scores_t, self.n_data), world)
+            z_s = torch.where(self.z_s < 0, est_s, self.z_s)
+            z_t = torch.where(self.z_t < 0, est_t, self.z_t)
         loss = nce_loss(scores_s / z_s, self.n_data) + nce_loss(scores_t / z_t, self.n_data)
 
         if self.training:
             with torch.no_grad():
                 self.z_s.copy_(z_s)
                 self.z_t.copy_(z_t)
+                # every rank writes the global batch's rows: the bank stays replicated
+                g_s = _gather(e_s.detach().float(), world)
+                g_t = _gather(e_t.detach().float(), world)
                 self.memory_s.index_copy_(
-                    0, index, memory_update_rows(self.memory_s[index], e_s.float(), p.nce_m)
+                    0, global_index, memory_update_rows(self.memory_s[global_index], g_s, p.nce_m)
                 )
                 self.memory_t.index_copy_(
-                    0, index, memory_update_rows(self.memory_t[index], e_t.float(), p.nce_m)
+                    0, global_index, memory_update_rows(self.memory_t[global_index], g_t, p.nce_m)
                 )
             self.step += 1
         return {"crd": p.weight * loss}
+
+
+def _world() -> tuple[int, int]:
+    """``(world size, rank)`` of the running torch.distributed job, ``(1, 0)`` without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _gather(t: Tensor, world: int) -> Tensor:
+    """``t`` of every rank, concatenated in rank order (``t`` itself in one process). Every rank
+    passes the same shape (torchrun splits the global batch evenly)."""
+    if world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def _mean_over_ranks(t: Tensor, world: int) -> Tensor:
+    """The mean of ``t`` over the ranks (``t`` in one process)."""
+    if world == 1:
+        return t
+    out = t.detach().clone()
+    torch.distributed.all_reduce(out)
+    return out / world
