@@ -19,8 +19,9 @@ import torch.distributed as dist
 from kdlab.core.errors import ConfigError
 
 __all__ = [
-    "DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "init_distributed",
-    "launched_with_torchrun", "per_rank_batch", "shutdown", "split_batch",
+    "DistInfo", "all_reduce_max_int", "all_reduce_sum", "barrier", "broadcast_object",
+    "gather_objects", "init_distributed", "launched_with_torchrun", "per_rank_batch", "shutdown",
+    "split_batch",
 ]
 
 
@@ -60,8 +61,28 @@ def init_distributed(device_name: str) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        store = _attempt_store(world)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     return DistInfo(rank=rank, world_size=world, local_rank=local)
+
+
+def _attempt_store(world: int) -> dist.Store | None:
+    """Under a torchrun agent's store, a client of it whose keys are prefixed by the restart
+    count; None otherwise (plain ``env://`` rendezvous).
+
+    torchrun ``--max-restarts`` keeps the agent's store across restarts; the process group's
+    keys (every rank's address) would then be those of the failed attempt for whichever rank
+    reads them before its peer rewrote them, and the restarted group cannot connect."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                           is_master=False)
+    return dist.PrefixStore(f"kdlab/attempt_{attempt}", client)
 
 
 def split_batch(global_batch: int, world_size: int, key: str = "data.batch_size") -> int:
@@ -101,6 +122,31 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(obj: object, info: DistInfo) -> list[object] | None:
+    """Every rank's ``obj`` on rank 0, in rank order; None on the other ranks.
+
+    A collective: every rank must call it. A single process gets ``[obj]``. The objects travel
+    pickled (``torch.distributed.gather_object``), so keep them to plain data and CPU tensors.
+    """
+    if not info.enabled:
+        return [obj]
+    box: list[object] | None = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, box, dst=0)
+    return box
+
+
+def all_reduce_max_int(value: int, info: DistInfo, device: torch.device | None = None) -> int:
+    """The largest ``value`` over the ranks (``value`` itself for a single process).
+
+    A collective: every rank must call it. ``device``: where the one-element tensor lives
+    (a CUDA device for NCCL; default CPU, which gloo needs)."""
+    if not info.enabled:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def shutdown(info: DistInfo) -> None:

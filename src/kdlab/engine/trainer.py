@@ -15,9 +15,10 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +28,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kdlab.config import ExperimentConfig
-from kdlab.core.distributed import broadcast_object, init_distributed, shutdown
+from kdlab.core.distributed import (
+    all_reduce_max_int,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+    shutdown,
+)
 from kdlab.core.errors import (
     CheckpointError,
     ConfigError,
@@ -72,10 +80,27 @@ from kdlab.tasks.base import Mark, Task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_FORMAT", "Progress", "StepResult", "TrainState", "Trainer",
-           "file_sha256", "scaled_lr"]
+__all__ = ["AUTO_RESUME_ENV", "CHECKPOINT_FORMAT", "Progress", "StepResult", "TrainState",
+           "Trainer", "auto_resume_mode", "file_sha256", "scaled_lr"]
 
 CHECKPOINT_FORMAT = 1
+
+#: the environment variable that opts a run into automatic resume (docs/distributed.md).
+AUTO_RESUME_ENV = "KDLAB_AUTO_RESUME"
+
+
+def auto_resume_mode(resume: Resume, environ: Mapping[str, str] | None = None) -> Resume:
+    """The resume mode of a run: ``resume`` itself, or True (continue the run in the folder if
+    there is one, start it otherwise) when ``KDLAB_AUTO_RESUME`` is ``1``/``true``/``yes`` in
+    ``environ`` (default ``os.environ``) and ``resume`` is False.
+
+    The opt-in for ``torchrun --max-restarts N`` and schedulers that requeue a job with the
+    same command line: a restarted job continues from its newest checkpoint (the step
+    checkpoint when it is ahead) without ``--resume`` typed again. An explicit ``--resume``
+    ("required") is kept as it is."""
+    env = os.environ if environ is None else environ
+    opted_in = env.get(AUTO_RESUME_ENV, "").strip().lower() in ("1", "true", "yes")
+    return True if opted_in and resume is False else resume
 
 
 class Progress(Protocol):
@@ -143,7 +168,8 @@ class Trainer:
         #: where to continue inside an epoch (from a step checkpoint), or None
         self._mid_epoch: dict[str, Any] | None = None
         self.run_dir = RunDir(run_dir)
-        self.resume = resume
+        #: False, "required" (--resume) or True; KDLAB_AUTO_RESUME=1 turns False into True
+        self.resume = auto_resume_mode(resume)
         self.progress = progress
         #: the metrics loggers (``runtime.loggers``), opened at the end of setup on rank 0
         self.loggers = RunLoggers([])
@@ -195,11 +221,7 @@ class Trainer:
                               f"than the training set ({self.data.train_size} images)")
         self.distiller = build_distiller(cfg, self.task, self.student, self.teacher, self.data,
                                          self.device)
-        views = requested_views(self.distiller)  # MLKD: ("weak", "strong")
-        if len(views) > 1 and self.dist.enabled:
-            raise ConfigError(f"method {cfg.method.name!r} runs each model on {len(views)} views "
-                              "per step, which DDP does not support in kdlab yet; run it in one "
-                              "process")
+        views = requested_views(self.distiller)  # MLKD: ("weak", "strong"), one DDP forward each
         self.train_loader = request_views(self.train_loader, views, seed=cfg.seed)
         self._sync_batchnorm()
 
@@ -229,9 +251,6 @@ class Trainer:
     def _configure_runtime(self) -> None:
         """Threads, determinism, seeds, device, autocast dtype and memory format."""
         rt = self.cfg.runtime
-        if rt.checkpoint_every_steps and self.dist.enabled:
-            raise ConfigError("config key 'runtime.checkpoint_every_steps': step checkpoints "
-                              "are for single-process runs; set it to 0 under torchrun")
         configure_threads(rt.threads)
         configure_determinism(rt.deterministic)
         seed_everything(self.cfg.seed)
@@ -258,9 +277,13 @@ class Trainer:
         self.distiller_fwd: nn.Module = self.distiller
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.student_fwd = DistributedDataParallel(self.student, device_ids=ids)
+            # a task whose training pass leaves some trainable parameters unused (detection:
+            # the backbone's classifier) says so with ``ddp_find_unused_parameters``
+            self.student_fwd = DistributedDataParallel(
+                self.student, device_ids=ids,
+                find_unused_parameters=getattr(self.task, "ddp_find_unused_parameters", False))
             if any(p.requires_grad for p in self.distiller.parameters()):
-                # memory banks (CRD) stay per rank: their buffers are not broadcast
+                # buffers are not broadcast: CRD keeps its memory bank replicated itself
                 self.distiller_fwd = DistributedDataParallel(
                     self.distiller, device_ids=ids, broadcast_buffers=False)
         if self.cfg.runtime.compile:
@@ -388,6 +411,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
+        self._mid_epoch = ckpt.get("mid_epoch")
+        self._restore_rank_state(ckpt, path)
         s = self.state
         s.epoch, s.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
         if "best_metric" in ckpt:
@@ -396,7 +421,6 @@ class Trainer:
             s.best = float(ckpt["best_top1"]) if ckpt["best_top1"] >= 0 else None
         s.best_epoch = int(ckpt["best_epoch"])
         s.skipped_steps = int(ckpt["skipped_steps"])
-        self._mid_epoch = ckpt.get("mid_epoch")
         if self.is_main:
             self.run_dir.truncate_metrics(s.epoch)
         s.history = [r for r in self.run_dir.read_metrics() if r.get("epoch", 0) <= s.epoch]
@@ -410,6 +434,29 @@ class Trainer:
                  else f"epoch {s.epoch}")
         log.info("resumed %s from %s at %s", self.run_dir.path, path.name, where)
         self._check_teacher_identity()
+
+    def _restore_rank_state(self, ckpt: dict[str, Any], path: Path) -> None:
+        """This rank's own RNG streams (and, from a step checkpoint, meter sums and guard) from
+        ``ckpt["ranks"]`` / ``ckpt["mid_epoch"]["ranks"]``, written by a run of as many ranks.
+
+        A step checkpoint continues the epoch only with the number of processes that wrote it
+        (otherwise :class:`CheckpointError`); an epoch checkpoint of another world size (or one
+        without per-rank states) gives every rank rank 0's RNG streams."""
+        mid, rank, world = self._mid_epoch, self.dist.rank, self.dist.world_size
+        if mid is not None:
+            written = int(mid.get("world_size", 1))
+            if written != world:
+                raise CheckpointError(
+                    f"{path} stopped mid-epoch in a run of {written} process(es); resume it "
+                    f"with {written}, or delete it to resume from the last epoch checkpoint")
+            if world > 1:
+                mine = mid["ranks"][rank]
+                set_rng_state(mine["rng"])
+                self._mid_epoch = {**mid, "meter": mine["meter"], "guard": mine["guard"]}
+            return
+        ranks = ckpt.get("ranks")
+        if world > 1 and isinstance(ranks, list) and len(ranks) == world:
+            set_rng_state(ranks[rank]["rng"])
 
     def _check_teacher_identity(self) -> None:
         """On resume: the teacher file must be the one the run started with (sha256), and the
@@ -550,21 +597,51 @@ class Trainer:
                                guard: NonFiniteGuard) -> None:
         """Write the step checkpoint every ``runtime.checkpoint_every_steps`` steps, and when a
         signal asked the run to stop (then stop: :class:`RunInterrupted`). Stop signals and a
-        loader worker's exit (SIGCHLD) are held until the write is complete."""
+        loader worker's exit (SIGCHLD) are held until the write is complete.
+
+        Under torchrun the stop request is agreed on every step (:meth:`_agree_on_stop`), so a
+        SIGTERM to any one rank stops every rank at the same step boundary; every rank's RNG
+        streams, meter sums and guard reach rank 0 (``mid_epoch["ranks"]``), which writes the
+        one step checkpoint; the ranks stop only once it is on disk."""
         every = self.cfg.runtime.checkpoint_every_steps
-        if every <= 0 or step >= steps or not (step % every == 0 or self._stop_signal):
+        if every <= 0 or step >= steps:
+            return
+        stop = self._agree_on_stop()
+        if not (step % every == 0 or stop):
             return
         guard.check(self.dist)  # never checkpoint a state with a non-finite loss in it
         self.state.skipped_steps = guard.total_skipped
-        state = self._checkpoint_state()
-        state["mid_epoch"] = {"epoch": epoch, "step": step, "meter": meter.state_dict(),
-                              "guard": guard.state_dict()}
-        with signals_deferred(WRITE_SIGNALS):
-            save_atomic(state, self.run_dir.step_checkpoint)
-        if self._stop_signal is not None:
+        mid: dict[str, Any] = {"epoch": epoch, "step": step, "meter": meter.state_dict(),
+                               "guard": guard.state_dict(), "world_size": self.dist.world_size}
+        ranks = gather_objects({"rng": rng_state(), "meter": mid["meter"],
+                                "guard": mid["guard"]}, self.dist)
+        if self.dist.enabled:
+            mid["ranks"] = ranks
+        if self.is_main:
+            state = self._checkpoint_state()
+            state["mid_epoch"] = mid
+            with signals_deferred(WRITE_SIGNALS):
+                save_atomic(state, self.run_dir.step_checkpoint)
+        if stop:
+            barrier(self.dist)  # every rank stops after rank 0's checkpoint is complete
             log.info("stopped at epoch %d, step %d of %d (step checkpoint written)", epoch,
                      step, steps)
-            raise RunInterrupted(self._stop_signal)
+            raise RunInterrupted(self._stop_signal or signal.SIGTERM)
+
+    def _agree_on_stop(self) -> bool:
+        """Whether any rank was asked to stop (SIGTERM/SIGINT); in a distributed run with step
+        checkpoints the ranks all-reduce their stop flag (the largest signal number wins, so
+        SIGTERM over SIGINT) and every rank adopts the result. A collective then: every rank
+        calls it at the same step."""
+        if not self.dist.enabled or self.cfg.runtime.checkpoint_every_steps <= 0:
+            return self._stop_signal is not None
+        device = self.device if self.device.type == "cuda" else None
+        agreed = all_reduce_max_int(self._stop_signal or 0, self.dist, device)
+        if agreed and self._stop_signal is None:
+            log.info("another rank was asked to stop (%s): stopping after this step",
+                     signal.Signals(agreed).name)
+            self._stop_signal = agreed
+        return agreed > 0
 
     def _guard(self, epoch: int) -> NonFiniteGuard:
         rt = self.cfg.runtime
@@ -706,8 +783,14 @@ class Trainer:
             record[f"best_val_{metric}"] = s.best
             record[f"best_{metric}"] = self._best_test_so_far(record)
         s.epoch = epoch
+        # every rank's RNG streams travel with the checkpoint (exact resume under torchrun)
+        ranks = gather_objects({"rng": rng_state()}, self.dist) if self.dist.enabled else None
+        stop = self._agree_on_stop()
         if not self.is_main:
             s.history.append(record)
+            if stop:
+                barrier(self.dist)  # after rank 0's checkpoint
+                raise RunInterrupted(self._stop_signal or signal.SIGTERM)
             return
         # logged before the checkpoint: a resume drops what lies beyond its checkpoint
         self.loggers.log_epoch(epoch * len(self.train_loader), record)
@@ -715,6 +798,8 @@ class Trainer:
         # the epoch's metrics line travels with the checkpoint: a kill between the checkpoint's
         # rename and the append below must not lose it (restored by _restore)
         state["record"] = record
+        if ranks is not None:
+            state["ranks"] = ranks
         # a Ctrl-C (or a loader worker's exit) here acts after the epoch is recorded
         with signals_deferred(WRITE_SIGNALS):
             try:
@@ -727,8 +812,9 @@ class Trainer:
         remove_checkpoint(self.run_dir.step_checkpoint)  # the epoch's checkpoint supersedes it
         if self.progress:
             self.progress.end_epoch(record, self.task)
-        if self._stop_signal is not None:
-            raise RunInterrupted(self._stop_signal)
+        if stop:
+            barrier(self.dist)  # the other ranks stop after this checkpoint
+            raise RunInterrupted(self._stop_signal or signal.SIGTERM)
 
     def _input_spec(self) -> dict[str, Any] | None:
         """The data's input description (:mod:`kdlab.data.input_spec`) as a dict, if it has

@@ -8,6 +8,13 @@ pads them) and a list of target dicts (``boxes`` ``N x 4`` xyxy pixels, ``labels
 :class:`DetectionLoader` shuffles with a generator seeded from ``(seed, epoch)`` and flips each
 training image horizontally with probability 1/2 from the same generator, so an epoch's batches
 are a pure function of the seed and the epoch (resume, even mid-epoch, sees the same batches).
+
+Under torchrun (``rank``/``world_size``) every rank draws the same epoch plan, of GLOBAL batches
+(``batch_size * world_size`` images, the single-process batch of ``data.batch_size``), and takes
+its own contiguous ``batch_size`` slice of each: the ranks' shares are disjoint, and step ``k``'s
+batches of all ranks together are exactly the single-process batch ``k`` (same images, same
+flips), whatever the number of processes. Evaluation gives each rank a contiguous block of the
+split (sizes differ by at most one image); together the blocks cover every image once, in order.
 Decoded images are kept in memory when the split is small (``cache_bytes``); larger splits (COCO)
 are decoded by ``num_workers`` DataLoader workers.
 """
@@ -23,9 +30,11 @@ import torch
 from torch import Tensor
 
 from kdlab.config import DataConfig, DetectionConfig
+from kdlab.core.distributed import split_batch
 from kdlab.core.errors import ConfigError
 from kdlab.core.signals import stop_signals_blocked, worker_ignores_stop_signals
 from kdlab.data.input_spec import InputSpec
+from kdlab.data.loader import check_batch_and_rank
 from kdlab.tasks.detection.coco import CocoDetection, DetectionSample
 
 log = logging.getLogger(__name__)
@@ -70,16 +79,20 @@ class _Decode(torch.utils.data.Dataset[DetectionSample]):
 class DetectionLoader:
     """Batches of a COCO-format split (see the module docstring).
 
-    ``train=True``: shuffled, flipped (``hflip``), incomplete last batch dropped; otherwise every
-    image once, in order. ``set_epoch(epoch, start_batch)`` must be called before iterating a
-    training loader (the trainer does).
+    ``train=True``: shuffled, flipped (``hflip``), incomplete last (global) batch dropped;
+    otherwise every image once, in order. ``set_epoch(epoch, start_batch)`` must be called
+    before iterating a training loader (the trainer does). ``batch_size`` is the per-rank batch;
+    ``rank``/``world_size`` shard the split as the module docstring says (a
+    :class:`DatasetError` for a rank outside the world).
     """
 
     def __init__(self, dataset: CocoDetection, batch_size: int, device: torch.device, *,
                  train: bool, seed: int = 0, hflip: bool = True, num_workers: int = 0,
-                 cache_bytes: int = CACHE_BYTES) -> None:
+                 cache_bytes: int = CACHE_BYTES, rank: int = 0, world_size: int = 1) -> None:
+        check_batch_and_rank(batch_size, rank, world_size)
         self.dataset = dataset
         self.batch_size = batch_size
+        self.rank, self.world_size = int(rank), int(world_size)
         self.device = device
         self.train = train
         self.seed = seed
@@ -87,32 +100,42 @@ class DetectionLoader:
         self.num_workers = num_workers
         self.epoch = 1
         self.start_batch = 0
-        pixels = sum(3 * h * w for h, w in dataset.sizes)
+        pixels = sum(3 * h * w for h, w in dataset.sizes) // self.world_size
         self._cache: dict[int, DetectionSample] | None = {} if pixels <= cache_bytes else None
 
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        """Batches per epoch on this rank (the same on every rank in training)."""
+        if self.train:
+            return len(self.dataset) // (self.batch_size * self.world_size)
+        start, stop = self._eval_block()
+        return -(-(stop - start) // self.batch_size)
+
+    def _eval_block(self) -> tuple[int, int]:
+        """``[start, stop)``: this rank's contiguous block of the split in evaluation."""
+        n, r, w = len(self.dataset), self.rank, self.world_size
+        return n * r // w, n * (r + 1) // w
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """The epoch to iterate next (its shuffle and flips), from batch ``start_batch``."""
         self.epoch, self.start_batch = epoch, start_batch
 
     def _plan(self) -> tuple[list[list[int]], list[list[bool]]]:
-        """The epoch's index batches and flip decisions (a function of seed and epoch)."""
+        """This rank's index batches and flip decisions of the epoch (a function of seed, epoch,
+        rank and world size; the global plan depends on seed and epoch only)."""
         n = len(self.dataset)
         if not self.train:
-            order = list(range(n))
-            flips = [False] * n
-        else:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=g).tolist()
-            flips = (torch.rand(n, generator=g) < 0.5).tolist() if self.hflip else [False] * n
-        batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
-        flip_batches = [flips[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
-        if self.train and batches and len(batches[-1]) < self.batch_size:
-            batches, flip_batches = batches[:-1], flip_batches[:-1]
-        return batches, flip_batches
+            start, stop = self._eval_block()
+            b = self.batch_size
+            order = list(range(start, stop))
+            return ([order[i:i + b] for i in range(0, len(order), b)],
+                    [[False] * len(order[i:i + b]) for i in range(0, len(order), b)])
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        flips = (torch.rand(n, generator=g) < 0.5).tolist() if self.hflip else [False] * n
+        big = self.batch_size * self.world_size  # the global (single-process) batch
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        starts = range(0, n - big + 1, big)  # the incomplete last global batch is dropped
+        return ([order[i + lo:i + hi] for i in starts], [flips[i + lo:i + hi] for i in starts])
 
     def _samples(self, batches: list[list[int]]) -> Iterator[list[DetectionSample]]:
         if self._cache is not None or self.num_workers == 0:
@@ -198,12 +221,16 @@ class DetectionData:
 
 
 def build_detection_data(cfg: DataConfig, detection: DetectionConfig, *, seed: int,
-                         device: torch.device) -> DetectionData:
-    """The train and test loaders of the COCO-format dataset at ``cfg.root``.
+                         device: torch.device, rank: int = 0,
+                         world_size: int = 1) -> DetectionData:
+    """The train and test loaders of the COCO-format dataset at ``cfg.root``, for ``rank`` of
+    ``world_size`` processes.
 
     Uses ``detection.train_split``/``test_split``; the test split keeps every image (COCO
-    evaluation scores all of them). ``data.val_fraction`` and ``train_fraction`` are not
-    supported for detection (a ConfigError says so)."""
+    evaluation scores all of them, gathered over the ranks). ``data.batch_size`` is the global
+    batch: each rank's training batch is ``batch_size / world_size`` (a ConfigError unless it
+    divides); ``data.eval_batch_size`` is per rank. ``data.val_fraction`` and
+    ``train_fraction`` are not supported for detection (a ConfigError says so)."""
     if cfg.val_fraction > 0 or cfg.train_fraction < 1:
         raise ConfigError("data.val_fraction and data.train_fraction are not supported for "
                           "detection; make a split with the importer instead")
@@ -214,14 +241,17 @@ def build_detection_data(cfg: DataConfig, detection: DetectionConfig, *, seed: i
     if train.num_classes != test.num_classes or train.categories != test.categories:
         raise ConfigError(f"the {detection.train_split!r} and {detection.test_split!r} splits of "
                           f"{cfg.root} have different categories; they must share one list")
+    per_rank = split_batch(cfg.batch_size, world_size)
     if len(train) < cfg.batch_size:
         raise ConfigError(f"config key 'data.batch_size': {cfg.batch_size} is larger than the "
                           f"training split ({len(train)} images)")
     return DetectionData(
-        train_loader=DetectionLoader(train, cfg.batch_size, device, train=True, seed=seed,
-                                     hflip=cfg.hflip, num_workers=cfg.num_workers),
+        train_loader=DetectionLoader(train, per_rank, device, train=True, seed=seed,
+                                     hflip=cfg.hflip, num_workers=cfg.num_workers, rank=rank,
+                                     world_size=world_size),
         test_loader=DetectionLoader(test, cfg.eval_batch_size, device, train=False,
-                                    num_workers=cfg.num_workers),
+                                    num_workers=cfg.num_workers, rank=rank,
+                                    world_size=world_size),
         num_classes=train.num_classes,
         detection=detection,
     )

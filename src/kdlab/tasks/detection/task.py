@@ -13,21 +13,29 @@ classification loss. Evaluation is COCO mAP through pycocotools (AP decides the 
 Supported methods: vanilla, kd, dkd, nkd, dckd, sd_kd, sd_dkd, sd_nkd, dist, ttm, wttm, with the
 partners fitnet, at and reviewkd on the FPN levels. The image-level relation partners (rkd, sp,
 pkt, crd) and MLKD's two views are refused with a clear error; see docs/detection.md.
+
+Under torchrun the loaders shard by rank (:mod:`kdlab.tasks.detection.data`), the student's
+training pass runs through its DDP wrapper (so gradients are averaged over the ranks), the RoI
+accuracy counts are summed over the ranks, and evaluation gathers every rank's detections on
+rank 0, which runs COCOeval once and shares the metrics with the other ranks
+(docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from kdlab.config import DETECTION_DATASETS, DataConfig, DetectionConfig, ExperimentConfig
-from kdlab.core.distributed import DistInfo
-from kdlab.core.errors import ConfigError
+from kdlab.core.distributed import DistInfo, all_reduce_sum, broadcast_object, gather_objects
+from kdlab.core.errors import ConfigError, DatasetError, KdlabError
 from kdlab.methods.base import Batch, DistillContext
 from kdlab.models import load_pretrained
 from kdlab.models.output import KdModel
@@ -54,8 +62,27 @@ DETECTION_PARTNERS = ("fitnet", "at", "reviewkd")
 
 def _unwrap(model: nn.Module) -> Any:
     """The detector inside a DDP or torch.compile wrapper."""
+    model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def _ddp(model: nn.Module) -> DistributedDataParallel | None:
+    """The DDP wrapper of ``model`` (also inside a torch.compile wrapper), or None."""
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, DistributedDataParallel) else None
+
+
+@contextlib.contextmanager
+def _forward_is(module: nn.Module, forward: Any) -> Iterator[None]:
+    """During the block ``module(...)`` runs ``forward`` (an instance attribute shadowing the
+    class's ``forward``), so that a DDP wrapper around ``module`` runs the RoI training pass
+    with its gradient-synchronisation hooks."""
+    module.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.forward
 
 
 class RoIAccuracyMeter:
@@ -74,7 +101,14 @@ class RoIAccuracyMeter:
         self._samples += len(batch.images)
 
     def reduce(self, dist: DistInfo) -> None:
-        """Detection runs in one process (DDP is refused), so there is nothing to sum."""
+        """Global counts (correct RoIs, RoIs, images) over the ranks."""
+        if not dist.enabled:
+            return
+        device = self.correct.device
+        counts = all_reduce_sum(torch.stack([
+            self.correct, torch.tensor(self.rois, device=device),
+            torch.tensor(self._samples, device=device)]), dist)
+        self.correct, self.rois, self._samples = counts[0], int(counts[1]), int(counts[2])
 
     @property
     def samples(self) -> int:
@@ -122,6 +156,9 @@ class DetectionTask(Task[Any, Any, Any]):
     supported_methods = DETECTION_METHODS
     supported_partners = DETECTION_PARTNERS
     unsupported_partner_reason = " (it relates whole images; partners here work on the FPN levels)"
+    #: under torchrun the student's DDP wrapper looks for unused parameters each step: the
+    #: backbone body's last stage and classifier take no part in the RoI training pass.
+    ddp_find_unused_parameters = True
 
     def __init__(self) -> None:
         self.detection = DetectionConfig()
@@ -146,12 +183,10 @@ class DetectionTask(Task[Any, Any, Any]):
 
     def build_data(self, cfg: DataConfig, *, seed: int, device: torch.device,
                    channels_last: bool, rank: int, world_size: int) -> Any:
-        """Loaders of the COCO-format dataset at ``data.root``
-        (:func:`kdlab.tasks.detection.data.build_detection_data`)."""
-        if world_size > 1:
-            raise ConfigError("detection runs in one process in this kdlab version; run it "
-                              "without torchrun")
-        data = build_detection_data(cfg, self.detection, seed=seed, device=device)
+        """Loaders of the COCO-format dataset at ``data.root``, sharded for ``rank`` of
+        ``world_size`` processes (:func:`kdlab.tasks.detection.data.build_detection_data`)."""
+        data = build_detection_data(cfg, self.detection, seed=seed, device=device, rank=rank,
+                                    world_size=world_size)
         data.dataset_label = self.dataset_label(cfg)
         return data
 
@@ -182,9 +217,19 @@ class DetectionTask(Task[Any, Any, Any]):
 
     def forward(self, student: nn.Module, teacher: nn.Module | None, batch: Any,
                 mark: Mark | None = None) -> tuple[Any, Any]:
-        """:func:`kdlab.tasks.detection.model.roi_forward` (the teacher on the student's RoIs)."""
-        out_s, out_t = roi_forward(_unwrap(student), None if teacher is None else
-                                   _unwrap(teacher), batch.images, batch.targets)
+        """:func:`kdlab.tasks.detection.model.roi_forward` (the teacher on the student's RoIs).
+
+        A student in DDP (torchrun) runs the pass through its wrapper, so that its gradients
+        are averaged over the ranks in the backward pass."""
+        detector = _unwrap(student)
+        t = None if teacher is None else _unwrap(teacher)
+        wrapper = _ddp(student)
+        if wrapper is None:
+            out_s, out_t = roi_forward(detector, t, batch.images, batch.targets)
+        else:
+            with _forward_is(detector, lambda images, targets: roi_forward(
+                    detector, t, images, targets)):
+                out_s, out_t = wrapper(batch.images, batch.targets)
         if mark is not None:
             mark("student_fwd")
         return out_s, out_t
@@ -207,11 +252,32 @@ class DetectionTask(Task[Any, Any, Any]):
     def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device,
                  amp_dtype: torch.dtype | None, dist: DistInfo | None = None
                  ) -> dict[str, float]:
-        """COCO box AP, AP50, AP75, APs/m/l and AR1/10/100 (%), pycocotools' COCOeval."""
+        """COCO box AP, AP50, AP75, APs/m/l and AR1/10/100 (%), pycocotools' COCOeval.
+
+        In a distributed run (``dist`` enabled) every rank predicts its block of the split; the
+        detections are gathered on rank 0 in rank order (the single-process order), rank 0 runs
+        COCOeval once over all of them, and every rank returns rank 0's metrics: the same
+        numbers as a one-process evaluation of the same weights. A collective then: every rank
+        must call it."""
         detections = predict_coco(model, batches, device, amp_dtype)
-        #: the last evaluation's detections (``kdlab eval`` writes them as detections.json)
-        self.last_detections = detections
         dataset = batches.dataset  # type: ignore[attr-defined]
-        metrics = coco_metrics(dataset.annotation_file, detections)
+        if dist is not None and dist.enabled:
+            shards = gather_objects(detections, dist)
+            if shards is not None:  # rank 0: every rank's, in rank (= single-process) order
+                detections = [d for shard in shards for d in shard]  # type: ignore[attr-defined]
+            result: tuple[Any, str | None] = (None, None)
+            if dist.is_main:  # its error reaches every rank (none waits for it in vain)
+                try:
+                    result = (coco_metrics(dataset.annotation_file, detections), None)
+                except KdlabError as e:
+                    result = (None, f"{type(e).__name__}: {e}")
+            metrics, error = broadcast_object(result, dist)  # type: ignore[misc]
+            if error is not None:
+                raise DatasetError(f"COCO evaluation on rank 0 failed: {error}")
+        else:
+            metrics = coco_metrics(dataset.annotation_file, detections)  # type: ignore[assignment]
+        #: the last evaluation's detections, all ranks' on rank 0 and the rank's own elsewhere
+        #: (``kdlab eval`` writes them as detections.json)
+        self.last_detections = detections
         metrics["count"] = float(len(dataset))
-        return metrics
+        return dict(metrics)
