@@ -41,14 +41,18 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                                      "params": {"nce_k": 4, "seed": 3}}]}, {}),
     "reviewkd": ({"name": "reviewkd"}, {}),
     "partners_fitnet_at": ({"name": "kd", "partners": [{"name": "fitnet"}, {"name": "at"}]}, {}),
+    "partner_fitnet": ({"name": "kd", "partners": [{"name": "fitnet"}]}, {}),
+    "partner_at": ({"name": "kd", "partners": [{"name": "at"}]}, {}),
 }
 
-#: families whose 2-rank update does not yet equal the one-process update (issue 21, open):
-#: measured max |difference| after two steps: reviewkd 1.7e-3, fitnet+at 4.4
-KNOWN_GAPS = {
-    "reviewkd": "ReviewKD's per-rank update differs from the global-batch one (open)",
-    "partners_fitnet_at": "FitNet/AT partners' per-rank update differs (open)",
-}
+#: families whose method modules hold BatchNorm (FitNet's regressor, ReviewKD's fusions): per-rank
+#: batch statistics differ from the global batch's by design (as the student's own BN), so the
+#: equality is checked with those BN layers on their running statistics (eval mode), which is
+#: what SyncBatchNorm would make equal on GPUs (runtime.sync_batchnorm).
+FROZEN_BN = {"reviewkd", "partners_fitnet_at", "partner_fitnet"}
+#: open: FitNet and AT each match alone, together they differ by up to 1e-3 (relative 2e-4)
+#: after two steps; the cause is not found yet (issue 21).
+KNOWN_GAPS = {"partners_fitnet_at": "FitNet + AT together differ by up to 1e-3 (open)"}
 
 
 class Net(KdModel):
@@ -93,6 +97,10 @@ def train(case: str, rank: int, world: int) -> Tensor:
     ctx = DistillContext.from_models(student, teacher, num_classes=K, train_labels=labels,
                                      input_size=SIZE)
     distiller = build_method(MethodConfig.model_validate(method), ctx)
+    if case in FROZEN_BN:
+        for m in distiller.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     params = trainable_parameters(student, distiller)
     opt = build_optimizer(OptimConfig.model_validate({"lr": 0.1, **optim}), params, 0.1)
     student_fwd: nn.Module = student

@@ -30,6 +30,7 @@ from kdlab.cli.commands import (
     cmd_train,
 )
 from kdlab.cli.detection_data import add_detection_data_parser
+from kdlab.cli.segmentation_data import add_segmentation_data_parser
 from kdlab.core.version import __version__
 from kdlab.deploy.latency import RUNTIMES
 
@@ -294,6 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_listings, _add_config, _add_demo, _add_report,
                 _add_sweep, _add_doctor, _add_bench, _add_export, _add_latency, _add_predict,
-                add_detection_data_parser):
+                add_detection_data_parser, add_segmentation_data_parser):
         add(sub)
     return parser

@@ -44,7 +44,9 @@ __all__ = [
     "PartnerConfig",
     "RESIDENT_DATASETS",
     "RuntimeConfig",
+    "SEGMENTATION_DATASETS",
     "STREAMED_DATASETS",
+    "SegmentationConfig",
     "SyntheticDataConfig",
     "WandbConfig",
     "dict_fingerprint",
@@ -76,6 +78,10 @@ RESIDENT_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "synthetic")
 STREAMED_DATASETS = ("imagenet", "cub200", "folder")
 #: detection datasets (``task: detection``): ``coco`` is any COCO-format dataset under data.root.
 DETECTION_DATASETS = ("coco",)
+#: semantic segmentation datasets (``task: segmentation``), each in its own on-disk layout under
+#: data.root (docs/segmentation.md): Pascal VOC 2012, Cityscapes (gtFine), ADE20K
+#: (ADEChallengeData2016) and kdlab's synthetic Fashion-MNIST set.
+SEGMENTATION_DATASETS = ("voc", "cityscapes", "ade20k", "fm_segmentation")
 
 
 class DataConfig(_Strict):
@@ -115,7 +121,8 @@ class DataConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        known = [*DATASETS.names(), *STREAMED_DATASETS, *DETECTION_DATASETS]
+        known = [*DATASETS.names(), *STREAMED_DATASETS, *DETECTION_DATASETS,
+                 *SEGMENTATION_DATASETS]
         if v not in known:
             raise ValueError(unknown_name_message("dataset", v, known))
         return v
@@ -125,6 +132,9 @@ class DataConfig(_Strict):
         if self.name in DETECTION_DATASETS and self.root is None:
             raise ValueError(f"data.root is required for dataset {self.name!r} (the folder "
                              "holding annotations/instances_<split>.json and <split>/)")
+        if self.name in SEGMENTATION_DATASETS and self.root is None:
+            raise ValueError(f"data.root is required for dataset {self.name!r} (the folder "
+                             "holding its images and label maps; docs/segmentation.md)")
         if self.name in STREAMED_DATASETS:
             if self.root is None:
                 raise ValueError(f"data.root is required for dataset {self.name!r} (the folder "
@@ -143,8 +153,8 @@ class DataConfig(_Strict):
 
     def inapplicable_keys(self) -> list[str]:
         """The keys set to a non-default value that the dataset ``name`` does not read
-        (detection datasets: not checked here)."""
-        if self.name in DETECTION_DATASETS:
+        (detection and segmentation datasets: not checked here)."""
+        if self.name in DETECTION_DATASETS or self.name in SEGMENTATION_DATASETS:
             return []
         if self.name in STREAMED_DATASETS:
             keys = ["crop_padding", "synthetic"] + (["crop_scale"] if self.name == "cub200" else [])
@@ -229,6 +239,77 @@ class DetectionConfig(_Strict):
         if not self.anchor_sizes or not self.aspect_ratios:
             raise ValueError("detection.anchor_sizes and detection.aspect_ratios must not be "
                              "empty")
+        return self
+
+
+class SegmentationConfig(_Strict):
+    """Semantic segmentation (``task: segmentation``): the head, the data pipeline and inference.
+
+    The defaults are torchvision's segmentation reference recipe (``references/segmentation``):
+    DeepLabV3 at output stride 8, 480 px random crops of images rescaled by a factor in
+    [0.5, 2.0] of ``base_size`` 520, horizontal flips, ImageNet normalisation, label 255 ignored,
+    auxiliary FCN head weight 0.5 when enabled. The CPU configs shrink the sizes
+    (configs/segmentation/fm_synthetic/); see docs/segmentation.md.
+    """
+
+    #: the segmentation head on the backbone's last feature map (torchvision's DeepLabHead with
+    #: ASPP, FCNHead, or LRASPPHead, which also reads the last stride-8 stage).
+    head: Literal["deeplabv3", "fcn", "lraspp"] = "deeplabv3"
+    #: the backbone's output stride: stride-2 convolutions beyond it become stride 1 with
+    #: dilation (torchvision's replace_stride_with_dilation); backbones already finer are kept.
+    output_stride: Literal[8, 16] = 8
+    #: ASPP dilation rates of the deeplabv3 head (torchvision's DeepLabHead: 12, 24, 36).
+    atrous_rates: list[int] = Field(default_factory=lambda: [12, 24, 36])
+    #: channels of the ASPP branches and of the deeplabv3 head (torchvision: 256).
+    aspp_channels: int = Field(256, ge=4)
+    #: inner channels of the lraspp head (torchvision: 128).
+    lraspp_channels: int = Field(128, ge=4)
+    #: an auxiliary FCN head on the stage before the last (torchvision's aux_classifier).
+    aux_head: bool = False
+    #: weight of the auxiliary head's cross-entropy (torchvision's reference: 0.5).
+    aux_weight: float = Field(0.5, ge=0.0)
+    #: the label value that is never trained on nor scored (VOC borders, unmapped classes).
+    ignore_index: int = Field(255, ge=0, le=255)
+    #: side of the square training crop (padded with image 0 / label ignore_index when smaller).
+    crop_size: int = Field(480, ge=8)
+    #: random rescale factor range of training images (times ``base_size``, or of the image).
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    #: the shorter side a training image is rescaled around (null: the image's own size).
+    base_size: int | None = Field(520, ge=8)
+    #: evaluation: the shorter side images are resized to before inference (null: their own
+    #: size); scores are always computed at the label map's full resolution.
+    eval_size: int | None = Field(None, ge=8)
+    #: evaluation: the whole image in one pass, or overlapping windows averaged (mmseg's slide).
+    inference: Literal["whole", "sliding"] = "whole"
+    #: sliding inference: the window side in pixels (mmseg's crop_size).
+    window: int = Field(512, ge=8)
+    #: sliding inference: the step between windows in pixels (at most ``window``).
+    stride: int = Field(341, ge=1)
+    #: RGB mean of the normalisation, in [0, 1] units (ImageNet's).
+    image_mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    #: RGB standard deviation of the normalisation, in [0, 1] units (ImageNet's).
+    image_std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+    #: the training split (VOC: an ImageSets/Segmentation list; Cityscapes: train; ADE20K:
+    #: train = training; fm_segmentation: train).
+    train_split: str = "train"
+    #: the evaluated split (null: val, or test for fm_segmentation).
+    test_split: str | None = None
+    #: VOC: train on SBD's augmented set (SegmentationClassAug + train_aug.txt) when present.
+    voc_augmented: bool = True
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SegmentationConfig:
+        lo, hi = self.scale_range
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"segmentation.scale_range must be (min, max) with 0 < min <= max, "
+                             f"got {[lo, hi]}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError("segmentation.image_mean and segmentation.image_std need 3 values")
+        if not self.atrous_rates or min(self.atrous_rates) < 1:
+            raise ValueError("segmentation.atrous_rates must be positive integers")
+        if self.stride > self.window:
+            raise ValueError(f"segmentation.stride ({self.stride}) must be <= segmentation.window "
+                             f"({self.window}) so the windows cover the image")
         return self
 
 
@@ -420,7 +501,7 @@ class RuntimeConfig(_Strict):
     log_every: int = Field(50, ge=1)
     eval_every: int = Field(1, ge=1)
     #: also checkpoint every this many steps inside an epoch (0: only at epoch ends), and on
-    #: SIGTERM/SIGINT, so that ``--resume`` continues mid-epoch (single-process runs).
+    #: SIGTERM/SIGINT, so that ``--resume`` continues mid-epoch (every rank's state under torchrun).
     checkpoint_every_steps: int = Field(0, ge=0)
     #: where metrics go, per step (every ``log_every`` steps) and per epoch, from rank 0:
     #: jsonl (metrics.jsonl, always written), csv, tensorboard, wandb, or a registered logger.
@@ -463,6 +544,9 @@ class ExperimentConfig(_Strict):
     task: str = "classification"
     #: ``task: detection`` only: the detector and its data (defaults when left out).
     detection: DetectionConfig | None = None
+    #: ``task: segmentation`` only: the segmentation head and data pipeline (defaults when left
+    #: out).
+    segmentation: SegmentationConfig | None = None
 
     @field_validator("task")
     @classmethod
@@ -523,6 +607,7 @@ _ADDED_AFTER_V1: dict[tuple[str, ...], Any] = {
     ("data", "val_fraction"): 0.0,
     ("data", "crop_scale"): "auto",
     ("detection",): None,
+    ("segmentation",): None,
 }
 #: method parameters renamed after v1: new name -> v1 name (the v1 name stays accepted).
 _RENAMED_METHOD_PARAMS = {"warmup_epochs": "warmup"}
