@@ -26,7 +26,8 @@ K = 5
 #: distillation token or with stage features, which TinyNet lacks (test_deit_method.py and
 #: test_ofa_method.py test them)
 NAMES = [n for n in list_methods("logit")
-         if not (get_method(n).needs_distillation_token or get_method(n).needs_stage_features)]
+         if not (get_method(n).needs_distillation_token or get_method(n).needs_stage_features
+                 or get_method(n).needs_dense_maps)]
 SDD_NAMES = ["sd_kd", "sd_dkd", "sd_nkd"]
 
 

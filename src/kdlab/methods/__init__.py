@@ -1,7 +1,7 @@
 """Distillation methods: registered distillers and their composition.
 
 Logit methods: vanilla, kd, dkd, nkd, sd_kd, sd_dkd, sd_nkd, dckd, mlkd, dist, ttm, wttm, deit,
-ofa.
+ofa; on segmentation logit maps: cwd, sd_map.
 Partners: fitnet, at, rkd, sp, pkt, crd, reviewkd. See :mod:`kdlab.methods.base` for the
 contract. Every module of this package is imported on the first registry lookup
 (:mod:`kdlab.core.registry`), which registers it.

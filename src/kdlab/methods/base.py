@@ -144,6 +144,9 @@ class Distiller(nn.Module, Generic[P]):
     needs_distillation_token: ClassVar[bool] = False
     #: whether the method builds helper modules from the student's stage ``features`` (OFA)
     needs_stage_features: ClassVar[bool] = False
+    #: whether the method reads segmentation logit maps (``ModelOutput.dense_logits``: CWD, SDD
+    #: on maps), so it runs with ``task: segmentation`` only
+    needs_dense_maps: ClassVar[bool] = False
 
     params: P
     ctx: DistillContext

@@ -37,6 +37,11 @@ class ModelOutput:
         dist_logits: ``B x K`` scores of a distillation-token head (DeiT, Touvron et al., ICML
             2021) in training mode, for students that have one; None otherwise. In eval mode
             such a student's ``logits`` are already the mean of its two heads.
+        dense_logits: the ``B x K x H x W`` logit map when ``logits`` is a segmentation
+            model's pixel view (``(B H W) x K`` rows of the labelled pixels), for the methods
+            that work on maps (CWD, SDD on maps); None otherwise.
+        pixel_mask: with ``dense_logits``: the flat ``B H W`` boolean mask of the pixels whose
+            rows ``logits`` holds (b, h, w order).
     """
 
     logits: Tensor
@@ -47,6 +52,8 @@ class ModelOutput:
     views: dict[str, ModelOutput] = field(default_factory=dict)
     region_logits: Callable[[Sequence[int], str], Tensor] | None = None
     dist_logits: Tensor | None = None
+    dense_logits: Tensor | None = None
+    pixel_mask: Tensor | None = None
 
     def detach(self) -> ModelOutput:
         """A copy with every tensor detached (used for the frozen teacher)."""
@@ -59,6 +66,8 @@ class ModelOutput:
             views={k: v.detach() for k, v in self.views.items()},
             region_logits=self.region_logits,
             dist_logits=None if self.dist_logits is None else self.dist_logits.detach(),
+            dense_logits=None if self.dense_logits is None else self.dense_logits.detach(),
+            pixel_mask=self.pixel_mask,
         )
 
 

@@ -25,6 +25,7 @@ from kdlab.core.distributed import DistInfo
 from kdlab.core.errors import ConfigError
 from kdlab.core.registries import TASKS
 from kdlab.methods.base import DistillContext
+from kdlab.methods.registry import get_method
 from kdlab.models import load_pretrained
 from kdlab.models.output import KdModel
 
@@ -127,6 +128,9 @@ class Task(ABC, Generic[D, B, O]):
         """Raise :class:`ConfigError` when the configured method or a partner is not among
         :attr:`supported_methods` / :attr:`supported_partners`."""
         methods, partners = self.supported_methods, self.supported_partners
+        if self.name != "segmentation" and get_method(cfg.method.name).needs_dense_maps:
+            raise ConfigError(f"method {cfg.method.name!r} distils segmentation logit maps; use "
+                              "it with task: segmentation")
         if methods is not None and cfg.method.name not in methods:
             raise ConfigError(f"method {cfg.method.name!r} is not available for {self.name}; use "
                               f"one of {list(methods)}")

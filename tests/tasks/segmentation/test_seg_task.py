@@ -194,8 +194,10 @@ def test_train_writes_miou(teacher_run: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_distill_kd_writes_miou(tmp_path: Path, fm_root: Path, teacher_run: Path) -> None:
-    cfg = _run_config(fm_root, "kd", method={"name": "kd", "params": {"temperature": 1.0}},
+@pytest.mark.parametrize(("method", "term"), [("kd", "kd"), ("sd_map", "sdd")])
+def test_distill_writes_miou(tmp_path: Path, fm_root: Path, teacher_run: Path, method: str,
+                             term: str) -> None:
+    cfg = _run_config(fm_root, method, method={"name": method, "params": {"temperature": 1.0}},
                       teacher={"arch": "resnet8",
                                "checkpoint": str(teacher_run / "checkpoints" / "best.pt")})
     # teacher and student share the segmentation section: the teacher was trained with an
@@ -205,11 +207,15 @@ def test_distill_kd_writes_miou(tmp_path: Path, fm_root: Path, teacher_run: Path
     _main("distill", str(path), "--run-dir", str(tmp_path / "run"))
     rec = _records(tmp_path / "run")[-1]
     assert 0.0 <= rec["test_mIoU"] <= 100.0
-    assert {"ce", "kd", "aux_ce"} <= set(rec["train_terms"]) and rec["train_terms"]["kd"] > 0
+    assert {"ce", term, "aux_ce"} <= set(rec["train_terms"]) and rec["train_terms"][term] > 0
     assert torch.isfinite(torch.tensor(list(rec["train_terms"].values()))).all()
 
 
-@pytest.mark.parametrize("method", ["kd", "dkd", "nkd", "dckd", "dist"])
+#: the methods on maps: their term's name and parameters fitting the 3 x 5 test map
+MAP_METHODS = {"cwd": ("cwd", {}), "sd_map": ("sdd", {"scales": [1, 2]})}
+
+
+@pytest.mark.parametrize("method", ["kd", "dkd", "nkd", "dckd", "dist", "cwd", "sd_map"])
 def test_supported_logit_methods_run_on_the_pixel_view(tv: Any, method: str) -> None:
     """Each supported method, built as a run builds it, gives finite terms whose gradient
     reaches the student's segmentation head."""
@@ -226,13 +232,14 @@ def test_supported_logit_methods_run_on_the_pixel_view(tv: Any, method: str) -> 
     student, teacher = build_segmenter("resnet8", 4, seg), build_segmenter("resnet8", 4, seg)
     teacher.eval()
     data = SimpleNamespace(num_classes=4, train_labels=torch.empty(0, dtype=torch.long))
-    distiller = build_method(MethodConfig(name=method), task.distill_context(student, teacher,
-                                                                             data))
+    term, params = MAP_METHODS.get(method, (method, {}))
+    distiller = build_method(MethodConfig(name=method, params=params),
+                             task.distill_context(student, teacher, data))
     _, _, batch = _outputs()
     batch = Batch(torch.randn(2, 3, 3, 5), batch.labels, batch.index)
     out_s, out_t = task.forward(student, teacher, batch)
     terms = distiller(*task.distill_inputs(out_s, out_t, batch), 1)
-    assert {"ce", method} <= set(terms)
+    assert {"ce", term} <= set(terms) and terms[term] > 0
     total = torch.stack(list(terms.values())).sum()
     assert torch.isfinite(total)
     total.backward()

@@ -51,7 +51,7 @@ from kdlab.tasks.segmentation.model import SegmentationOutput, build_segmenter
 __all__ = ["SEGMENTATION_METHODS", "PixelAccuracyMeter", "SegmentationTask", "pixel_view"]
 
 #: logit methods that distil pixel logits (they read only logits and labels).
-SEGMENTATION_METHODS = ("vanilla", "kd", "dkd", "nkd", "dckd", "dist")
+SEGMENTATION_METHODS = ("vanilla", "kd", "dkd", "nkd", "dckd", "dist", "cwd", "sd_map")
 #: the probe side of the methods' context (pixel rows of a small image suffice).
 _PROBE = 32
 
@@ -59,11 +59,13 @@ _PROBE = 32
 def pixel_view(out: ModelOutput, keep: Tensor | None) -> ModelOutput:
     """``out`` with ``logits`` as pixel rows ``(B H W) x K`` (b, h, w order,
     :func:`kdlab.losses.dense.pixels_as_rows`), only the rows where ``keep`` (flat bool) holds;
-    ``feature_map`` and ``features`` are the model's own."""
+    ``feature_map`` and ``features`` are the model's own; ``dense_logits`` / ``pixel_mask`` keep
+    the map and which of its pixels the rows are, for the methods on maps (CWD, SDD)."""
     rows = pixels_as_rows(out.logits)
     if keep is not None:
         rows = rows[keep]
-    return ModelOutput(logits=rows, feature_map=out.feature_map, features=list(out.features))
+    return ModelOutput(logits=rows, feature_map=out.feature_map, features=list(out.features),
+                       dense_logits=out.logits, pixel_mask=keep)
 
 
 class PixelAccuracyMeter:

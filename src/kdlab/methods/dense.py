@@ -1,0 +1,123 @@
+"""Distillers that work on a segmentation model's logit map (``task: segmentation``).
+
+The segmentation task hands the methods a pixel view (``logits`` = the labelled pixels' rows,
+``batch.labels`` their labels), so the logit methods (KD, DKD, NKD, DCKD, DIST) run per pixel
+unchanged. The two methods here need the map itself (``ModelOutput.dense_logits``):
+
+* ``cwd``: channel-wise distillation (Shu et al., ICCV 2021) on the logit maps,
+  ``L = ce_weight * CE + cwd_weight * cwd_loss(z_s, z_t, T)``; CIRKD's segmentation recipe uses
+  ``T = 4`` and weight 3 (``train_kd.py``), the defaults here.
+* ``sd_map``: SDD on logit maps (docs/methods/sdd-segmentation.md),
+  ``L = ce_weight * CE + kd_weight * pixel_sdd_loss`` with the KD, DKD or NKD base: SD-KD and
+  SD-DKD of segmentation.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import Tensor
+
+from kdlab.core.errors import MethodError
+from kdlab.losses.dense import cwd_loss, window_logits
+from kdlab.losses.sdd import sdd_loss
+from kdlab.methods.base import Batch, Distiller, MethodParams, warmup_factor
+from kdlab.methods.logit import ce_term
+from kdlab.methods.registry import register_method
+from kdlab.models.output import ModelOutput
+
+__all__ = ["CWD", "CWDParams", "SDMap", "SDMapParams", "dense_maps"]
+
+
+def dense_maps(out_s: ModelOutput, out_t: ModelOutput, method: str) -> tuple[Tensor, Tensor]:
+    """The student's and teacher's ``B x K x H x W`` logit maps; a one-line
+    :class:`MethodError` for outputs that carry none (a task other than segmentation)."""
+    if out_s.dense_logits is None or out_t.dense_logits is None:
+        raise MethodError(f"method {method!r} distils segmentation logit maps; use it with "
+                          "task: segmentation")
+    return out_s.dense_logits, out_t.dense_logits
+
+
+class CWDParams(MethodParams):
+    """CWD on logit maps (Shu et al., ICCV 2021); CIRKD's segmentation defaults T 4, weight 3."""
+
+    ce_weight: float = Field(1.0, ge=0, description="weight of the pixel cross-entropy")
+    cwd_weight: float = Field(3.0, ge=0, description="weight of the CWD term (CIRKD: 3)")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature over positions")
+
+
+@register_method
+class CWD(Distiller[CWDParams]):
+    """``{"ce", "cwd"}``: the pixel CE and ``cwd_weight * cwd_loss`` of the logit maps
+    (:func:`kdlab.losses.dense.cwd_loss`; every pixel, labelled or not, as the official
+    code)."""
+
+    name = "cwd"
+    kind = "logit"
+    needs_dense_maps = True
+
+    def forward(self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
+                ) -> dict[str, Tensor]:
+        """The two terms (no warm-up)."""
+        p = self.params
+        zs, zt = dense_maps(out_s, out_t, self.name)
+        return {"ce": ce_term(out_s, batch, p.ce_weight),
+                "cwd": p.cwd_weight * cwd_loss(zs, zt, p.temperature)}
+
+
+class SDMapParams(MethodParams):
+    """SDD on logit maps: the base loss's parameters, the window scales and ``beta``."""
+
+    base: Literal["kd", "dkd", "nkd"] = Field("dkd", description="the base loss of every "
+                                               "window: kd (SD-KD), dkd (SD-DKD) or nkd")
+    scales: list[int] = Field(default_factory=lambda: [1, 2, 4], description="window sides in "
+                              "pixels of the logit map; 1 (the pixel itself) first")
+    beta: float = Field(2.0, ge=0, description="weight of complementary windows (SDD: 2)")
+    criterion: Literal["correctness", "class"] = Field(
+        "correctness", description="complementary when the window's correctness (official "
+        "SDD code) or predicted class (paper text) differs from the pixel's")
+    ce_weight: float = Field(1.0, ge=0, description="weight of the pixel cross-entropy")
+    kd_weight: float = Field(1.0, ge=0, description="weight of the SDD term")
+    temperature: float = Field(4.0, gt=0, description="the base loss's temperature")
+    alpha: float = Field(1.0, ge=0, description="DKD's target-class weight")
+    dkd_beta: float = Field(8.0, ge=0, description="DKD's non-target weight")
+    gamma: float = Field(1.5, ge=0, description="NKD's non-target weight")
+    warmup_epochs: int = Field(0, ge=0, description="epochs of linear loss warm-up (0: none)")
+
+
+@register_method
+class SDMap(Distiller[SDMapParams]):
+    """``{"ce", "sdd"}``: the pixel CE and ``kd_weight * L_SDD`` over the labelled pixels'
+    windows (:func:`kdlab.losses.dense.window_logits`, :func:`kdlab.losses.sdd.sdd_loss`;
+    docs/methods/sdd-segmentation.md)."""
+
+    name = "sd_map"
+    kind = "logit"
+    needs_dense_maps = True
+
+    def _base_kwargs(self) -> dict[str, float]:
+        p = self.params
+        if p.base == "dkd":
+            return {"alpha": p.alpha, "beta": p.dkd_beta, "temperature": p.temperature}
+        if p.base == "nkd":
+            return {"gamma": p.gamma, "temperature": p.temperature}
+        return {"temperature": p.temperature}
+
+    def forward(self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
+                ) -> dict[str, Tensor]:
+        """The two terms; the SDD term ramps up over ``warmup_epochs``."""
+        p = self.params
+        zs, zt = dense_maps(out_s, out_t, self.name)
+        keep = out_s.pixel_mask
+        n = len(p.scales)
+
+        def rows(z: Tensor) -> Tensor:  # labelled pixels x K x N
+            local = window_logits(z, p.scales).permute(0, 3, 4, 1, 2).reshape(-1, z.shape[1], n)
+            return local if keep is None else local[keep]
+
+        loss = (sdd_loss(rows(zs.float()), rows(zt.float()), batch.labels, base=p.base,
+                         base_kwargs=self._base_kwargs(), beta=p.beta, criterion=p.criterion)
+                if batch.labels.numel() else zs.sum() * 0.0)
+        ramp = warmup_factor(epoch, p.warmup_epochs)
+        return {"ce": ce_term(out_s, batch, p.ce_weight), "sdd": ramp * p.kd_weight * loss}
