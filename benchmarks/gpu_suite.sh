@@ -17,7 +17,9 @@
 #     with torch.compile (default and reduce-overhead = CUDA graphs), achieved TFLOP/s vs peak;
 #  2. SDD's extra cost (KD vs SD-KD, DKD vs SD-DKD);
 #  3. kdlab vs the classic pipeline (8 loader workers, pinned memory);
-#  4. step time over batch x input size, and ResNet50 -> MobileNetV2 memory at batch 64.
+#  4. step time over batch x input size, and ResNet50 -> MobileNetV2 memory at batch 64;
+#  5. a 2-rank NCCL distillation step under torchrun when the machine has two devices, else a
+#     line recording that it has one (ddp.txt).
 set -euo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR [DEVICE]}
 device=${2:-cuda}
@@ -86,4 +88,23 @@ echo "== scaling and memory"
   --steps "$steps" \
   ${pair[@]+"${pair[@]}"} --json "$out/scaling.json" \
   | tee "$out/scaling.txt"
+echo "== 2-rank NCCL step"
+ngpu=$("$py" -c "import torch; print(torch.cuda.device_count() if '$device' == 'cuda' else 0)")
+if [ "$ngpu" -ge 2 ]; then
+  cat > "$out/ddp.yaml" <<'YAML'
+name: ddp_smoke
+data: {name: synthetic, batch_size: 256, eval_batch_size: 512,
+       synthetic: {n_train: 4096, n_test: 1024, num_classes: 100}}
+student: {arch: resnet8x4}
+teacher: {arch: resnet32x4, random_init: true}
+method: {name: sd_dkd}
+optim: {epochs: 1, milestones: []}
+runtime: {device: cuda, amp: auto}
+YAML
+  "$py" -m torch.distributed.run --standalone --nproc_per_node=2 -m kdlab -q distill \
+    "$out/ddp.yaml" --run-dir "$out/ddp_run" --no-progress 2>&1 | tee "$out/ddp.txt"
+  cat "$out/ddp_run/summary.json" >> "$out/ddp.txt"
+else
+  echo "one CUDA device ($ngpu found): the 2-rank NCCL step needs two; not run" | tee "$out/ddp.txt"
+fi
 echo "gpu_suite done $(date -u +%FT%TZ)"

@@ -45,3 +45,5 @@ def test_gpu_suite_smoke_on_cpu(tmp_path: Path) -> None:
     assert json.loads((out / "scaling.json").read_text())["grid"][0]["batch"] == 8
     assert "memory" not in json.loads((out / "scaling.json").read_text())
     assert "gpu_suite done" in (out / "suite.log").read_text()
+    # no second device here: the 2-rank NCCL step says so instead of running
+    assert "the 2-rank NCCL step needs two; not run" in (out / "ddp.txt").read_text()
