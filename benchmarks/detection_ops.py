@@ -5,7 +5,11 @@ roi_align: 512 RoIs (2 images x 256) over 64-channel maps of an FPN at 256-px in
 kdlab's kernel (a weighted ``embedding_bag`` over the channels-last map) it times the
 ``F.grid_sample`` formulation (coordinates clamped into the map, ``align_corners=True``, times the
 validity mask, then a mean over the bin's samples), written here only for this comparison.
-nms: 2000 random boxes, and batched_nms over 2000 boxes in 80 classes.
+kdlab's kernel has two paths (issue 26): where a gradient is needed and the map has at most
+``vision_ops.DENSE_MAX_PIXELS`` pixels, a separable matrix product (``dense``), else the bag
+(``bag``); both are timed on every map (``--out 14`` adds SDD's 14x14 region pooling), and a
+128x128 map checks the size limit. nms: 2000 random boxes, and batched_nms over 2000 boxes in
+80 classes.
 
     .venv/bin/python benchmarks/detection_ops.py [--repeat 7] [--threads N]
 """
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdlab.core import vision_ops
 from kdlab.core.vision_ops import batched_nms, nms, roi_align
 
 
@@ -82,12 +87,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: keep default)")
+    parser.add_argument("--out", type=int, default=14, help="second roi_align output size")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rois = _rois(512, 256, 0)
     rows: list[tuple[str, str, float]] = []
-    for size in (64, 32, 16, 8):
+    limit = vision_ops.DENSE_MAX_PIXELS
+
+    def path(dense: bool, fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            vision_ops.DENSE_MAX_PIXELS = limit if dense else 0
+            try:
+                return fn()
+            finally:
+                vision_ops.DENSE_MAX_PIXELS = limit
+        return run
+
+    for size in (128, 64, 32, 16, 8):
         scale = size / 256
         feat = torch.randn(2, 64, size, size, requires_grad=True)
 
@@ -97,13 +114,24 @@ def main() -> None:
                 fn().sum().backward()
             return run
 
-        for name, fn in (
-            ("kdlab sr=2", lambda s=scale, f=feat: roi_align(f, rois, 7, s, 2, False)),
-            ("kdlab sr=0", lambda s=scale, f=feat: roi_align(f, rois, 7, s, 0, False)),
-            ("grid_sample sr=2", lambda s=scale, f=feat: grid_sample_roi_align(f, rois, 7, s, 2,
-                                                                               False)),
-        ):
-            rows.append((f"roi_align {size}x{size}", name, _time(fwd_bwd(fn), args.repeat)))
+        for out in sorted({7, args.out}):
+            cases: list[tuple[str, Callable[[], Tensor]]] = []
+            for sr in (2, 0):
+                for dense in (True, False):
+                    cases.append((f"kdlab {'dense' if dense else 'bag'} sr={sr}",
+                                  path(dense, lambda s=scale, f=feat, o=out, r=sr:
+                                       roi_align(f, rois, o, s, r, False))))
+            if out == 7:
+                cases.append(("grid_sample sr=2", lambda s=scale, f=feat:
+                              grid_sample_roi_align(f, rois, 7, s, 2, False)))
+            for name, fn in cases:
+                rows.append((f"roi_align {size}x{size} -> {out}x{out}", name,
+                             _time(fwd_bwd(fn), args.repeat)))
+        dense_out = path(True, lambda s=scale, f=feat: roi_align(f, rois, 7, s, 2, False))()
+        with torch.no_grad():
+            bag_out = roi_align(feat, rois, 7, scale, 2, False)
+        rows.append((f"roi_align {size}x{size} -> 7x7", "max |dense - bag|",
+                     (dense_out - bag_out).abs().max().item()))
     check = torch.randn(2, 64, 32, 32)
     err = (roi_align(check, rois, 7, 0.125, 2, False)
            - grid_sample_roi_align(check, rois, 7, 0.125, 2, False)).abs().max().item()
@@ -120,7 +148,8 @@ def main() -> None:
           f"{args.repeat}; roi_align: 512 RoIs, 64 ch, 7x7, forward + backward")
     print(f"{'op':<{width}}  {'implementation':<18}  {'ms':>9}")
     for op, impl, ms in rows:
-        print(f"{op:<{width}}  {impl:<18}  {ms:9.1f}")
+        print(f"{op:<{width}}  {impl:<18}  {ms:9.1f}" if ms >= 1e-3 else
+              f"{op:<{width}}  {impl:<18}  {ms:9.1e}")
     print(f"max |kdlab - grid_sample| at 32x32, sr=2: {err:.2e}")
 
 

@@ -161,9 +161,12 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     ``csrc/ops/cpu/roi_align_kernel.cpp``; its pure-Python ``_roi_align`` fallback differs at
     the borders). Implemented as one weighted ``embedding_bag`` over the channels-last feature
     map (each output cell is a bag of ``gh * gw * 4`` taps), so autograd gives the kernel's
-    backward (scatter of the bilinear weights divided by ``count``); no gradient flows to
-    ``boxes``. Half and bfloat16 inputs (and any input under autocast) are computed in float32
-    and returned in the input's dtype.
+    backward (scatter of the bilinear weights divided by ``count``); where a gradient is needed
+    and the map has at most :data:`DENSE_MAX_PIXELS` pixels, as the equal separable product
+    ``A_y[k] @ input[b_k, c] @ A_x[k]^T`` of per-RoI bilinear weight matrices instead, whose
+    backward is matrix products (same sums in another order; faster on small maps). No
+    gradient flows to ``boxes``. Half and bfloat16 inputs (and any input under autocast) are
+    computed in float32 and returned in the input's dtype.
 
     Args:
         input: ``N x C x H x W`` feature maps.
@@ -286,11 +289,74 @@ def _bags(groups: list[tuple[int, int, Tensor | None]], geometry: _Geometry,
     return all_idx, all_w, all_off, order
 
 
+#: the largest feature map (``H * W`` pixels) that :func:`roi_align` samples through the separable
+#: matrix product when a gradient is needed; larger maps use the ``embedding_bag`` path (the
+#: product's work grows with ``H * W``, the bag's with the samples; the bag's backward sorts the
+#: taps). ``benchmarks/detection_ops.py`` times both (docs/performance.md, issue 26): the product
+#: wins on 8x8 to 32x32 maps (2-4x at 14x14 outputs), the bag on 64x64.
+DENSE_MAX_PIXELS = 32 * 32
+
+
+def _axis_matrix(start: Tensor, size: Tensor, pooled: int, grid: int, extent: int) -> Tensor:
+    """``K x pooled x extent`` bilinear weights along one axis: row ``p`` of RoI ``k`` holds the
+    weights (each divided by ``grid``) that the ``grid`` samples of output bin ``p`` give to each
+    pixel, with the border rule of :func:`_axis_samples` (a clamped tap adds to the edge pixel)."""
+    low, high, w_low, w_high = _axis_samples(start, size, pooled, grid, extent)
+    matrix = start.new_zeros((start.shape[0], pooled, extent))
+    matrix.scatter_add_(2, low, w_low / grid)
+    matrix.scatter_add_(2, high, w_high / grid)
+    return matrix
+
+
+def _roi_align_dense(input: Tensor, geometry: _Geometry,
+                     groups: list[tuple[int, int, Tensor | None]], ph: int, pw: int) -> Tensor:
+    """RoIAlign as ``out[k, c] = A_y[k] @ input[b_k, c] @ A_x[k]^T`` with the separable bilinear
+    weight matrices ``A_y`` (``K x ph x H``) and ``A_x`` (``K x pw x W``) of :func:`_axis_matrix`.
+
+    The sample weights of the bag path are the products ``w_y * w_x / (gh * gw)``, so the two
+    paths sum the same terms (in another order: equal to float rounding). Autograd's backward is
+    two matrix products per image instead of the bag path's sorted scatter."""
+    x1, y1, rw, rh, batch = geometry
+    k = x1.shape[0]
+    n, ch, h, w = input.shape
+    ay = input.new_zeros((k, ph, h))
+    ax = input.new_zeros((k, pw, w))
+    for gh, gw, sel in groups:
+        if gh == 0 or gw == 0:
+            continue  # no samples: the bin's value is 0, as in the kernel
+        if sel is None:
+            ay = _axis_matrix(y1, rh, ph, gh, h)
+            ax = _axis_matrix(x1, rw, pw, gw, w)
+        else:
+            ay[sel] = _axis_matrix(y1[sel], rh[sel], ph, gh, h)
+            ax[sel] = _axis_matrix(x1[sel], rw[sel], pw, gw, w)
+    pieces: list[Tensor] = []
+    order: list[Tensor] = []
+    for b in torch.unique(batch).tolist():
+        sel = torch.nonzero(batch == b).squeeze(1)
+        kb = sel.shape[0]
+        rows = input[b].transpose(0, 1).reshape(h, ch * w)  # H x (C W)
+        t = (ay[sel].reshape(kb * ph, h) @ rows).view(kb, ph * ch, w)
+        o = torch.bmm(t, ax[sel].transpose(1, 2))  # kb x (ph C) x pw
+        pieces.append(o.view(kb, ph, ch, pw).transpose(1, 2))
+        order.append(sel)
+    out = torch.cat(pieces)
+    perm = torch.cat(order)
+    if not torch.equal(perm, torch.arange(k, device=perm.device)):
+        out = out[torch.argsort(perm)]
+    return out
+
+
 def _roi_align_impl(input: Tensor, rois: Tensor, ph: int, pw: int, scale: float,
                     sampling_ratio: int, aligned: bool, n: int, ch: int, h: int, w: int
                     ) -> Tensor:
     k = rois.shape[0]
     rois = rois.to(input.device)
+    if k > 0 and h * w > 0 and h * w <= DENSE_MAX_PIXELS and input.requires_grad \
+            and torch.is_grad_enabled():
+        geometry = _roi_geometry(rois, scale, aligned)
+        groups = _sampling_groups(geometry[2], geometry[3], ph, pw, sampling_ratio)
+        return _roi_align_dense(input, geometry, groups, ph, pw)
     table = input.permute(0, 2, 3, 1).reshape(n * h * w, ch)
     if k == 0 or h == 0 or w == 0:
         return (table[:0].sum() * 0).expand(k, ch, ph, pw).contiguous()

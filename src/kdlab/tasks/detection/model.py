@@ -11,7 +11,7 @@ and feeds the last stage of each stride (4, 8, 16, 32) to a feature pyramid. All
 et al., CVPR 2022, mdistiller ``detection/model/rcnn.py``): the student's normal RPN and RoI-head
 losses, the RoIs it sampled with their labels, and the (K+1)-way class logits of the student and
 of the teacher on those SAME proposals. :func:`region_logits` gives SDD's multi-scale local logits
-of every RoI (see docs/methods/sdd-detection.md).
+of every RoI or of a subset (see docs/methods/sdd-detection.md).
 """
 
 from __future__ import annotations
@@ -212,8 +212,12 @@ def _head_logits(model: nn.Module, pooled: Tensor) -> Tensor:
 
 def region_logits(model: nn.Module, fpn: dict[str, Tensor], proposals: list[Tensor],
                   image_sizes: list[tuple[int, int]], global_logits: Tensor,
-                  scales: Sequence[int], layout: str) -> Tensor:
+                  scales: Sequence[int], layout: str, rows: Tensor | None = None) -> Tensor:
     """SDD's local logits of every RoI, ``R x (K+1) x N`` (region 0 global), for detection.
+
+    ``rows`` (sorted indices into the batch's ``R`` RoIs, images in order): only those RoIs,
+    ``len(rows) x (K+1) x N``, each row equal to the same RoI's row of the full result (SDD's
+    ``detection_region_fraction``); None: every RoI.
 
     ``layout="grid"`` (kdlab): for each scale ``m`` the RoI is split into ``m x m`` sub-boxes
     (row-major) and each is classified by the detector's own box head from its ``s x s`` RoIAlign
@@ -239,6 +243,8 @@ def region_logits(model: nn.Module, fpn: dict[str, Tensor], proposals: list[Tens
                               f"has five views and needs scales [1, 2], got {scales}")
     elif layout != "grid":
         raise MethodError(f"detection_regions must be 'grid' or 'interleaved', got {layout!r}")
+    if rows is not None:
+        proposals, global_logits = _select_rois(proposals, global_logits, rows)
     tv = import_torchvision_for_detection()
     feats = OrderedDict((k, v) for k, v in fpn.items() if k in pooler.featmap_names)
     regions: list[Tensor] = []
@@ -261,6 +267,25 @@ def region_logits(model: nn.Module, fpn: dict[str, Tensor], proposals: list[Tens
         logits = _head_logits(model, blocks.reshape(r * m * m, c, size, size))
         regions.append(logits.reshape(r, m * m, -1).transpose(1, 2))
     return torch.cat(regions, dim=2)
+
+
+def _select_rois(proposals: list[Tensor], logits: Tensor, rows: Tensor
+                 ) -> tuple[list[Tensor], Tensor]:
+    """The per-image proposals and the logits of the RoIs ``rows`` (sorted indices into the
+    concatenation of ``proposals``)."""
+    r = logits.shape[0]
+    if rows.dim() != 1 or (rows.numel() > 0 and (
+            int(rows[0]) < 0 or int(rows[-1]) >= r or not bool((rows[1:] > rows[:-1]).all()))):
+        raise MethodError(f"region rows must be increasing RoI indices in [0, {r}), got "
+                          f"{rows.tolist() if rows.numel() <= 8 else tuple(rows.shape)}")
+    picked: list[Tensor] = []
+    start = 0
+    for boxes in proposals:
+        end = start + boxes.shape[0]
+        inside = rows[(rows >= start) & (rows < end)]
+        picked.append(boxes[inside - start])
+        start = end
+    return picked, logits[rows]
 
 
 def roi_forward(student: Detector, teacher: Detector | None, images: list[Tensor],
@@ -309,8 +334,8 @@ def _roi_output(model: nn.Module, fpn: OrderedDict[str, Tensor], pooled: Tensor,
     stem = model.backbone.last_stem
     features = ([stem] if stem is not None else []) + list(fpn.values())
 
-    def local(scales: Sequence[int], layout: str) -> Tensor:
-        return region_logits(model, fpn, proposals, sizes, logits, scales, layout)
+    def local(scales: Sequence[int], layout: str, rows: Tensor | None = None) -> Tensor:
+        return region_logits(model, fpn, proposals, sizes, logits, scales, layout, rows)
 
     return ModelOutput(logits=logits, feature_map=pooled, features=features, region_logits=local)
 
