@@ -507,6 +507,18 @@ class SweepRunner:
             "name": sw.spec.name, "spec": str(sw.spec_path.resolve()), "jobs": sw.jobs,
             "updated": time.time(), "runs": self.states})
 
+    def _start_states(self) -> tuple[list[str], list[PlannedRun]]:
+        """Read the runs' states (:func:`initial_states`), record them, warn about the failed
+        runs not retried; ``(those failed run ids, the pending runs)``."""
+        sw = self.sweep
+        self.states = initial_states(sw, self.retry_failed)
+        self.save()
+        skipped = [k for k, v in self.states.items() if v["status"] == "failed"]
+        if skipped:
+            log.warning("%d failed run(s) not retried (use --retry-failed): %s",
+                        len(skipped), ", ".join(skipped))
+        return skipped, [r for r in sw.runs if self.states[r.id]["status"] == "pending"]
+
     def _report(self) -> None:
         if self.progress is not None:
             done = sum(1 for s in self.states.values() if s["status"] == "finished")
@@ -577,13 +589,7 @@ class SweepRunner:
         sw = self.sweep
         sw.sweep_dir.mkdir(parents=True, exist_ok=True)
         with _lock(sw.sweep_dir / LOCK_FILE), _sigterm_interrupts():
-            self.states = initial_states(sw, self.retry_failed)
-            self.save()
-            skipped = [k for k, v in self.states.items() if v["status"] == "failed"]
-            if skipped:
-                log.warning("%d failed run(s) not retried (use --retry-failed): %s",
-                            len(skipped), ", ".join(skipped))
-            queue = [r for r in sw.runs if self.states[r.id]["status"] == "pending"]
+            skipped, queue = self._start_states()
             log.info("sweep %s: %d run(s), %d to run, %d finished, %d failed", sw.spec.name,
                      len(sw.runs), len(queue), sum(v["status"] == "finished"
                                                    for v in self.states.values()), len(skipped))
@@ -916,13 +922,7 @@ class SubmititRunner(SweepRunner):
         poll_s = SUBMITIT_POLL_S[sw.spec.slurm.cluster]
         with _lock(sw.sweep_dir / LOCK_FILE), _sigterm_interrupts():
             self._refuse_live_jobs(submitit)
-            self.states = initial_states(sw, self.retry_failed)
-            self.save()
-            skipped = [k for k, v in self.states.items() if v["status"] == "failed"]
-            if skipped:
-                log.warning("%d failed run(s) not retried (use --retry-failed): %s",
-                            len(skipped), ", ".join(skipped))
-            queue = [r for r in sw.runs if self.states[r.id]["status"] == "pending"]
+            skipped, queue = self._start_states()
             log.info("sweep %s: %d run(s), %d to submit (submitit, %s)", sw.spec.name,
                      len(sw.runs), len(queue), sw.spec.slurm.cluster)
             self._report()

@@ -72,6 +72,22 @@ def check_batch_and_rank(batch_size: int, rank: int, world_size: int) -> None:
         raise DatasetError(f"need 0 <= rank < world_size, got rank={rank}, ws={world_size}")
 
 
+def eval_block(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[start, stop)``: rank ``rank``'s contiguous block of ``n`` evaluation items (every
+    item once over the ranks, blocks in rank order)."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def batches_per_rank(n: int, batch_size: int, rank: int, world_size: int, train: bool) -> int:
+    """Batches per epoch on one rank of a loader of ``n`` items and per-rank ``batch_size``:
+    training drops the incomplete last global batch (the same count on every rank);
+    evaluation covers the rank's :func:`eval_block`."""
+    if train:
+        return n // (batch_size * world_size)
+    start, stop = eval_block(n, rank, world_size)
+    return -(-(stop - start) // batch_size)
+
+
 def _check_loader_args(batch_size: int, rank: int, world_size: int, padding: int,
                        normalize: bool, dtype: torch.dtype) -> None:
     check_batch_and_rank(batch_size, rank, world_size)

@@ -75,7 +75,6 @@ import logging
 import math
 import sys
 import tempfile
-import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -789,15 +788,7 @@ def measure_detector(spec: dict[str, Any]) -> dict[str, Any]:
     ``runs`` and, for eager models of plugins, ``plugins``. Returns
     :func:`~kdlab.deploy.latency.summarize`'s figures plus the raw ``times_ms``."""
     fn, ctx = _timing_callable(spec)
-    times: list[float] = []
-    with ctx:
-        for _ in range(int(spec["warmup"])):
-            fn()
-        for _ in range(int(spec["runs"])):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return {**lat.summarize(times), "times_ms": times}
+    return lat.time_calls(fn, ctx, int(spec["warmup"]), int(spec["runs"]))
 
 
 class _DetectorRows:

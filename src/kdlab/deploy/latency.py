@@ -200,11 +200,18 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         fn, ctx = _torch_callable(spec["runtime"], spec["path"], threads, shape,
                                   list(spec.get("plugins", [])))
+    return time_calls(fn, ctx, int(spec["warmup"]), int(spec["runs"]))
+
+
+def time_calls(fn: Callable[[], Any], ctx: AbstractContextManager[Any], warmup: int,
+               runs: int) -> dict[str, Any]:
+    """``warmup`` untimed then ``runs`` timed calls of ``fn`` inside ``ctx``:
+    :func:`summarize`'s figures plus the raw ``times_ms``."""
     times: list[float] = []
     with ctx:
-        for _ in range(int(spec["warmup"])):
+        for _ in range(warmup):
             fn()
-        for _ in range(int(spec["runs"])):
+        for _ in range(runs):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)

@@ -33,7 +33,7 @@ from kdlab.core.errors import ConfigError
 from kdlab.core.signals import stop_signals_blocked, worker_ignores_stop_signals
 from kdlab.data.batch import Batch
 from kdlab.data.input_spec import InputSpec
-from kdlab.data.loader import check_batch_and_rank
+from kdlab.data.loader import batches_per_rank, check_batch_and_rank, eval_block
 from kdlab.tasks.segmentation.datasets import (
     SegmentationDataset,
     SegmentationSample,
@@ -113,15 +113,13 @@ class SegmentationLoader:
                 self._cache = {0: first}
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        if self.train:
-            return len(self.dataset) // (self.batch_size * self.world_size)
-        start, stop = self._eval_block()
-        return -(-(stop - start) // self.batch_size)
+        """Batches per epoch on this rank (:func:`~kdlab.data.loader.batches_per_rank`)."""
+        return batches_per_rank(len(self.dataset), self.batch_size, self.rank,
+                                self.world_size, self.train)
 
     def _eval_block(self) -> tuple[int, int]:
-        n, r, w = len(self.dataset), self.rank, self.world_size
-        return n * r // w, n * (r + 1) // w
+        """``[start, stop)``: this rank's contiguous block of the split in evaluation."""
+        return eval_block(len(self.dataset), self.rank, self.world_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """The epoch to iterate next (its order and crops), from batch ``start_batch``."""
