@@ -263,7 +263,8 @@ def test_builtin_entries_need_no_import_list() -> None:
             "dataset_names())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120).stdout.split(maxsplit=4)
-    assert out[:4] == ["14", "7", "True", "True"]  # 8 + mlkd, dist, ttm, wttm, deit, ofa
+    # 8 + mlkd, dist, ttm, wttm, deit, ofa + the segmentation map methods cwd, sd_map
+    assert out[:4] == ["16", "7", "True", "True"]
     assert "synthetic" in out[4] and "cifar100" in out[4]
 
 
