@@ -286,7 +286,8 @@ def test_broken_artefact_fails_parity(det_run: Path, tmp_path: Path,
     assert "\n" not in str(err.value)
     report = json.loads((tmp_path / "broken.onnx.parity.json").read_text())
     assert out.is_file() and report["passed"] is False and report["failures"]
-    assert report["AP_eager"] > 0.5 and report["AP_exported"] < report["AP_eager"] - 0.1
+    # the check is two-sided: a tiny detector's AP may even rise with shifted boxes
+    assert report["AP_eager"] > 0.5 and abs(report["AP_exported"] - report["AP_eager"]) > 0.1
     assert report["images_differing"] > 0
 
 
