@@ -512,7 +512,8 @@ def load_artefact(path: str | Path, fmt: str, threads: int | None = None,
     """Read an artefact back from disk as ``images -> logits`` (CPU tensors): the state-dict
     file through :func:`read_student` (trusting ``plugins``), TorchScript (fp32 or int8)
     through ``torch.jit.load``, a program through ``torch.export.load``, ONNX through an
-    onnxruntime CPU session."""
+    onnxruntime CPU session returning the graph's output (``logits``, or ``probabilities`` for
+    a graph made with ``--include-preprocessing --probabilities``)."""
     path = Path(path)
     if fmt == "state_dict":
         return LogitsOnly(read_student(path, plugins)).eval()
@@ -530,9 +531,10 @@ def load_artefact(path: str | Path, fmt: str, threads: int | None = None,
 
         session = ort.InferenceSession(str(path), ort_session_options(threads),
                                        providers=["CPUExecutionProvider"])
+        output = session.get_outputs()[0].name
 
         def run(images: Tensor) -> Tensor:
-            out = session.run([OUTPUT_NAME], {INPUT_NAME: images.detach().contiguous().numpy()})
+            out = session.run([output], {INPUT_NAME: images.detach().contiguous().numpy()})
             return torch.from_numpy(out[0])
 
         return run

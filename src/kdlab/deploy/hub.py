@@ -21,7 +21,6 @@ import json
 import logging
 import shutil
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from kdlab.deploy.export import (
     load_run,
     versions,
 )
+from kdlab.deploy.latency import time_calls
 from kdlab.methods.compose import method_display_name
 from kdlab.runs.identity import experiment_fingerprint, resolved_config
 from kdlab.runs.rundir import RunDir, find_run_dirs
@@ -103,18 +103,11 @@ def measure_latency_ms(model: nn.Module, shape: Sequence[int], threads: int = 1,
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     x = torch.randn(*shape)
-    times = []
     try:
-        with torch.inference_mode():
-            for i in range(runs + runs // 5):
-                t0 = time.perf_counter()
-                model(x)
-                if i >= runs // 5:
-                    times.append((time.perf_counter() - t0) * 1000.0)
+        figures = time_calls(lambda: model(x), torch.inference_mode(), runs // 5, runs)
     finally:
         torch.set_num_threads(before)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))],
+    return {"median_ms": figures["p50_ms"], "p90_ms": figures["p90_ms"],
             "batch": int(shape[0]), "threads": threads, "runtime": "torch eager (fp32)",
             "cpu": cpu_model(), "runs": runs}
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
@@ -44,12 +43,11 @@ from kdlab.deploy.detection import (
     load_detector_run,
 )
 from kdlab.deploy.export import (
-    INPUT_NAME,
     METADATA_KEY,
     LogitsOnly,
     _quiet_exporters,
     _require,
-    ort_session_options,
+    load_artefact,
 )
 from kdlab.runs.student import is_hub_folder, load_trained_student
 from kdlab.tasks.detection.evaluation import detections_to_coco
@@ -133,22 +131,6 @@ def _spec_from(meta: dict[str, Any], source: Path) -> InputSpec:
     return InputSpec.from_dict(recorded)
 
 
-def _artefact_runner(path: Path, fmt: str, meta: dict[str, Any]) -> Callable[[Tensor], Tensor]:
-    if fmt == "onnx":
-        _require("onnxruntime", what="running ONNX models")
-        import onnxruntime as ort  # optional heavy dependency: onnxruntime
-
-        session = ort.InferenceSession(str(path), ort_session_options(None),
-                                       providers=["CPUExecutionProvider"])
-        output = session.get_outputs()[0].name
-        return lambda x: torch.from_numpy(
-            session.run([output], {INPUT_NAME: x.contiguous().numpy()})[0])
-    with _quiet_exporters():
-        if fmt == "torchscript":
-            return torch.jit.load(str(path), map_location="cpu").eval()
-        return torch.export.load(str(path)).module()
-
-
 def open_predictor(source: str | Path, plugins: Sequence[str] = (),
                    checkpoint: str = "best") -> Predictor:
     """The :class:`Predictor` of ``source`` (see the module docstring).
@@ -175,7 +157,7 @@ def open_predictor(source: str | Path, plugins: Sequence[str] = (),
     spec = _spec_from(meta, path)
     _classification_only(spec, source)
     inside = bool(meta.get("preprocessing_inside"))
-    return Predictor(spec=spec, run=_artefact_runner(path, fmt, meta), source=str(source),
+    return Predictor(spec=spec, run=load_artefact(path, fmt), source=str(source),
                      fmt=fmt, uint8_input=inside,
                      probabilities=inside and meta.get("output", {}).get("name") ==
                      "probabilities")
@@ -260,13 +242,20 @@ _COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 3
 @dataclass
 class DetectorPredictor:
     """A detector ready for image files: ``run(images)`` maps a list of ``3 x H x W`` float
-    images in ``[0, 1]`` to torchvision's ``{"boxes", "scores", "labels"}`` per image;
-    ``categories[label - 1]`` is ``{"label", "id", "name"}``."""
+    images in ``[0, 1]`` (``spec.preprocess``) to torchvision's ``{"boxes", "scores",
+    "labels"}`` per image; ``categories[label - 1]`` is ``{"label", "id", "name"}``."""
 
     run: Callable[[list[Tensor]], list[dict[str, Tensor]]]
+    spec: InputSpec
     categories: list[dict[str, Any]]
     source: str
     fmt: str
+
+
+def _detector(run: Callable[[list[Tensor]], list[dict[str, Tensor]]], meta: dict[str, Any],
+              source: Path, fmt: str) -> DetectorPredictor:
+    return DetectorPredictor(run=run, spec=_spec_from(meta, source),
+                             categories=meta["categories"], source=str(source), fmt=fmt)
 
 
 def _detector_source(path: Path, plugins: Sequence[str], checkpoint: str
@@ -276,22 +265,16 @@ def _detector_source(path: Path, plugins: Sequence[str], checkpoint: str
     if path.is_dir() and (path / "config.yaml").is_file() and is_detection_run(path):
         run = load_detector_run(path, plugins=plugins,
                                 checkpoint=None if checkpoint == "best" else checkpoint)
-        return DetectorPredictor(run=run.student, source=str(path), fmt="run",
-                                 categories=detector_metadata(run)["categories"])
+        return _detector(run.student, detector_metadata(run), path, "run")
     if fmt is None and path.is_file():
-        meta = read_verified(path)
-        if meta.get("task") != "detection":
-            return None
-        return DetectorPredictor(run=load_detector_artefact(path, "state_dict", plugins=plugins),
-                                 categories=meta["categories"], source=str(path),
-                                 fmt="state_dict")
-    if fmt in ("torchscript", "onnx"):
+        fmt, meta = "state_dict", read_verified(path)
+    elif fmt in ("torchscript", "onnx"):
         meta = read_metadata(path, fmt)
-        if meta.get("task") != "detection":
-            return None
-        return DetectorPredictor(run=load_detector_artefact(path, fmt, plugins=plugins),
-                                 categories=meta["categories"], source=str(path), fmt=fmt)
-    return None
+    else:
+        return None
+    if meta.get("task") != "detection":
+        return None
+    return _detector(load_detector_artefact(path, fmt, plugins=plugins), meta, path, fmt)
 
 
 def open_detector(source: str | Path, plugins: Sequence[str] = (), checkpoint: str = "best"
@@ -299,13 +282,6 @@ def open_detector(source: str | Path, plugins: Sequence[str] = (), checkpoint: s
     """The :class:`DetectorPredictor` of a detection run or detector artefact (state dict,
     TorchScript, ONNX), or None when ``source`` holds a classifier."""
     return _detector_source(Path(source), plugins, checkpoint)
-
-
-def _unit_image(path: Path) -> tuple[Tensor, Image.Image]:
-    """The RGB image at ``path`` as the detection loader feeds it (``uint8 / 255``)."""
-    img = read_image_file(path).convert("RGB")
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return x.float().div_(255.0), img
 
 
 def draw_detections(image: Image.Image, detections: list[dict[str, Any]],
@@ -344,7 +320,8 @@ def predict_detections(predictor: DetectorPredictor, images: Sequence[Path], out
     listed: list[dict[str, Any]] = []
     drawn: list[str] = []
     for image_id, path in enumerate(images, start=1):
-        x, img = _unit_image(path)
+        img = read_image_file(path).convert("RGB")
+        x = predictor.spec.preprocess(img)
         with torch.inference_mode():
             det = predictor.run([x])[0]
         keep = det["scores"] >= min_score

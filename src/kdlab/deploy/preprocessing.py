@@ -40,6 +40,7 @@ from kdlab.deploy.export import (
     _write_via_tmp,
     check_parity,
     deployable,
+    load_artefact,
     load_run,
     parity_path,
     set_onnx_metadata,
@@ -133,19 +134,6 @@ def _save(module: WithPreprocessing, path: Path, example: Tensor, output: str,
     set_onnx_metadata(path, metadata)
 
 
-def _onnx_callable(path: Path, output: str) -> Any:
-    import onnxruntime as ort  # optional heavy dependency: onnxruntime
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-    def run(images: Tensor) -> Tensor:
-        return torch.from_numpy(session.run([output], {INPUT_NAME: images.numpy()})[0])
-
-    return run
-
-
 def export_with_preprocessing(run_dir: str | Path, out: str | Path | None = None, *,
                               probabilities: bool = False, tolerance: float | None = None,
                               min_agreement: float | None = None,
@@ -172,7 +160,8 @@ def export_with_preprocessing(run_dir: str | Path, out: str | Path | None = None
     meta = _metadata(run.metadata(), spec, probabilities)
     _save(module, path, example, output, meta)
     log.info("wrote %s (%.2f MB)", path, path.stat().st_size / 1e6)
-    figures = check_parity(module, _onnx_callable(path, output), uint8_test_batches(run.data, spec))
+    figures = check_parity(module, load_artefact(path, "onnx"),
+                           uint8_test_batches(run.data, spec))
     tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
     min_agreement = DEFAULT_MIN_AGREEMENT if min_agreement is None else float(min_agreement)
     failures = _parity_failures(figures, False, tolerance, min_agreement)

@@ -35,8 +35,8 @@ from kdlab.losses._common import Temperature, check_temperature, to_float
 from kdlab.losses.dist import DIST_EPS, dist_loss
 from kdlab.losses.sdd import Base, Criterion, sdd_loss
 
-__all__ = ["cwd_loss", "dist_pixel_loss", "pixel_kd_loss", "pixel_sdd_loss", "pixels_as_rows",
-           "window_logits"]
+__all__ = ["cwd_loss", "dist_pixel_loss", "masked_pixel_sdd_loss", "pixel_kd_loss",
+           "pixel_sdd_loss", "pixels_as_rows", "window_logits"]
 
 
 def _maps(student_map: Tensor, teacher_map: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,18 +140,30 @@ def pixel_sdd_loss(student_map: Tensor, teacher_map: Tensor, labels: Tensor,
     NKD) of window ``i`` of pixel ``p`` against the pixel's label, ``w`` = ``beta`` when the
     teacher's window prediction is complementary to its pixel prediction, else 1. With
     ``scales = (1,)`` it is the base loss over the labelled pixels. No labelled pixel: 0."""
-    zs, zt = _maps(student_map, teacher_map)
-    if labels.shape != (zs.shape[0], *zs.shape[2:]):
-        raise MethodError(f"labels must be B x H x W = {(zs.shape[0], *zs.shape[2:])}, got "
+    if labels.shape != (student_map.shape[0], *student_map.shape[2:]):
+        raise MethodError(f"labels must be B x H x W = "
+                          f"{(student_map.shape[0], *student_map.shape[2:])}, got "
                           f"{tuple(labels.shape)}")
     keep = labels.reshape(-1) != ignore_index
-    if not bool(keep.any()):
+    return masked_pixel_sdd_loss(student_map, teacher_map, keep, labels.reshape(-1)[keep],
+                                 scales, base, base_kwargs, beta, criterion)
+
+
+def masked_pixel_sdd_loss(student_map: Tensor, teacher_map: Tensor, keep: Tensor | None,
+                          target: Tensor, scales: tuple[int, ...] | list[int] = (1, 2, 4),
+                          base: Base = "kd", base_kwargs: dict[str, object] | None = None,
+                          beta: float = 2.0, criterion: Criterion = "correctness") -> Tensor:
+    """:func:`pixel_sdd_loss` over the pixels a flat ``B H W`` boolean ``keep`` selects (None:
+    every pixel), ``target`` their labels in (b, h, w) order: the form the segmentation task's
+    pixel view gives (``ModelOutput.pixel_mask`` and the kept labels). No pixel: 0."""
+    zs, zt = _maps(student_map, teacher_map)
+    if target.numel() == 0:
         return zs.sum() * 0.0
     n = len(scales)
 
-    def rows(x: Tensor) -> Tensor:  # B x K x N x H x W -> P x K x N (labelled pixels)
-        local = window_logits(x, scales)
-        return local.permute(0, 3, 4, 1, 2).reshape(-1, x.shape[1], n)[keep]
+    def rows(x: Tensor) -> Tensor:  # B x K x N x H x W -> P x K x N (the kept pixels)
+        local = window_logits(x, scales).permute(0, 3, 4, 1, 2).reshape(-1, x.shape[1], n)
+        return local if keep is None else local[keep]
 
-    return sdd_loss(rows(zs), rows(zt), labels.reshape(-1)[keep].long(), base=base,
+    return sdd_loss(rows(zs), rows(zt), target.long(), base=base,
                     base_kwargs=dict(base_kwargs or {}), beta=beta, criterion=criterion)

@@ -20,8 +20,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdlab.core.errors import MethodError
-from kdlab.losses.dense import cwd_loss, window_logits
-from kdlab.losses.sdd import sdd_loss
+from kdlab.losses.dense import cwd_loss, masked_pixel_sdd_loss
 from kdlab.methods.base import Batch, Distiller, MethodParams, warmup_factor
 from kdlab.methods.logit import ce_term
 from kdlab.methods.registry import register_method
@@ -89,7 +88,7 @@ class SDMapParams(MethodParams):
 @register_method
 class SDMap(Distiller[SDMapParams]):
     """``{"ce", "sdd"}``: the pixel CE and ``kd_weight * L_SDD`` over the labelled pixels'
-    windows (:func:`kdlab.losses.dense.window_logits`, :func:`kdlab.losses.sdd.sdd_loss`;
+    windows (:func:`kdlab.losses.dense.masked_pixel_sdd_loss`;
     docs/methods/sdd-segmentation.md)."""
 
     name = "sd_map"
@@ -109,15 +108,8 @@ class SDMap(Distiller[SDMapParams]):
         """The two terms; the SDD term ramps up over ``warmup_epochs``."""
         p = self.params
         zs, zt = dense_maps(out_s, out_t, self.name)
-        keep = out_s.pixel_mask
-        n = len(p.scales)
-
-        def rows(z: Tensor) -> Tensor:  # labelled pixels x K x N
-            local = window_logits(z, p.scales).permute(0, 3, 4, 1, 2).reshape(-1, z.shape[1], n)
-            return local if keep is None else local[keep]
-
-        loss = (sdd_loss(rows(zs.float()), rows(zt.float()), batch.labels, base=p.base,
-                         base_kwargs=self._base_kwargs(), beta=p.beta, criterion=p.criterion)
-                if batch.labels.numel() else zs.sum() * 0.0)
+        loss = masked_pixel_sdd_loss(zs, zt, out_s.pixel_mask, batch.labels, p.scales,
+                                     base=p.base, base_kwargs=self._base_kwargs(), beta=p.beta,
+                                     criterion=p.criterion)
         ramp = warmup_factor(epoch, p.warmup_epochs)
         return {"ce": ce_term(out_s, batch, p.ce_weight), "sdd": ramp * p.kd_weight * loss}
