@@ -286,7 +286,7 @@ class Trainer:
             # the backbone's classifier) says so with ``ddp_find_unused_parameters``
             self.student_fwd = DistributedDataParallel(
                 self.student, device_ids=ids,
-                find_unused_parameters=getattr(self.task, "ddp_find_unused_parameters", False))
+                find_unused_parameters=self.task.ddp_find_unused_parameters)
             if any(p.requires_grad for p in self.distiller.parameters()):
                 # buffers are not broadcast: CRD keeps its memory bank replicated itself
                 self.distiller_fwd = DistributedDataParallel(

@@ -117,6 +117,9 @@ class Task(ABC, Generic[D, B, O]):
     data_description: ClassVar[str] = "image classification data"
     #: whether ``kdlab export`` can write this task's student as images in, logits out.
     exportable: ClassVar[bool] = False
+    #: whether the student's DDP wrapper must look for parameters a training step leaves unused
+    #: (detection: the backbone's last stage and classifier take no part in the RoI pass)
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     def configure(self, cfg: ExperimentConfig) -> None:
         """Read the run's task-specific settings (detection: its ``detection`` section) before
