@@ -1,10 +1,14 @@
 """The methods on segmentation logit maps (``cwd``, ``sd_map``) compute exactly their pure losses
-on the maps the segmentation task's pixel view carries, and are refused for other tasks."""
+on the maps the segmentation task's pixel view carries, and are refused for other tasks; CWD on
+the heads' feature maps projects the student's channels with its own trained 1x1 convolution."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdlab.config import MethodConfig, validate_config
 from kdlab.core.errors import ConfigError, MethodError
@@ -33,8 +37,9 @@ def _views() -> tuple[ModelOutput, ModelOutput, Batch, torch.Tensor, torch.Tenso
     return out_s, out_t, batch, zs, zt, labels
 
 
-def _ctx() -> DistillContext:
-    student, teacher = (create_model("resnet8", num_classes=K) for _ in range(2))
+def _ctx(teacher_arch: str = "resnet8") -> DistillContext:
+    student, teacher = create_model("resnet8", num_classes=K), create_model(teacher_arch,
+                                                                            num_classes=K)
     return DistillContext.from_models(student, teacher, num_classes=K,
                                       train_labels=torch.empty(0, dtype=torch.long), input_size=32)
 
@@ -72,3 +77,52 @@ def test_map_methods_need_maps() -> None:
                            "teacher": {"arch": "resnet8", "random_init": True}})
     with pytest.raises(ConfigError, match="sd_map.*task: segmentation"):
         task_for(cfg).configure(cfg)
+
+
+def _feature_views(c_t: int, h_t: int = H) -> tuple[ModelOutput, ModelOutput, Batch, torch.Tensor,
+                                                   torch.Tensor]:
+    """The pixel views with 64-channel student and ``c_t``-channel teacher feature maps (the
+    widths of ResNet-8's and ResNet-8(x4)'s final maps, as the probes of :func:`_ctx` see)."""
+    out_s, out_t, batch, *_ = _views()
+    g = torch.Generator().manual_seed(2)
+    fs = torch.randn(B, 64, H, W, generator=g, requires_grad=True)
+    ft = torch.randn(B, c_t, h_t, h_t, generator=g)
+    return (dataclasses.replace(out_s, feature_map=fs), dataclasses.replace(out_t, feature_map=ft),
+            batch, fs, ft)
+
+
+def test_cwd_on_equal_width_feature_maps_is_cwd_loss_without_projection() -> None:
+    out_s, out_t, batch, fs, ft = _feature_views(64)
+    method = build_method(MethodConfig(name="cwd", params={"maps": "feature_map"}), _ctx())
+    assert method.logit.projection is None and not list(method.parameters())
+    terms = method(out_s, out_t, batch, 1)
+    assert torch.allclose(terms["cwd"], 3.0 * cwd_loss(fs, ft, 4.0), atol=1e-6)
+    # the default still distils the logit maps, not the feature maps
+    logits = build_method(MethodConfig(name="cwd"), _ctx())(out_s, out_t, batch, 1)
+    assert torch.allclose(logits["cwd"], 3.0 * cwd_loss(out_s.dense_logits, out_t.dense_logits,
+                                                        4.0), atol=1e-6)
+
+
+def test_cwd_projection_maps_student_channels_and_is_trained() -> None:
+    from kdlab.engine.build import trainable_parameters
+
+    out_s, out_t, batch, fs, ft = _feature_views(256, h_t=H // 2)
+    ctx = _ctx("resnet8x4")
+    method = build_method(MethodConfig(name="cwd", params={"maps": "feature_map",
+                                                           "temperature": 2.0}), ctx)
+    proj = method.logit.projection
+    assert proj is not None and proj.weight.shape == (256, 64, 1, 1) and proj.bias is not None
+    assert method.describe()["logit"]["resolved"] == {"projection": [256, 64]}
+    # the pure loss compares maps of one shape only: the projection is the method's
+    with pytest.raises(MethodError, match="same shape"):
+        cwd_loss(fs, ft, 2.0)
+    terms = method(out_s, out_t, batch, 1)
+    # 1x1 convolution written out, then the 2x2 means of the teacher's half-size grid
+    mapped = torch.einsum("oc,bchw->bohw", proj.weight[:, :, 0, 0], fs) + proj.bias[:, None, None]
+    want = cwd_loss(F.avg_pool2d(mapped, 2), ft, 2.0)
+    assert torch.allclose(terms["cwd"], 3.0 * want, atol=1e-5)
+    terms["cwd"].backward()
+    assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    assert proj.bias.grad is not None and fs.grad is not None and fs.grad.abs().sum() > 0
+    ids = {id(p) for p in trainable_parameters(ctx.student, method)}
+    assert {id(proj.weight), id(proj.bias)} <= ids  # trained with the student

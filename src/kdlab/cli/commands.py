@@ -51,6 +51,8 @@ from kdlab.deploy.predict import (
     predict_files,
 )
 from kdlab.deploy.preprocessing import export_with_preprocessing
+from kdlab.deploy.segmentation import export_segmenter, is_segmentation_run
+from kdlab.deploy.segmentation import export_summary as segmentation_summary
 from kdlab.engine.build import build_model
 from kdlab.engine.progress import TqdmProgress
 from kdlab.methods.compose import build_params
@@ -61,6 +63,7 @@ from kdlab.runs.open import open_run
 from kdlab.sweep import TqdmSweepProgress, plan_sweep, run_sweep
 from kdlab.tasks import get_task, task_for
 from kdlab.tasks.detection.evaluation import write_coco_results
+from kdlab.tasks.segmentation.evaluation import format_class_iou, named_class_iou
 
 __all__ = [
     "cmd_bench",
@@ -148,11 +151,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     shown = "  ".join(f"{task.metric(k).label} {v:.4f}" if k == "loss" else
                       f"{task.metric(k).label} {v:.2f}" for k, v in res.items() if k != "count")
     sys.stdout.write(f"{cfg.student.arch} {checkpoint}: {shown}  ({res['count']} images)\n")
+    extra: dict[str, Any] = {}
+    if cfg.task == "segmentation":  # per-class IoU named by the data set's classes
+        extra["per_class_iou"] = named_class_iou(res, data.class_names)
+        sys.stdout.write(format_class_iou(extra["per_class_iou"]))
     if args.regions:
         res.update(_eval_regions(task, model, data.test_loader, device, args.regions,
                                  resolve_amp(cfg.runtime.amp, device)))
     if out is not None:
-        _write_eval(out, cfg, checkpoint, res, getattr(task, "last_detections", None))
+        _write_eval(out, cfg, checkpoint, res, getattr(task, "last_detections", None), extra)
     return 0
 
 
@@ -169,11 +176,13 @@ def _eval_regions(task: Any, model: Any, loader: Any, device: Any, scales: list[
 
 
 def _write_eval(out: Path, cfg: Any, checkpoint: str, scores: dict[str, float],
-                detections: list[dict[str, Any]] | None) -> None:
-    """``scores.json`` (and ``detections.json``, COCO results format, for detection) in ``out``."""
+                detections: list[dict[str, Any]] | None,
+                extra: dict[str, Any] | None = None) -> None:
+    """``scores.json`` (and ``detections.json``, COCO results format, for detection) in ``out``;
+    ``extra``: more top-level entries (segmentation: ``per_class_iou``)."""
     out.mkdir(parents=True, exist_ok=True)
     record = {"arch": cfg.student.arch, "checkpoint": str(checkpoint), "dataset": cfg.data.name,
-              "task": cfg.task, "scores": scores}
+              "task": cfg.task, "scores": scores, **(extra or {})}
     atomic_write(out / "scores.json", json.dumps(record, indent=2, allow_nan=True))
     if detections is not None:
         write_coco_results(out / "detections.json", detections)
@@ -375,6 +384,13 @@ def cmd_export(args: argparse.Namespace) -> int:
                               "resize and normalisation are inside every artefact already")
         res = export_detector(args.run_dir, args.format, args.out, int8=args.int8, **common)
         sys.stdout.write(export_summary(res) + "\n")
+        return 0
+    if is_segmentation_run(args.run_dir, args.set, args.plugin):  # kdlab.deploy.segmentation
+        if getattr(args, "include_preprocessing", False):
+            raise ExportError("--include-preprocessing is for classifiers; a segmentation "
+                              "student takes normalised images (the metadata's input)")
+        res = export_segmenter(args.run_dir, args.format, args.out, int8=args.int8, **common)
+        sys.stdout.write(segmentation_summary(res) + "\n")
         return 0
     special = _special_export(args, common)
     if special is not None:

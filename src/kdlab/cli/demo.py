@@ -47,6 +47,10 @@ class DemoPlan:
     student_epochs: int = 6
     student_fraction: float = 0.05
     batch_size: int = 64
+    #: test-set evaluation every N epochs (the last epoch always): the 10,000 test images cost
+    #: a student nearly as much as its epoch of training (docs/performance.md, issue 26)
+    teacher_eval_every: int = 3
+    student_eval_every: int = 2
 
 
 FULL = DemoPlan()
@@ -95,8 +99,8 @@ def ensure_fashion_mnist() -> None:
 
 
 def _config(name: str, arch: str, epochs: int, fraction: float, plan: DemoPlan,
-            method: dict[str, Any] | None = None, teacher: dict[str, Any] | None = None
-            ) -> dict[str, Any]:
+            method: dict[str, Any] | None = None, teacher: dict[str, Any] | None = None,
+            eval_every: int = 1) -> dict[str, Any]:
     # lr x0.1 after 60% and 80% of the epochs (the CRD schedule's shape), at least once
     milestones = [max(1, round(epochs * f)) for f in (0.6, 0.8)] if epochs >= 2 else []
     cfg: dict[str, Any] = {
@@ -106,7 +110,7 @@ def _config(name: str, arch: str, epochs: int, fraction: float, plan: DemoPlan,
                  "batch_size": plan.batch_size, "eval_batch_size": 500},
         "student": {"arch": arch},
         "optim": {"lr": 0.05, "epochs": epochs, "milestones": sorted(set(milestones))},
-        "runtime": {"log_every": 20},
+        "runtime": {"log_every": 20, "eval_every": eval_every},
     }
     if method is not None:
         cfg["method"] = method
@@ -129,7 +133,8 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[dict
 
     t_dir = out / "teacher"
     t_cfg = validate_config(_config("teacher", plan.teacher, plan.teacher_epochs,
-                                    plan.teacher_fraction, plan), "demo teacher")
+                                    plan.teacher_fraction, plan,
+                                    eval_every=plan.teacher_eval_every), "demo teacher")
     log.info("== teacher %s on Fashion-MNIST (%d epochs)", plan.teacher, plan.teacher_epochs)
     t_sum = Trainer(t_cfg, t_dir, resume=True, progress=bar, require_teacher=False).run()
     rows.append({"run": f"teacher {plan.teacher}", **t_sum})
@@ -140,7 +145,8 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[dict
         is_kd = method["name"] != "vanilla"
         cfg = validate_config(_config(slug, plan.student, plan.student_epochs,
                                       plan.student_fraction, plan, method=method,
-                                      teacher=teacher if is_kd else None), f"demo {label}")
+                                      teacher=teacher if is_kd else None,
+                                      eval_every=plan.student_eval_every), f"demo {label}")
         log.info("== student %s: %s (%.0f%% of the training set)", plan.student, label,
                  100 * plan.student_fraction)
         summary = Trainer(cfg, out / slug, resume=True, progress=bar,

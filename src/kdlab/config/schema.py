@@ -228,6 +228,9 @@ class DetectionConfig(_Strict):
     #: replace the backbone's BatchNorm by frozen statistics (for pretrained backbones and
     #: small batches, as torchvision and Detectron2 do).
     freeze_batchnorm: bool = False
+    #: -1: off; k >= 0: draw every training batch from one aspect-ratio group (2k + 2 groups;
+    #: torchvision's reference uses 3), see docs/detection.md.
+    aspect_ratio_group_factor: int = Field(-1, ge=-1)
 
     @model_validator(mode="after")
     def _sizes(self) -> DetectionConfig:
@@ -253,8 +256,9 @@ class SegmentationConfig(_Strict):
     """
 
     #: the segmentation head on the backbone's last feature map (torchvision's DeepLabHead with
-    #: ASPP, FCNHead, or LRASPPHead, which also reads the last stride-8 stage).
-    head: Literal["deeplabv3", "fcn", "lraspp"] = "deeplabv3"
+    #: ASPP, FCNHead, LRASPPHead, which also reads the last stride-8 stage, or PSPNet's pyramid
+    #: pooling module).
+    head: Literal["deeplabv3", "fcn", "lraspp", "pspnet"] = "deeplabv3"
     #: the backbone's output stride: stride-2 convolutions beyond it become stride 1 with
     #: dilation (torchvision's replace_stride_with_dilation); backbones already finer are kept.
     output_stride: Literal[8, 16] = 8
@@ -264,6 +268,12 @@ class SegmentationConfig(_Strict):
     aspp_channels: int = Field(256, ge=4)
     #: inner channels of the lraspp head (torchvision: 128).
     lraspp_channels: int = Field(128, ge=4)
+    #: pyramid pooling bins of the pspnet head (Zhao et al., CVPR 2017: 1, 2, 3, 6); each
+    #: branch has in_channels / len(psp_bins) channels.
+    psp_bins: list[int] = Field(default_factory=lambda: [1, 2, 3, 6])
+    #: output channels of the pspnet head's 3x3 bottleneck (PSPNet, mmseg: 512 for ResNet-50/101;
+    #: CIRKD and CWD: 128 for ResNet-18).
+    psp_channels: int = Field(512, ge=4)
     #: an auxiliary FCN head on the stage before the last (torchvision's aux_classifier).
     aux_head: bool = False
     #: weight of the auxiliary head's cross-entropy (torchvision's reference: 0.5).
@@ -296,6 +306,12 @@ class SegmentationConfig(_Strict):
     test_split: str | None = None
     #: VOC: train on SBD's augmented set (SegmentationClassAug + train_aug.txt) when present.
     voc_augmented: bool = True
+    #: head settings of one backbone ``arch`` (a ``student.arch`` or ``teacher.arch``), applied
+    #: over this section when that model is built, for a teacher and student whose heads differ
+    #: (CIRKD's ResNet-18 heads are half as wide as its ResNet-101's; CWD distils a PSPNet into a
+    #: DeepLabV3). Keys: head, output_stride, atrous_rates, aspp_channels, lraspp_channels,
+    #: psp_bins, psp_channels, aux_head.
+    arch_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _sizes(self) -> SegmentationConfig:
@@ -310,7 +326,36 @@ class SegmentationConfig(_Strict):
         if self.stride > self.window:
             raise ValueError(f"segmentation.stride ({self.stride}) must be <= segmentation.window "
                              f"({self.window}) so the windows cover the image")
+        if not self.psp_bins or min(self.psp_bins) < 1:
+            raise ValueError("segmentation.psp_bins must be positive integers")
         return self
+
+    @model_validator(mode="after")
+    def _overrides(self) -> SegmentationConfig:
+        head_keys = {"head", "output_stride", "atrous_rates", "aspp_channels", "lraspp_channels",
+                     "psp_bins", "psp_channels", "aux_head"}
+        for arch, keys in self.arch_overrides.items():
+            unknown = sorted(set(keys) - head_keys)
+            if unknown:
+                raise ValueError(f"segmentation.arch_overrides.{arch}: {unknown} are not head "
+                                 f"settings; use {sorted(head_keys)}")
+            try:  # the merged section must be valid too
+                self.for_arch(arch)
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(x) for x in err["loc"])
+                raise ValueError(f"segmentation.arch_overrides.{arch}"
+                                 f"{'.' + where if where else ''}: "
+                                 f"{err['msg'].removeprefix('Value error, ')}") from None
+        return self
+
+    def for_arch(self, arch: str) -> SegmentationConfig:
+        """This section with ``arch_overrides[arch]`` applied (itself when ``arch`` has none);
+        the result has no overrides of its own."""
+        if arch not in self.arch_overrides:
+            return self
+        merged = {**self.model_dump(exclude={"arch_overrides"}), **self.arch_overrides[arch]}
+        return SegmentationConfig.model_validate(merged)
 
 
 class ModelConfig(_Strict):

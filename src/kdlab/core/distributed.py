@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 
 from kdlab.core.errors import ConfigError
 
 __all__ = [
     "DistInfo", "all_reduce_max_int", "all_reduce_sum", "barrier", "broadcast_object",
-    "gather_objects", "init_distributed", "launched_with_torchrun", "per_rank_batch", "shutdown",
-    "split_batch",
+    "gather_batch", "gather_objects", "group_world_size", "init_distributed",
+    "launched_with_torchrun", "per_rank_batch", "shutdown", "split_batch",
 ]
 
 
@@ -147,6 +148,35 @@ def all_reduce_max_int(value: int, info: DistInfo, device: torch.device | None =
     t = torch.tensor([int(value)], dtype=torch.long, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def group_world_size() -> int:
+    """The number of processes of the running torch.distributed job (1 without one)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def gather_batch(t: torch.Tensor, *, differentiable: bool = False) -> torch.Tensor:
+    """Every rank's ``t`` concatenated along dim 0 in rank order: the global batch of a
+    per-rank batch tensor (``t`` itself without a multi-process job).
+
+    A collective: every rank must call it with the same shape (torchrun splits the global batch
+    evenly, :func:`split_batch`). ``differentiable``: gather with
+    ``torch.distributed.nn.functional.all_gather``, whose backward pass SUMS the gradients that
+    every rank's copy of the global batch receives for this rank's rows. A loss ``L`` of the
+    global batch computed identically on all ``W`` ranks then gives each rank ``W dL/dt`` for its
+    own rows, and DDP's average over the ranks turns that into exactly the gradient of ``L`` on
+    one process with the concatenated batch. Without it the result carries no gradient to ``t``.
+    """
+    world = group_world_size()
+    if world == 1:
+        return t
+    if differentiable:
+        return torch.cat(dist_nn.all_gather(t.contiguous()))
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.detach().contiguous())
+    return torch.cat(parts)
 
 
 def shutdown(info: DistInfo) -> None:

@@ -358,6 +358,10 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Sequen
         raise ExportError(f"run {run_dir} is a detection run: `kdlab export` / `kdlab latency` "
                           "take it, or call kdlab.deploy.detection.export_detector / "
                           "run_detector_latency")
+    if run.cfg.task == "segmentation":  # kdlab.deploy.segmentation imports this module, not back
+        raise ExportError(f"run {run_dir} is a segmentation run: `kdlab export` takes it, or call "
+                          "kdlab.deploy.segmentation.export_segmenter (`kdlab latency` does not "
+                          "time segmentation students yet)")
     if not run.task.exportable:
         raise ExportError(f"run {run_dir} is a {run.cfg.task!r} run; export handles "
                           "classification students (images in, logits out)")

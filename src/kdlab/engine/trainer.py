@@ -221,13 +221,10 @@ class Trainer:
                               f"than the training set ({self.data.train_size} images)")
         self.distiller = build_distiller(cfg, self.task, self.student, self.teacher, self.data,
                                          self.device)
-        views = requested_views(self.distiller)  # MLKD: ("weak", "strong")
-        if len(views) > 1 and self.dist.enabled:
-            raise ConfigError(f"method {cfg.method.name!r} runs each model on {len(views)} views "
-                              "per step and its batch- and class-level terms need the whole "
-                              "batch, which kdlab's DDP step does not provide yet; run it in "
-                              "one process")
-        self.train_loader = request_views(self.train_loader, views, seed=cfg.seed)
+        # MLKD: ("weak", "strong"); under torchrun it gathers the global batch's logits itself
+        views = requested_views(self.distiller)
+        self.train_loader = request_views(self.train_loader, views, seed=cfg.seed,
+                                          rank=self.dist.rank)
         self._sync_batchnorm()
 
     def _build_optimization(self) -> None:

@@ -4,9 +4,14 @@ The segmentation task hands the methods a pixel view (``logits`` = the labelled 
 ``batch.labels`` their labels), so the logit methods (KD, DKD, NKD, DCKD, DIST) run per pixel
 unchanged. The two methods here need the map itself (``ModelOutput.dense_logits``):
 
-* ``cwd``: channel-wise distillation (Shu et al., ICCV 2021) on the logit maps,
-  ``L = ce_weight * CE + cwd_weight * cwd_loss(z_s, z_t, T)``; CIRKD's segmentation recipe uses
-  ``T = 4`` and weight 3 (``train_kd.py``), the defaults here.
+* ``cwd``: channel-wise distillation (Shu et al., ICCV 2021) on the logit maps (default) or on
+  the heads' pre-classifier ``feature_map`` (``maps: feature_map``),
+  ``L = ce_weight * CE + cwd_weight * cwd_loss(P(y_s), y_t, T)``; CIRKD's segmentation recipe
+  uses ``T = 4`` and weight 3 (``train_kd.py``), the defaults here. ``P`` is the identity on
+  logit maps and on feature maps of one channel count, else a learnable 1x1 convolution from
+  the student's to the teacher's channels owned by the method (the CWD paper's alignment layer
+  for features of different widths), followed by a resize to the teacher's spatial size when the
+  output strides differ.
 * ``sd_map``: SDD on logit maps (docs/methods/sdd-segmentation.md),
   ``L = ce_weight * CE + kd_weight * pixel_sdd_loss`` with the KD, DKD or NKD base: SD-KD and
   SD-DKD of segmentation.
@@ -14,19 +19,20 @@ unchanged. The two methods here need the map itself (``ModelOutput.dense_logits`
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdlab.core.errors import MethodError
 from kdlab.losses.dense import cwd_loss, masked_pixel_sdd_loss
-from kdlab.methods.base import Batch, Distiller, MethodParams, warmup_factor
+from kdlab.methods.base import Batch, DistillContext, Distiller, MethodParams, warmup_factor
+from kdlab.methods.feature import resize_to_grid
 from kdlab.methods.logit import ce_term
 from kdlab.methods.registry import register_method
 from kdlab.models.output import ModelOutput
 
-__all__ = ["CWD", "CWDParams", "SDMap", "SDMapParams", "dense_maps"]
+__all__ = ["CWD", "CWDParams", "SDMap", "SDMapParams", "channel_projection", "dense_maps"]
 
 
 def dense_maps(out_s: ModelOutput, out_t: ModelOutput, method: str) -> tuple[Tensor, Tensor]:
@@ -39,30 +45,73 @@ def dense_maps(out_s: ModelOutput, out_t: ModelOutput, method: str) -> tuple[Ten
 
 
 class CWDParams(MethodParams):
-    """CWD on logit maps (Shu et al., ICCV 2021); CIRKD's segmentation defaults T 4, weight 3."""
+    """CWD on logit maps (Shu et al., ICCV 2021); CIRKD's segmentation defaults T 4, weight 3.
+    ``maps: feature_map`` distils the heads' pre-classifier maps instead."""
 
     ce_weight: float = Field(1.0, ge=0, description="weight of the pixel cross-entropy")
     cwd_weight: float = Field(3.0, ge=0, description="weight of the CWD term (CIRKD: 3)")
     temperature: float = Field(4.0, gt=0, description="softmax temperature over positions")
+    maps: Literal["logits", "feature_map"] = Field(
+        "logits", description="what is distilled: the logit maps, or the heads' pre-classifier "
+        "feature_map (a learnable 1x1 projection maps the student's channels to the teacher's "
+        "when they differ)")
+
+
+def channel_projection(ctx: DistillContext, method: str) -> nn.Conv2d | None:
+    """The 1x1 convolution from the student's ``feature_map`` channels to the teacher's (with
+    bias, as the CWD authors' alignment layer), sized from the probes; None when the channel
+    counts are equal (the maps are compared as they are)."""
+    fs, ft = ctx.student_probe.feature_map, ctx.require_teacher_probe(method).feature_map
+    if fs.dim() != 4 or ft.dim() != 4:
+        raise MethodError(f"{method}: maps: feature_map needs B x C x H x W feature maps on both "
+                          f"models, got {tuple(fs.shape)} and {tuple(ft.shape)}")
+    c_s, c_t = int(fs.shape[1]), int(ft.shape[1])
+    return None if c_s == c_t else nn.Conv2d(c_s, c_t, kernel_size=1)
 
 
 @register_method
 class CWD(Distiller[CWDParams]):
     """``{"ce", "cwd"}``: the pixel CE and ``cwd_weight * cwd_loss`` of the logit maps
     (:func:`kdlab.losses.dense.cwd_loss`; every pixel, labelled or not, as the official
-    code)."""
+    code) or, with ``maps: feature_map``, of the heads' pre-classifier maps: the student's
+    through :attr:`projection` (a trainable 1x1 convolution to the teacher's channel count, None
+    when the counts match) and resized to the teacher's spatial size when it differs
+    (:func:`~kdlab.methods.feature.resize_to_grid`)."""
 
     name = "cwd"
     kind = "logit"
     needs_dense_maps = True
 
+    def __init__(self, params: CWDParams, ctx: DistillContext) -> None:
+        super().__init__(params, ctx)
+        self.projection: nn.Conv2d | None = None
+        if self.params.maps == "feature_map":
+            self.projection = channel_projection(ctx, self.name)
+
+    def describe(self) -> dict[str, Any]:
+        """The name, the parameters and whether a channel projection was built."""
+        return {**super().describe(), "resolved": {"projection": None if self.projection is None
+                                                   else list(self.projection.weight.shape[:2])}}
+
+    def student_teacher_maps(self, out_s: ModelOutput, out_t: ModelOutput
+                             ) -> tuple[Tensor, Tensor]:
+        """The two maps CWD compares: the logit maps, or the feature maps with the student's
+        projected to the teacher's channels and resized to its size."""
+        zs, zt = dense_maps(out_s, out_t, self.name)
+        if self.params.maps == "logits":
+            return zs, zt
+        ys, yt = out_s.feature_map, out_t.feature_map
+        if self.projection is not None:
+            ys = self.projection(ys.to(self.projection.weight.dtype))
+        return resize_to_grid(ys, yt.shape[-2:]), yt
+
     def forward(self, out_s: ModelOutput, out_t: ModelOutput, batch: Batch, epoch: int
                 ) -> dict[str, Tensor]:
         """The two terms (no warm-up)."""
         p = self.params
-        zs, zt = dense_maps(out_s, out_t, self.name)
+        ys, yt = self.student_teacher_maps(out_s, out_t)
         return {"ce": ce_term(out_s, batch, p.ce_weight),
-                "cwd": p.cwd_weight * cwd_loss(zs, zt, p.temperature)}
+                "cwd": p.cwd_weight * cwd_loss(ys, yt, p.temperature)}
 
 
 class SDMapParams(MethodParams):

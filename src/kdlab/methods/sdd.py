@@ -90,14 +90,21 @@ class SDDParams(MethodParams):
         "scales [1, 2])",
     )
 
+    detection_region_rois: Literal["all", "foreground"] = Field(
+        "all",
+        description="detection only, grid layout: which RoIs have their local regions "
+        "distilled: every sampled RoI (all), or only those matched to an object (foreground, "
+        "label > 0); the others keep their global region's loss (docs/methods/"
+        "sdd-detection.md)",
+    )
     detection_region_fraction: float = Field(
         1.0,
         gt=0,
         le=1,
-        description="detection only, grid layout: the fraction of each batch's RoIs whose local "
-        "regions are distilled, a uniform random subset drawn every step, with the local terms "
-        "scaled so that the loss is an unbiased estimate of the all-RoI loss (docs/methods/"
-        "sdd-detection.md); 1 (default): every RoI; 0.25: ~1.1-1.2x DKD's step time, not 2x",
+        description="detection only, grid layout: the fraction of the RoIs chosen by "
+        "detection_region_rois whose local regions are distilled, a uniform random subset drawn "
+        "every step, with the local terms scaled so that the loss is an unbiased estimate of "
+        "the loss over all chosen RoIs (docs/methods/sdd-detection.md); 1 (default): all of them",
     )
 
     @field_validator("scales")
@@ -154,15 +161,17 @@ class _SDDBase(LogitDistiller[SP], Generic[SP]):
             if model is None or probe is None:
                 raise MethodError(f"method {self.name!r} needs a teacher")
             if probe.region_logits is not None:
-                if p.detection_regions == "interleaved" and p.detection_region_fraction < 1:
+                if p.detection_regions == "interleaved" and self._subset_asked():
                     raise MethodError(
-                        f"{self.name}: detection_region_fraction below 1 needs "
-                        "detection_regions 'grid' (the interleaved layout's region 0 is not the "
-                        "RoI's own logits, so every RoI needs its 14x14 pooling); remove it")
+                        f"{self.name}: detection_region_fraction below 1 and "
+                        "detection_region_rois 'foreground' need detection_regions 'grid' (the "
+                        "interleaved layout's region 0 is not the RoI's own logits, so every RoI "
+                        "needs its 14x14 pooling); remove them")
                 continue  # the task computes the regions (detection: RoI sub-boxes)
-            if p.detection_region_fraction < 1:
-                raise MethodError(f"{self.name}: detection_region_fraction applies to detection "
-                                  "only; remove it for classification")
+            if self._subset_asked():
+                raise MethodError(f"{self.name}: detection_region_fraction and "
+                                  "detection_region_rois apply to detection only; remove them "
+                                  "for classification")
             if p.detection_regions != "grid":
                 raise MethodError(f"{self.name}: detection_regions applies to detection only; "
                                   "remove it for classification")
@@ -206,9 +215,14 @@ class _SDDBase(LogitDistiller[SP], Generic[SP]):
     def base_kwargs(self, temperature: Temperature) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
 
+    def _subset_asked(self) -> bool:
+        """Whether the parameters ask for local regions of only some RoIs (detection)."""
+        p = self.params
+        return p.detection_region_fraction < 1 or p.detection_region_rois != "all"
+
     def region_fraction(self) -> float:
-        """The fraction of a detection batch's RoIs whose local regions are distilled
-        (``detection_region_fraction``, 1 = every RoI)."""
+        """The fraction of the chosen RoIs (``detection_region_rois``) of a detection batch whose
+        local regions are distilled (``detection_region_fraction``, 1 = all of them)."""
         return float(self.params.detection_region_fraction)
 
     def local_logits(self, out_s: ModelOutput, out_t: ModelOutput, rows: Tensor | None = None
@@ -260,30 +274,53 @@ class _SDDBase(LogitDistiller[SP], Generic[SP]):
                 consistent_weight=p.consistent_weight,
             )
 
-        rows = self._region_rows(out_s, batch.labels.shape[0])
-        local_s, local_t = self.local_logits(out_s, out_t, rows)
-        if rows is None:
+        subset = self._region_rows(out_s, batch.labels)
+        if subset is None:
+            local_s, local_t = self.local_logits(out_s, out_t)
             return loss(local_s, local_t, batch.labels)
-        # Unbiased estimate of the all-RoI loss from the subset S (docs/methods/sdd-detection.md):
-        # L_S + c * (base over all RoIs' region 0 - base over S's region 0), c = 1/N (mean) or 1.
-        c = 1.0 / local_s.shape[2] if p.reduction == "mean" else 1.0
-        labels_s = batch.labels[rows]
+        # L = w L_SDD(S) + c (L_base(all RoIs) - w L_base(S)), w = |P| / R for the pool P of
+        # chosen RoIs and its random subset S, c = 1/N (mean) or 1 (sum): exactly the all-RoI
+        # loss with the local terms of the RoIs outside P dropped, in expectation over S
+        # (docs/methods/sdd-detection.md).
+        rows, pool_share = subset
+        c = 1.0 / _region_count(p.scales) if p.reduction == "mean" else 1.0
         base_all = loss(out_s.logits.unsqueeze(2), out_t.logits.detach().unsqueeze(2),
                         batch.labels)
+        if rows.numel() == 0:
+            return c * base_all
+        local_s, local_t = self.local_logits(out_s, out_t, rows)
+        labels_s = batch.labels[rows]
         base_sub = loss(local_s[:, :, :1], local_t[:, :, :1], labels_s)
-        return loss(local_s, local_t, labels_s) + c * (base_all - base_sub)
+        return pool_share * loss(local_s, local_t, labels_s) + c * (base_all
+                                                                    - pool_share * base_sub)
 
-    def _region_rows(self, out_s: ModelOutput, r: int) -> Tensor | None:
-        """The sorted RoIs whose local regions this step distils: ``ceil(fraction * r)`` drawn
-        uniformly without replacement (torch's global generator), or None for all of them
-        (classification, a fraction of 1, or scales [1])."""
-        if out_s.region_logits is None or max(self.params.scales) == 1:
+    def _region_rows(self, out_s: ModelOutput, labels: Tensor) -> tuple[Tensor, float] | None:
+        """The sorted RoIs whose local regions this step distils and the share ``|P| / R`` of
+        the batch's ``R`` RoIs in the pool ``P`` they are drawn from (every RoI, or the
+        foreground ones with ``detection_region_rois: foreground``): ``ceil(fraction * |P|)``
+        of the pool drawn uniformly without replacement (torch's global generator). None when
+        every RoI's regions are distilled (classification, scales [1], or a pool of every RoI
+        at fraction 1)."""
+        p = self.params
+        if out_s.region_logits is None or max(p.scales) == 1:
             return None
-        n = math.ceil(self.region_fraction() * r)
-        if n >= r:
+        r = int(labels.shape[0])
+        if p.detection_region_rois == "foreground":
+            pool = torch.nonzero(labels > 0).flatten()
+        else:
+            pool = torch.arange(r, device=labels.device)
+        size = int(pool.numel())
+        if size == r and self.region_fraction() >= 1:
             return None
-        device = out_s.logits.device
-        return torch.randperm(r, device=device)[:n].sort().values
+        n = math.ceil(self.region_fraction() * size)
+        if n < size:
+            pool = pool[torch.randperm(size, device=pool.device)[:n]].sort().values
+        return pool, size / max(r, 1)
+
+
+def _region_count(scales: list[int]) -> int:
+    """``N``: regions per RoI of the grid layout (``sum m^2`` over the scales)."""
+    return sum(m * m for m in scales)
 
 
 class _WarmupSDDBase(_SDDBase[WP], Generic[WP]):

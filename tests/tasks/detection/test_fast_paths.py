@@ -168,6 +168,19 @@ def _dkd_rows(s: Tensor, t: Tensor, y: Tensor) -> Tensor:
     return tckd + 0.25 * nckd
 
 
+def _region_terms(setup: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-RoI, per-region DKD losses ``R x 5`` of the grid regions [1, 2], SDD's weights
+    (2 where a region's teacher correctness differs from the global region's) and the labels."""
+    roi_s, roi_t, batch = setup[4]
+    ls = roi_s.region_logits([1, 2], "grid")
+    with torch.no_grad():
+        lt = roi_t.region_logits([1, 2], "grid")
+    y = batch.labels
+    loss = torch.stack([_dkd_rows(ls[:, :, j], lt[:, :, j], y) for j in range(5)], 1)
+    ok = lt.argmax(1) == y[:, None]
+    return loss, torch.where(ok != ok[:, :1], 2.0, 1.0), y
+
+
 @pytest.mark.parametrize("fraction", [0.25, 0.5])
 def test_region_fraction_is_the_unbiased_estimate(setup: Any, fraction: float) -> None:
     roi_s, roi_t, batch = setup[4]
@@ -179,14 +192,8 @@ def test_region_fraction_is_the_unbiased_estimate(setup: Any, fraction: float) -
     got = method(roi_s, roi_t, batch, 1)["sdd"]
     torch.manual_seed(7)
     rows = torch.randperm(r)[:n].sort().values  # the draw the method makes
-    ls = roi_s.region_logits([1, 2], "grid")
-    with torch.no_grad():
-        lt = roi_t.region_logits([1, 2], "grid")
-    y = batch.labels
     # l[b, j]: DKD of region j of RoI b; weight 2 where the teacher's correctness differs
-    loss = torch.stack([_dkd_rows(ls[:, :, j], lt[:, :, j], y) for j in range(5)], 1)
-    ok = lt.argmax(1) == y[:, None]
-    weight = torch.where(ok != ok[:, :1], 2.0, 1.0)
+    loss, weight, _ = _region_terms(setup)
     chosen = torch.zeros(r, dtype=torch.bool)
     chosen[rows] = True
     local = (weight[:, 1:] * loss[:, 1:])[chosen].sum() * (r / n)
@@ -203,6 +210,36 @@ def test_region_fraction_is_the_unbiased_estimate(setup: Any, fraction: float) -
     assert torch.count_nonzero(g_head) > 0 and bool((g_glob.abs().sum(1) > 0).all())
 
 
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_foreground_regions_drop_the_background_local_terms(setup: Any, fraction: float
+                                                            ) -> None:
+    """``detection_region_rois: foreground``: the all-RoI loss with the local terms of the
+    background RoIs left out (every RoI keeps its global term); with a fraction below 1, the
+    unbiased estimate of that over a random subset of the foreground RoIs."""
+    roi_s, roi_t, batch = setup[4]
+    loss, weight, y = _region_terms(setup)
+    r, fg = y.shape[0], torch.nonzero(y > 0).flatten()
+    assert 0 < fg.numel() < r  # the fixture's RoIs have both kinds
+    method = _method(setup, scales=[1, 2], sdd_beta=2.0, detection_region_rois="foreground",
+                     detection_region_fraction=fraction)
+    torch.manual_seed(11)
+    got = method(roi_s, roi_t, batch, 1)["sdd"]
+    n = math.ceil(fraction * fg.numel())
+    torch.manual_seed(11)
+    rows = fg if n == fg.numel() else fg[torch.randperm(fg.numel())[:n]].sort().values
+    chosen = torch.zeros(r, dtype=torch.bool)
+    chosen[rows] = True
+    local = (weight[:, 1:] * loss[:, 1:])[chosen].sum() * (fg.numel() / n)
+    want = (loss[:, 0].sum() + local) / (5 * r)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # no foreground RoI: only the global terms, still divided by the 5 regions of each RoI
+    empty = type(batch)(batch.images, torch.zeros_like(y), batch.index)
+    zero_t = torch.zeros_like(y)
+    base = torch.stack([_dkd_rows(roi_s.logits, roi_t.logits, zero_t)]).sum() / (5 * r)
+    torch.testing.assert_close(method(roi_s, roi_t, empty, 1)["sdd"], base, rtol=1e-5,
+                               atol=1e-7)
+
+
 def test_region_fraction_default_and_validation(setup: Any) -> None:
     grid = _method(setup, scales=[1, 2])
     inter = _method(setup, scales=[1, 2], detection_regions="interleaved", temperature=2.0)
@@ -211,6 +248,9 @@ def test_region_fraction_default_and_validation(setup: Any) -> None:
     with pytest.raises(MethodError, match="detection_region_fraction"):
         _method(setup, scales=[1, 2], detection_regions="interleaved",
                 detection_region_fraction=0.5)
+    with pytest.raises(MethodError, match="detection_region_rois"):
+        _method(setup, scales=[1, 2], detection_regions="interleaved",
+                detection_region_rois="foreground")
 
 
 def test_channels_last_detector_gives_the_same_losses(coco_root: Path,

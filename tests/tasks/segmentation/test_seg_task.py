@@ -52,9 +52,13 @@ def test_unsupported_methods_are_refused() -> None:
     cfg = validate_config(_cfg(method={"name": "sd_kd"}))
     with pytest.raises(ConfigError, match="not available for segmentation"):
         task_for(cfg)
-    cfg = validate_config(_cfg(method={"name": "kd", "partners": [{"name": "fitnet"}]}))
-    with pytest.raises(ConfigError, match="partner 'fitnet' is not available"):
+    cfg = validate_config(_cfg(method={"name": "kd", "partners": [{"name": "rkd"}]}))
+    with pytest.raises(ConfigError, match="partner 'rkd' is not available.*image-level"):
         task_for(cfg)
+    # the stage-map partners are accepted (tests/tasks/segmentation/test_seg_partners.py)
+    cfg = validate_config(_cfg(method={"name": "kd", "partners": [{"name": "fitnet"},
+                                                                  {"name": "at"}]}))
+    task_for(cfg).configure(cfg)
 
 
 def _outputs() -> tuple[SegmentationOutput, SegmentationOutput, Batch]:

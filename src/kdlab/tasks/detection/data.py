@@ -15,6 +15,17 @@ its own contiguous ``batch_size`` slice of each: the ranks' shares are disjoint,
 batches of all ranks together are exactly the single-process batch ``k`` (same images, same
 flips), whatever the number of processes. Evaluation gives each rank a contiguous block of the
 split (sizes differ by at most one image); together the blocks cover every image once, in order.
+
+Aspect-ratio grouping (``detection.aspect_ratio_group_factor`` ``k >= 0``; -1, the default, is
+off), the batching of torchvision's detection reference: every global batch is drawn from one
+group of images of similar width / height (:func:`aspect_ratio_groups`), so the detector pads
+less. The plan (:func:`group_global_batches`) walks the epoch's shuffled order and emits a global
+batch whenever a group has collected ``batch_size * world_size`` images; the groups' leftovers
+are then pooled (the groups in a random order drawn from the epoch's generator) and cut into
+mixed global batches, the incomplete last one dropped. The epoch keeps ``n // global batch``
+batches and drops ``n mod global batch`` images, as without grouping (which images differ); each
+image keeps its flip. The plan is a function of ``(seed, epoch)`` and the global batch only, so
+the ranks take slices of the same global batches and a resume sees them again.
 Decoded images are kept in memory when the split is small (``cache_bytes``); larger splits (COCO)
 are decoded by ``num_workers`` DataLoader workers.
 """
@@ -22,7 +33,7 @@ are decoded by ``num_workers`` DataLoader workers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -39,7 +50,8 @@ from kdlab.tasks.detection.coco import CocoDetection, DetectionSample
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DetectionBatch", "DetectionData", "DetectionLoader", "build_detection_data"]
+__all__ = ["DetectionBatch", "DetectionData", "DetectionLoader", "aspect_ratio_groups",
+           "build_detection_data", "group_global_batches"]
 
 #: splits whose decoded images take at most this many bytes stay in memory after the first epoch.
 CACHE_BYTES = 2 * 1024**3
@@ -63,6 +75,49 @@ def hflip_sample(image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
     return image.flip(-1), flipped
 
 
+def aspect_ratio_groups(sizes: Sequence[tuple[int, int]], factor: int) -> list[int]:
+    """The aspect-ratio group of every image of ``(height, width)`` ``sizes``: the number of
+    edges ``e_j`` with ``e_j <= log2(width / height)``.
+
+    ``factor`` ``k >= 1``: the edges ``j / k`` for ``j = -k..k`` (ratios 1/2 to 2 in ``2k``
+    steps of equal log-width, plus one open group on either side: ``2k + 2`` groups; ``k = 3``
+    is torchvision's detection reference); ``k = 0``: one edge at ratio 1 (portrait, landscape
+    and square together). A ConfigError for ``k < 0`` (grouping is off).
+    """
+    if factor < 0:
+        raise ConfigError(f"config key 'detection.aspect_ratio_group_factor': {factor} turns "
+                          "grouping off; give k >= 0 to group")
+    hw = torch.tensor(list(sizes), dtype=torch.float64).view(-1, 2)
+    log_ratio = torch.log2(hw[:, 1] / hw[:, 0])
+    edges = (torch.arange(-factor, factor + 1, dtype=torch.float64) / factor if factor
+             else torch.zeros(1, dtype=torch.float64))
+    return torch.bucketize(log_ratio, edges, right=True).tolist()
+
+
+def group_global_batches(order: Sequence[int], groups: Sequence[int], size: int,
+                         group_order: Sequence[int]) -> list[list[int]]:
+    """The epoch's global batches of ``size`` images, each from one aspect-ratio group where
+    possible (the module docstring).
+
+    ``order``: the epoch's shuffled image indices; ``groups[i]``: image ``i``'s group;
+    ``group_order``: the order in which the groups' leftovers are pooled. A batch is emitted
+    when its group has collected ``size`` images of ``order``; the leftovers (fewer than
+    ``size`` per group) are concatenated in ``group_order`` and cut into batches, the last
+    incomplete one dropped. Always ``len(order) // size`` batches, no image twice.
+    """
+    pending: dict[int, list[int]] = {}
+    batches: list[list[int]] = []
+    for index in order:
+        bucket = pending.setdefault(groups[index], [])
+        bucket.append(index)
+        if len(bucket) == size:
+            batches.append(bucket)
+            pending[groups[index]] = []
+    pool = [index for g in group_order for index in pending.get(g, [])]
+    batches += [pool[i:i + size] for i in range(0, len(pool) - size + 1, size)]
+    return batches
+
+
 class _Decode(torch.utils.data.Dataset[DetectionSample]):
     """The dataset as a torch Dataset (for DataLoader workers)."""
 
@@ -83,12 +138,14 @@ class DetectionLoader:
     otherwise every image once, in order. ``set_epoch(epoch, start_batch)`` must be called
     before iterating a training loader (the trainer does). ``batch_size`` is the per-rank batch;
     ``rank``/``world_size`` shard the split as the module docstring says (a
-    :class:`DatasetError` for a rank outside the world).
+    :class:`DatasetError` for a rank outside the world). ``aspect_ratio_group_factor`` ``k >= 0``
+    draws every training batch from one aspect-ratio group (the module docstring); -1: off.
     """
 
     def __init__(self, dataset: CocoDetection, batch_size: int, device: torch.device, *,
                  train: bool, seed: int = 0, hflip: bool = True, num_workers: int = 0,
-                 cache_bytes: int = CACHE_BYTES, rank: int = 0, world_size: int = 1) -> None:
+                 cache_bytes: int = CACHE_BYTES, rank: int = 0, world_size: int = 1,
+                 aspect_ratio_group_factor: int = -1) -> None:
         check_batch_and_rank(batch_size, rank, world_size)
         self.dataset = dataset
         self.batch_size = batch_size
@@ -102,6 +159,13 @@ class DetectionLoader:
         self.start_batch = 0
         pixels = sum(3 * h * w for h, w in dataset.sizes) // self.world_size
         self._cache: dict[int, DetectionSample] | None = {} if pixels <= cache_bytes else None
+        #: every training image's aspect-ratio group (None: grouping off)
+        self.groups: list[int] | None = None
+        if train and aspect_ratio_group_factor >= 0:
+            self.groups = aspect_ratio_groups(dataset.sizes, aspect_ratio_group_factor)
+            counts = torch.bincount(torch.tensor(self.groups, dtype=torch.long)).tolist()
+            log.info("aspect-ratio groups (factor %d): %s images", aspect_ratio_group_factor,
+                     counts)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (:func:`~kdlab.data.loader.batches_per_rank`)."""
@@ -131,8 +195,23 @@ class DetectionLoader:
         flips = (torch.rand(n, generator=g) < 0.5).tolist() if self.hflip else [False] * n
         big = self.batch_size * self.world_size  # the global (single-process) batch
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        if self.groups is not None:
+            return self._grouped_plan(order, flips, g, slice(lo, hi))
         starts = range(0, n - big + 1, big)  # the incomplete last global batch is dropped
         return ([order[i + lo:i + hi] for i in starts], [flips[i + lo:i + hi] for i in starts])
+
+    def _grouped_plan(self, order: list[int], flips: list[bool], g: torch.Generator,
+                      share: slice) -> tuple[list[list[int]], list[list[bool]]]:
+        """This rank's ``share`` of the aspect-ratio-grouped global batches of the epoch
+        (:func:`group_global_batches`); the leftovers' group order comes from ``g`` after the
+        shuffle and the flips, and each image keeps the flip of its position in ``order``."""
+        assert self.groups is not None
+        group_order = torch.randperm(max(self.groups) + 1, generator=g).tolist()
+        batches = group_global_batches(order, self.groups, self.batch_size * self.world_size,
+                                       group_order)
+        flip_of = dict(zip(order, flips, strict=True))
+        mine = [batch[share] for batch in batches]
+        return mine, [[flip_of[i] for i in batch] for batch in mine]
 
     def _samples(self, batches: list[list[int]]) -> Iterator[list[DetectionSample]]:
         if self._cache is not None or self.num_workers == 0:
@@ -227,7 +306,9 @@ def build_detection_data(cfg: DataConfig, detection: DetectionConfig, *, seed: i
     evaluation scores all of them, gathered over the ranks). ``data.batch_size`` is the global
     batch: each rank's training batch is ``batch_size / world_size`` (a ConfigError unless it
     divides); ``data.eval_batch_size`` is per rank. ``data.val_fraction`` and
-    ``train_fraction`` are not supported for detection (a ConfigError says so)."""
+    ``train_fraction`` are not supported for detection (a ConfigError says so).
+    ``detection.aspect_ratio_group_factor`` groups the training batches by aspect ratio
+    (:class:`DetectionLoader`)."""
     if cfg.val_fraction > 0 or cfg.train_fraction < 1:
         raise ConfigError("data.val_fraction and data.train_fraction are not supported for "
                           "detection; make a split with the importer instead")
@@ -245,7 +326,8 @@ def build_detection_data(cfg: DataConfig, detection: DetectionConfig, *, seed: i
     return DetectionData(
         train_loader=DetectionLoader(train, per_rank, device, train=True, seed=seed,
                                      hflip=cfg.hflip, num_workers=cfg.num_workers, rank=rank,
-                                     world_size=world_size),
+                                     world_size=world_size,
+                                     aspect_ratio_group_factor=detection.aspect_ratio_group_factor),
         test_loader=DetectionLoader(test, cfg.eval_batch_size, device, train=False,
                                     num_workers=cfg.num_workers, rank=rank,
                                     world_size=world_size),

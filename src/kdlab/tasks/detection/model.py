@@ -205,9 +205,14 @@ class DetectorOutput:
 
 
 def _head_logits(model: nn.Module, pooled: Tensor) -> Tensor:
-    """The box head and the class predictor of ``model`` on pooled RoI features."""
+    """The box head and the class predictor of ``model`` on pooled RoI features (only the class
+    scores: torchvision's ``FastRCNNPredictor`` would compute the box deltas too)."""
     heads = model.roi_heads
-    return heads.box_predictor(heads.box_head(pooled))[0]
+    represented = heads.box_head(pooled)
+    cls_score = getattr(heads.box_predictor, "cls_score", None)
+    if isinstance(cls_score, nn.Module):
+        return cls_score(represented.flatten(1))  # type: ignore[no-any-return]
+    return heads.box_predictor(represented)[0]  # type: ignore[no-any-return]
 
 
 def region_logits(model: nn.Module, fpn: dict[str, Tensor], proposals: list[Tensor],

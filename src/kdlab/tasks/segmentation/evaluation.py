@@ -9,7 +9,7 @@ the mean over the windows covering it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,8 @@ from kdlab.core.distributed import DistInfo, all_reduce_sum
 from kdlab.core.runtime import autocast
 from kdlab.tasks.segmentation.metrics import confusion_matrix, segmentation_scores
 
-__all__ = ["evaluate_segmentation", "predict_logits", "sliding_logits"]
+__all__ = ["evaluate_segmentation", "format_class_iou", "label_confusion", "named_class_iou",
+           "predict_logits", "sliding_logits"]
 
 
 def _starts(size: int, window: int, stride: int) -> list[int]:
@@ -52,6 +53,41 @@ def predict_logits(model: nn.Module, images: Tensor, seg: SegmentationConfig,
     return model(images).logits.float()
 
 
+def label_confusion(logits: Tensor, label: Tensor, num_classes: int, ignore_index: int = 255
+                    ) -> Tensor:
+    """The ``K x K`` confusion matrix of one image: its ``K x h x w`` logits bilinearly resized
+    to the ``H x W`` label map's size when they differ (an image resized by ``eval_size``), then
+    the argmax scored against ``label`` (:func:`~kdlab.tasks.segmentation.metrics.
+    confusion_matrix`, pixels labelled ``ignore_index`` left out)."""
+    z = logits.unsqueeze(0) if logits.dim() == 3 else logits
+    if z.shape[-2:] != label.shape:
+        z = F.interpolate(z, size=label.shape, mode="bilinear", align_corners=False)
+    return confusion_matrix(z[0].argmax(dim=0), label, num_classes, ignore_index)
+
+
+def named_class_iou(scores: Mapping[str, float], class_names: Sequence[str]
+                    ) -> dict[str, float | None]:
+    """Per-class IoU (%) named by the data set's classes: ``{class_names[k]: scores["IoU_k"]}``
+    for every class ``k`` in train-id order, None where ``IoU_k`` is absent (the class's union
+    is empty: neither labelled nor predicted). A repeated name gets its train id appended."""
+    out: dict[str, float | None] = {}
+    for k, name in enumerate(class_names):
+        key = name if name not in out else f"{name} ({k})"
+        value = scores.get(f"IoU_{k}")
+        out[key] = None if value is None else float(value)
+    return out
+
+
+def format_class_iou(per_class: Mapping[str, float | None]) -> str:
+    """A plain-text table of :func:`named_class_iou`: one ``class  IoU %`` row per class
+    (``-`` for a class without IoU), aligned on the longest name."""
+    width = max([len("class"), *(len(n) for n in per_class)])
+    rows = [f"{'class':<{width}}  {'IoU %':>7}"]
+    rows += [f"{name:<{width}}  {'-' if v is None else f'{v:.2f}':>7}"
+             for name, v in per_class.items()]
+    return "\n".join(rows) + "\n"
+
+
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, batches: Iterable[Any], device: torch.device,
                           seg: SegmentationConfig, num_classes: int,
@@ -79,12 +115,8 @@ def evaluate_segmentation(model: nn.Module, batches: Iterable[Any], device: torc
             with autocast(device, amp_dtype):
                 logits = predict_logits(model, images, seg, num_classes)
             for j, i in enumerate(idx):
-                label = batch.labels[i]
-                z = logits[j:j + 1]
-                if z.shape[-2:] != label.shape:
-                    z = F.interpolate(z, size=label.shape, mode="bilinear", align_corners=False)
-                conf += confusion_matrix(z[0].argmax(dim=0), label, num_classes,
-                                         seg.ignore_index)
+                conf += label_confusion(logits[j], batch.labels[i], num_classes,
+                                        seg.ignore_index)
             count += len(idx)
     model.train(was_training)
     if dist is not None and dist.enabled:

@@ -1,4 +1,4 @@
-"""Segmentation models: torchvision's segmentation heads around a kdlab backbone.
+"""Segmentation models: torchvision's segmentation heads, or PSPNet's, around a kdlab backbone.
 
 :func:`build_segmenter` builds :class:`SegmentationModel`: any kdlab classifier (the zoo's
 ImageNet ResNets, its MobileNetV2, its small CIFAR ResNets for CPU runs, or a
@@ -11,7 +11,15 @@ CVPR 2015 for the FCN head; Howard et al., ICCV 2019 for LR-ASPP):
   torchvision's ``DeepLabHead`` for ``c = 256``, with the same module indices);
 * ``fcn``: torchvision's ``FCNHead(in, K)``;
 * ``lraspp``: torchvision's ``LRASPPHead(low, in, K, inter)``, whose low-level input is the last
-  stage before the final one at stride <= 8.
+  stage before the final one at stride <= 8;
+* ``pspnet``: PSPNet's pyramid pooling module (Zhao et al., "Pyramid Scene Parsing Network",
+  CVPR 2017; :func:`pspnet_head`): for each bin ``b`` of ``psp_bins`` an adaptive average pool
+  to ``b x b``, a 1x1 conv to ``in / len(bins)`` channels, BN, ReLU and a bilinear upsampling
+  back, concatenated after the input; then a 3x3 conv to ``psp_channels``, BN, ReLU, dropout 0.1
+  and the 1x1 classifier (the structure of CIRKD's and mmseg's PSPNet heads).
+
+A teacher and a student may have different heads: :func:`build_segmenter` applies the section's
+``arch_overrides`` of the backbone's ``arch`` (:meth:`SegmentationConfig.for_arch`).
 
 The output stride is set by :func:`dilate_to_output_stride`: every stride-2 convolution whose
 input is already at the output stride becomes stride 1, and every larger-kernel convolution
@@ -45,8 +53,8 @@ from kdlab.models.output import KdModel, ModelOutput
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SegmentationModel", "SegmentationOutput", "build_segmenter",
-           "dilate_to_output_stride", "feature_strides"]
+__all__ = ["PyramidPooling", "SegmentationModel", "SegmentationOutput", "build_segmenter",
+           "dilate_to_output_stride", "feature_strides", "pspnet_head"]
 
 #: side of the probe images that measure strides (divisible by 32).
 PROBE_SIZE = 64
@@ -126,6 +134,43 @@ def dilate_to_output_stride(body: nn.Module, in_channels: int, output_stride: in
     return round(size / out.feature_map.shape[-1])
 
 
+class PyramidPooling(nn.Module):
+    """PSPNet's pyramid pooling module (Zhao et al., CVPR 2017, Sec. 3.2): ``[x, up(f_b(x)) for
+    b in bins]`` concatenated along channels, where ``f_b`` is an adaptive average pool to
+    ``b x b``, a 1x1 convolution to ``in_channels // len(bins)`` channels (no bias), BN and ReLU,
+    and ``up`` a bilinear resize back to ``x``'s size. Output channels: ``in + len(bins) * c``."""
+
+    def __init__(self, in_channels: int, bins: list[int]) -> None:
+        super().__init__()
+        c = in_channels // len(bins)
+        if c < 1:
+            raise ModelError(f"the pspnet head needs at least {len(bins)} input channels (one "
+                             f"per pyramid bin), got {in_channels}; use fewer segmentation."
+                             "psp_bins")
+        self.out_channels = in_channels + len(bins) * c
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(in_channels, c, 1, bias=False),
+                          nn.BatchNorm2d(c), nn.ReLU())
+            for b in bins)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = x.shape[-2:]
+        pooled = [F.interpolate(branch(x), size=size, mode="bilinear", align_corners=False)
+                  for branch in self.branches]
+        return torch.cat([x, *pooled], dim=1)
+
+
+def pspnet_head(in_channels: int, num_classes: int, bins: list[int],
+                channels: int) -> nn.Sequential:
+    """PSPNet's head (Zhao et al., CVPR 2017): :class:`PyramidPooling`, a 3x3 convolution to
+    ``channels`` (no bias), BN, ReLU, dropout 0.1, and the 1x1 classifier to ``num_classes``
+    (with bias). A sequence, so the map before its last layer is the ``feature_map``."""
+    ppm = PyramidPooling(in_channels, bins)
+    return nn.Sequential(
+        ppm, nn.Conv2d(ppm.out_channels, channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels), nn.ReLU(), nn.Dropout(0.1), nn.Conv2d(channels, num_classes, 1))
+
+
 def _low_level_index(strides: list[int], features: int) -> int:
     """LR-ASPP's low-level input: the last stage before the final one at stride <= 8."""
     for i in range(features - 2, -1, -1):
@@ -135,8 +180,26 @@ def _low_level_index(strides: list[int], features: int) -> int:
                      "one; use segmentation.head deeplabv3 or fcn")
 
 
+def _make_head(seg: SegmentationConfig, num_classes: int, high: int, low: int,
+               segmentation: Any) -> nn.Module:
+    """The head ``seg.head`` (module docstring) on a ``high``-channel feature map; ``low`` is
+    the channel count of LR-ASPP's low-level stage (unused by the other heads)."""
+    if seg.head == "deeplabv3":
+        c = seg.aspp_channels
+        aspp = segmentation.deeplabv3.ASPP(high, list(seg.atrous_rates), c)
+        return nn.Sequential(
+            aspp, nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+            nn.Conv2d(c, num_classes, 1))
+    if seg.head == "fcn":
+        return segmentation.fcn.FCNHead(high, num_classes)  # type: ignore[no-any-return]
+    if seg.head == "pspnet":
+        return pspnet_head(high, num_classes, list(seg.psp_bins), seg.psp_channels)
+    return segmentation.lraspp.LRASPPHead(  # type: ignore[no-any-return]
+        low, high, num_classes, seg.lraspp_channels)
+
+
 class SegmentationModel(KdModel):
-    """A kdlab backbone with a torchvision segmentation head (module docstring)."""
+    """A kdlab backbone with a torchvision or PSPNet segmentation head (module docstring)."""
 
     def __init__(self, backbone: KdModel, num_classes: int, seg: SegmentationConfig) -> None:
         super().__init__()
@@ -161,21 +224,13 @@ class SegmentationModel(KdModel):
                         "downsampling is not by strided convolutions",
                         getattr(backbone, "arch", type(backbone).__name__),
                         self.output_stride, seg.output_stride)
-        high = int(out.feature_map.shape[1])
         self.low_index: int | None = None
-        if seg.head == "deeplabv3":
-            c = seg.aspp_channels
-            aspp = segmentation.deeplabv3.ASPP(high, list(seg.atrous_rates), c)
-            head: nn.Module = nn.Sequential(
-                aspp, nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
-                nn.Conv2d(c, num_classes, 1))
-        elif seg.head == "fcn":
-            head = segmentation.fcn.FCNHead(high, num_classes)
-        else:
+        low = 0
+        if seg.head == "lraspp":
             self.low_index = _low_level_index(strides, len(out.features))
             low = int(out.features[self.low_index].shape[1])
-            head = segmentation.lraspp.LRASPPHead(low, high, num_classes, seg.lraspp_channels)
-        self.classifier = head  # type: ignore[assignment]
+        self.classifier = _make_head(  # type: ignore[assignment]
+            seg, num_classes, int(out.feature_map.shape[1]), low, segmentation)
         self.aux_classifier: nn.Module | None = None
         if seg.aux_head:
             if len(out.features) < 2 or out.features[-2].dim() != 4:
@@ -214,8 +269,12 @@ class SegmentationModel(KdModel):
 def build_segmenter(arch: str, num_classes: int, seg: SegmentationConfig,
                     in_channels: int = 3) -> SegmentationModel:
     """A fresh :class:`SegmentationModel`: backbone ``arch`` (``kdlab models``, or
-    ``torchvision:NAME`` / ``timm:NAME``) with the head of ``seg`` for ``num_classes`` classes."""
+    ``torchvision:NAME`` / ``timm:NAME``) with the head of ``seg`` for ``num_classes`` classes,
+    ``seg.arch_overrides[arch]`` applied (:meth:`SegmentationConfig.for_arch`). torchvision is
+    imported first as the heads import it, so a ``torchvision:`` backbone builds wherever they
+    do (docs/torchvision-shim.md)."""
+    import_torchvision_for_detection()
     backbone = create_model(arch, num_classes=num_classes, in_channels=in_channels)
-    model = SegmentationModel(backbone, num_classes, seg)
+    model = SegmentationModel(backbone, num_classes, seg.for_arch(arch))
     model.arch = arch  # type: ignore[assignment]
     return model

@@ -12,19 +12,35 @@ sample). The method's ``ce`` term is then exactly the pixel cross-entropy with `
 (the mean over the labelled pixels, as ``F.cross_entropy(..., ignore_index=255)``); the
 auxiliary head's cross-entropy, weighted by ``aux_weight``, is the task term ``aux_ce``.
 
+Under torchrun each rank's pixel terms are means over ITS labelled pixels, which DDP averages; a
+rank's labelled-pixel count varies with its crops' padding, so the student's pixel rows and
+auxiliary logits pass through :class:`_ScaleGrad`, which multiplies their gradient by the rank's
+share ``W n_r / N`` (``n_r`` its labelled pixels, ``N`` the global batch's, ``W`` ranks): the
+averaged gradient of every row-mean term is then exactly that of the mean over the global
+batch's labelled pixels, as one process would compute it (the logged values stay per-rank).
+
 Evaluation builds the ``K x K`` confusion matrix of the split (summed over the ranks under
 torchrun) and reports mIoU (deciding the best epoch), pixel accuracy, mean class accuracy and
 per-class IoU (:mod:`kdlab.tasks.segmentation.metrics`). The training metric is the pixel
 accuracy of the training crops.
 
-Supported methods: vanilla, kd, dkd, nkd, dckd, dist; partners: none yet (the feature partners'
-image-level shapes do not apply unchanged); docs/segmentation.md.
+Supported methods: vanilla, kd, dkd, nkd, dckd, dist, cwd (logit maps or the heads'
+``feature_map``), sd_map. Partners: fitnet, at and reviewkd (``embedding_level: false``) on the
+backbone's stage maps ``features`` (the pixel view keeps them whole). FitNet's hint
+``features[hint_layer]`` of the student is resized to the spatial size of the teacher's hint
+(:func:`align_hints`: adaptive average pooling when larger, bilinear when smaller) in the probes
+and in every step, so its regressor is a 1x1 convolution whatever the crop size and the two
+output strides (RepDistiller's size-dependent regressor kernels would be sized on the probe's
+image size); AT pools the larger map of a pair to the smaller itself, ReviewKD resizes in its
+fusions. The partners that relate whole images through image-level vectors (rkd, sp, pkt, crd)
+are refused with one line; docs/segmentation.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +50,7 @@ from kdlab.config import (
     SEGMENTATION_DATASETS,
     DataConfig,
     ExperimentConfig,
+    MethodConfig,
     SegmentationConfig,
 )
 from kdlab.core.distributed import DistInfo, all_reduce_sum
@@ -41,6 +58,9 @@ from kdlab.core.errors import ConfigError
 from kdlab.data.batch import Batch
 from kdlab.losses.dense import pixels_as_rows
 from kdlab.methods.base import DistillContext
+from kdlab.methods.compose import build_params
+from kdlab.methods.feature import FitNetParams, resize_to_grid
+from kdlab.methods.reviewkd import ReviewKDParams
 from kdlab.models import load_pretrained
 from kdlab.models.output import KdModel, ModelOutput
 from kdlab.tasks.base import Mark, Metric, Task, register_task
@@ -48,10 +68,13 @@ from kdlab.tasks.segmentation.data import SegmentationData, build_segmentation_d
 from kdlab.tasks.segmentation.evaluation import evaluate_segmentation
 from kdlab.tasks.segmentation.model import SegmentationOutput, build_segmenter
 
-__all__ = ["SEGMENTATION_METHODS", "PixelAccuracyMeter", "SegmentationTask", "pixel_view"]
+__all__ = ["SEGMENTATION_METHODS", "SEGMENTATION_PARTNERS", "PixelAccuracyMeter",
+           "SegmentationTask", "align_hints", "hint_pairs", "pixel_view", "scale_grad"]
 
 #: logit methods that distil pixel logits (they read only logits and labels).
 SEGMENTATION_METHODS = ("vanilla", "kd", "dkd", "nkd", "dckd", "dist", "cwd", "sd_map")
+#: partners that work unchanged on the backbone's ``B x C x H x W`` stage maps.
+SEGMENTATION_PARTNERS = ("fitnet", "at", "reviewkd")
 #: the probe side of the methods' context (pixel rows of a small image suffice).
 _PROBE = 32
 
@@ -65,7 +88,71 @@ def pixel_view(out: ModelOutput, keep: Tensor | None) -> ModelOutput:
     if keep is not None:
         rows = rows[keep]
     return ModelOutput(logits=rows, feature_map=out.feature_map, features=list(out.features),
-                       dense_logits=out.logits, pixel_mask=keep)
+                       preact_features=list(out.preact_features), dense_logits=out.logits,
+                       pixel_mask=keep)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """The identity whose backward multiplies the incoming gradient by a scale tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale.to(grad.dtype), None
+
+
+def scale_grad(x: Tensor, scale: Tensor | None) -> Tensor:
+    """``x`` whose gradient is multiplied by ``scale`` (``x`` itself when ``scale`` is None)."""
+    return x if scale is None else _ScaleGrad.apply(x, scale)  # type: ignore[no-any-return]
+
+
+def hint_pairs(method: MethodConfig) -> dict[int, int]:
+    """``{student hint index: teacher hint index}`` of the configured FitNet partners
+    (``teacher_hint_layer``, or ``hint_layer`` when null: RepDistiller's rule for two CNNs);
+    a one-line :class:`ConfigError` for invalid FitNet parameters or two FitNet partners that
+    pair one student stage with two teacher stages (one resize per stage)."""
+    pairs: dict[int, int] = {}
+    for i, partner in enumerate(method.partners):
+        if partner.name != "fitnet":
+            continue
+        key = f"method.partners.{i}.params"
+        p = cast(FitNetParams, build_params("fitnet", partner.params, key))
+        t = p.hint_layer if p.teacher_hint_layer is None else p.teacher_hint_layer
+        if pairs.setdefault(p.hint_layer, t) != t:
+            raise ConfigError(f"config key '{key}.teacher_hint_layer': on segmentation the "
+                              f"student's features[{p.hint_layer}] can be hinted by one teacher "
+                              "stage only; give the FitNet partners different hint_layer values")
+    return pairs
+
+
+def _check_reviewkd(method: MethodConfig) -> None:
+    """ReviewKD partners must review the stage maps only (no pooled image-level vector)."""
+    for i, partner in enumerate(method.partners):
+        if partner.name != "reviewkd":
+            continue
+        key = f"method.partners.{i}.params"
+        if cast(ReviewKDParams, build_params("reviewkd", partner.params, key)).embedding_level:
+            raise ConfigError(f"config key '{key}.embedding_level': reviewkd on segmentation "
+                              "reviews the backbone's stage maps only; set it to false")
+
+
+def align_hints(out_s: ModelOutput, out_t: ModelOutput, pairs: dict[int, int]) -> ModelOutput:
+    """``out_s`` with each hinted stage ``features[i]`` resized to the spatial size of the
+    teacher's ``features[pairs[i]]`` (:func:`~kdlab.methods.feature.resize_to_grid`: adaptive
+    average pooling when it is larger, bilinear interpolation when smaller; unchanged when the
+    sizes match), so that FitNet (Romero et al., ICLR 2015) compares maps of one size and its
+    regressor is a 1x1 convolution at any crop size. Indices beyond either model's features
+    are left for FitNet to refuse."""
+    feats = list(out_s.features)
+    for i, j in pairs.items():
+        if i < len(feats) and j < len(out_t.features) and feats[i].dim() == 4 \
+                and out_t.features[j].dim() == 4:
+            feats[i] = resize_to_grid(feats[i], out_t.features[j].shape[-2:])
+    return dataclasses.replace(out_s, features=feats)
 
 
 class PixelAccuracyMeter:
@@ -142,18 +229,26 @@ class SegmentationTask(Task[SegmentationData, Batch, SegmentationOutput]):
     data_sets = SEGMENTATION_DATASETS
     data_description = "semantic segmentation data"
     supported_methods = SEGMENTATION_METHODS
-    supported_partners: tuple[str, ...] = ()
-    unsupported_partner_reason = " (no feature partner is adapted to segmentation maps yet)"
+    supported_partners = SEGMENTATION_PARTNERS
+    unsupported_partner_reason = (" (it relates whole images through image-level vectors; "
+                                  "partners here work on the backbone's stage maps)")
 
     def __init__(self) -> None:
         self.seg = SegmentationConfig()
+        #: FitNet's ``{student hint: teacher hint}`` indices (:func:`align_hints`).
+        self.hints: dict[int, int] = {}
+        #: the ranks of the training loaders (:meth:`build_data`).
+        self.dist = DistInfo()
+        self._share: tuple[Tensor, Tensor] | None = None
 
     def configure(self, cfg: ExperimentConfig) -> None:
-        """The segmentation settings, the method check, and (DOT with an auxiliary head) that
-        ``aux_ce`` is a task term."""
+        """The segmentation settings, the method and partner checks, the FitNet hint pairs,
+        and (DOT with an auxiliary head) that ``aux_ce`` is a task term."""
         self.seg = cfg.segmentation or SegmentationConfig()
         self.check_method(cfg)
-        if cfg.optim.name == "dot" and self.seg.aux_head:
+        _check_reviewkd(cfg.method)
+        self.hints = hint_pairs(cfg.method)
+        if cfg.optim.name == "dot" and self.seg.for_arch(cfg.student.arch).aux_head:
             terms = set(cfg.optim.args.get("task_terms", ["ce"]))
             if "aux_ce" not in terms:
                 raise ConfigError("config key 'optim.args.task_terms': with DOT and an auxiliary "
@@ -166,6 +261,7 @@ class SegmentationTask(Task[SegmentationData, Batch, SegmentationOutput]):
         (:func:`kdlab.tasks.segmentation.data.build_segmentation_data`)."""
         data = build_segmentation_data(cfg, self.seg, seed=seed, device=device, rank=rank,
                                        world_size=world_size, channels_last=channels_last)
+        self.dist = DistInfo(rank=rank, world_size=world_size)
         data.dataset_label = self.dataset_label(cfg)
         return data
 
@@ -186,10 +282,13 @@ class SegmentationTask(Task[SegmentationData, Batch, SegmentationOutput]):
 
     def distill_context(self, student: KdModel, teacher: KdModel | None,
                         data: SegmentationData) -> DistillContext:
-        """Pixel-view probes of both models (rows of ``K`` logits), the class count; no
-        image-level labels."""
+        """Pixel-view probes of both models (rows of ``K`` logits; the student's FitNet hints
+        resized to the teacher's, :func:`align_hints`), the class count; no image-level
+        labels."""
         probe_s = pixel_view(student.probe(_PROBE), None)
         probe_t = None if teacher is None else pixel_view(teacher.probe(_PROBE), None)
+        if probe_t is not None:
+            probe_s = align_hints(probe_s, probe_t, self.hints)
         return DistillContext(student=student, teacher=teacher, student_probe=probe_s,
                               teacher_probe=probe_t, num_classes=data.num_classes,
                               train_labels=data.train_labels, input_size=_PROBE)
@@ -206,8 +305,9 @@ class SegmentationTask(Task[SegmentationData, Batch, SegmentationOutput]):
             mark("teacher_fwd")
         out_s = student(batch.images)
         if out_s.aux_logits is not None:
+            aux = scale_grad(out_s.aux_logits, self.pixel_share(batch.labels))
             out_s.task_losses["aux_ce"] = self.seg.aux_weight * F.cross_entropy(
-                out_s.aux_logits.float(), batch.labels, ignore_index=self.seg.ignore_index)
+                aux.float(), batch.labels, ignore_index=self.seg.ignore_index)
         if mark is not None:
             mark("student_fwd")
         return out_s, out_t
@@ -215,13 +315,35 @@ class SegmentationTask(Task[SegmentationData, Batch, SegmentationOutput]):
     def distill_inputs(self, out_s: SegmentationOutput, out_t: SegmentationOutput | None,
                        batch: Batch) -> tuple[ModelOutput, ModelOutput | None, Batch]:
         """The pixel view: the labelled pixels' logit rows of both models and a Batch of their
-        labels (``index`` numbers the rows)."""
+        labels (``index`` numbers the rows); the student's FitNet hints resized to the
+        teacher's (:func:`align_hints`) and, under torchrun, its rows' gradient scaled by the
+        rank's share (:meth:`pixel_share`)."""
         labels = batch.labels.reshape(-1)
         keep = labels != self.seg.ignore_index
         kept = labels[keep]
         rows = Batch(batch.images, kept, torch.arange(kept.shape[0], device=kept.device))
-        return (pixel_view(out_s, keep), None if out_t is None else pixel_view(out_t, keep),
-                rows)
+        view_s = pixel_view(out_s, keep)
+        share = self.pixel_share(batch.labels)
+        if share is not None:
+            view_s = dataclasses.replace(view_s, logits=scale_grad(view_s.logits, share))
+        if out_t is None:
+            return view_s, None, rows
+        view_t = pixel_view(out_t, keep)
+        return align_hints(view_s, view_t, self.hints), view_t, rows
+
+    def pixel_share(self, labels: Tensor) -> Tensor | None:
+        """This rank's gradient share ``W n_r / N`` of a training batch's ``labels`` under
+        torchrun (module docstring; one all-reduce per batch, kept for the batch's second
+        call), None for one process or without gradients (evaluation)."""
+        if not self.dist.enabled or not torch.is_grad_enabled():
+            return None
+        if self._share is not None and self._share[0] is labels:
+            return self._share[1]
+        local = (labels != self.seg.ignore_index).sum()
+        total = all_reduce_sum(local.clone(), self.dist).clamp(min=1)
+        share = (self.dist.world_size * local.double() / total.double()).float()
+        self._share = (labels, share)
+        return share
 
     def task_terms(self, out_s: SegmentationOutput) -> dict[str, Tensor]:
         """``{"aux_ce": aux_weight * CE(aux logits)}`` with an auxiliary head, else none (the
