@@ -3,21 +3,20 @@
 The expected values are written from the sources, NOT read from the configs:
 
 * CIRKD (winycg/CIRKD @ 05a2753): ``train_baseline.py`` / ``train_kd.py`` defaults (SGD 0.9,
-  lr 0.02, weight decay 1e-4, batch 16, 40,000 iterations, crop 512 x 1024 on Cityscapes, aux
+  lr 0.02, weight decay 1e-4, batch 16, 40,000 iterations of ``adjust_lr``'s poly schedule
+  ``lr * (1 - t / T) ** 0.9``, crop 512 x 1024 (height x width) on Cityscapes, aux
   weight 0.4 for ResNets, none for MobileNetV2), the README's VOC scripts (``--crop-size 512
   512``), ``dataset/*.py`` (rescale 0.5-2.0 of the image, flip), ``models/deeplabv3.py``,
   ``deeplabv3_mobile.py`` and ``pspnet.py`` (ASPP 256 for ResNet-101, 128 for ResNet-18 and
   MobileNetV2; PSP bottleneck 512 / 128, branches of in / 4 channels), ``train_cwd.sh`` (CWD on
   logits T 4, weight 3) and the README's dataset sizes (Cityscapes 2,975, VOC aug 10,582);
 * DIST_KD (hunto/DIST_KD @ 2418f18, ``segmentation/train_kd.py``: CIRKD's defaults with weight
-  decay 5e-4, DIST with beta = gamma = 1 on softmax at T 1, weight 1);
+  decay 5e-4, a poly schedule ending at 1e-4 (``adjust_lr``: ``1e-4 + (lr - 1e-4) * (1 - t / T)
+  ** 0.9``), DIST with beta = gamma = 1 on softmax at T 1, weight 1);
 * CWD (irfanICMLL/TorchDistiller @ 78bac7c, ``SemSeg-distill/options.py`` and ``exp_cwd.sh``:
-  crop 512 x 512, batch 8, lr 0.01, weight decay 5e-4, 40,000 iterations, no rescale and no flip,
-  CWD on logits with weight 3 and T 4; PSPNet heads of 512 / 128 channels).
-
-Where kdlab cannot yet express the recipe (a poly schedule, a 512 x 1024 crop) the configs
-carry a stand-in that their header names; the expectations here pin those stand-ins too
-(cosine, 512), so the day kdlab gains the real thing both must change together.
+  crop 512 x 512, batch 8, lr 0.01, weight decay 5e-4, 40,000 iterations, poly power 0.9
+  (``networks/kd_model.py``: ``lr_poly``), no rescale and no flip, CWD on logits with weight 3
+  and T 4; PSPNet heads of 512 / 128 channels).
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ import kdlab
 from kdlab.config import ExperimentConfig, SegmentationConfig, load_config
 from kdlab.methods.compose import build_params
 from kdlab.tasks import task_for
+from kdlab.tasks.segmentation.transforms import crop_hw
 
 REPO = Path(__file__).resolve().parents[2]
 SEG = REPO / "configs" / "segmentation"
@@ -59,11 +59,14 @@ HEADS = {
     "PSPNet-ResNet101": {"head": "pspnet", "psp_bins": [1, 2, 3, 6], "psp_channels": 512,
                          "aux_head": True},
 }
-CIRKD = {"lr": 0.02, "weight_decay": 1e-4, "batch": 16, "crop": 512, "scale": (0.5, 2.0),
-         "hflip": True, "aux_weight": 0.4}
-DIST_KD = {**CIRKD, "weight_decay": 5e-4}
-CWD = {"lr": 0.01, "weight_decay": 5e-4, "batch": 8, "crop": 512, "scale": (1.0, 1.0),
-       "hflip": False, "aux_weight": 0.4}
+#: the training crop per data set as (height, width): CIRKD's --crop-size (Cityscapes default
+#: 512 1024; the README's VOC scripts 512 512), CWD's input_size 512,512.
+CIRKD = {"lr": 0.02, "weight_decay": 1e-4, "batch": 16,
+         "crop": {"cityscapes": (512, 1024), "voc": (512, 512)}, "scale": (0.5, 2.0),
+         "hflip": True, "aux_weight": 0.4, "power": 0.9, "min_lr": 0.0}
+DIST_KD = {**CIRKD, "weight_decay": 5e-4, "min_lr": 1e-4}
+CWD = {"lr": 0.01, "weight_decay": 5e-4, "batch": 8, "crop": {"cityscapes": (512, 512)},
+       "scale": (1.0, 1.0), "hflip": False, "aux_weight": 0.4, "power": 0.9, "min_lr": 0.0}
 CWD_LOGITS = ("cwd", {"ce_weight": 1.0, "cwd_weight": 3.0, "temperature": 4.0,
                       "maps": "logits"})
 DIST = ("dist", {"ce_weight": 1.0, "kd_weight": 1.0, "beta": 1.0, "gamma": 1.0,
@@ -196,9 +199,9 @@ def test_cell_config(cell: Cell) -> None:
     steps = TRAIN_IMAGES[cell.dataset] // r["batch"]  # kdlab drops the last partial batch
     assert cfg.optim.epochs == round(ITERATIONS / steps)
     assert abs(cfg.optim.epochs * steps - ITERATIONS) <= steps / 2
-    assert cfg.optim.scheduler == "cosine" and cfg.optim.min_lr == 0.0  # stands in for poly
-    assert cfg.optim.warmup_epochs == 0.0
-    assert seg.crop_size == r["crop"] and seg.base_size is None
+    assert cfg.optim.scheduler == "poly" and cfg.optim.warmup_epochs == 0.0
+    assert (cfg.optim.power, cfg.optim.min_lr) == (r["power"], r["min_lr"])
+    assert crop_hw(seg.crop_size) == r["crop"][cell.dataset] and seg.base_size is None
     assert tuple(seg.scale_range) == r["scale"] and cfg.data.hflip == r["hflip"]
     assert seg.aux_weight == r["aux_weight"] and seg.inference == "whole"
     assert seg.ignore_index == 255 and cfg.runtime.sync_batchnorm

@@ -115,6 +115,7 @@ NOTES: dict[str, str] = {
 #: allowed values that validators (not types or bounds) enforce.
 _RULES: dict[str, str] = {
     "optim.milestones": "positive, increasing",
+    "segmentation.crop_size": "an int or [h, w]; each side >= 8",
     "optim.betas": "each in [0, 1)",
     "optim.clip_grad_norm": "> 0, `auto` or null",
     "optim.warmup_epochs": "at most `optim.epochs`",

@@ -280,8 +280,10 @@ class SegmentationConfig(_Strict):
     aux_weight: float = Field(0.5, ge=0.0)
     #: the label value that is never trained on nor scored (VOC borders, unmapped classes).
     ignore_index: int = Field(255, ge=0, le=255)
-    #: side of the square training crop (padded with image 0 / label ignore_index when smaller).
-    crop_size: int = Field(480, ge=8)
+    #: the training crop: a side (square) or ``[height, width]`` (CIRKD's Cityscapes crop:
+    #: [512, 1024]); padded with image 0 / label ignore_index where the image is smaller. A
+    #: pair of equal sides is stored as one int.
+    crop_size: int | tuple[int, int] = 480
     #: random rescale factor range of training images (times ``base_size``, or of the image).
     scale_range: tuple[float, float] = (0.5, 2.0)
     #: the shorter side a training image is rescaled around (null: the image's own size).
@@ -312,6 +314,21 @@ class SegmentationConfig(_Strict):
     #: DeepLabV3). Keys: head, output_stride, atrous_rates, aspp_channels, lraspp_channels,
     #: psp_bins, psp_channels, aux_head.
     arch_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("crop_size", mode="before")
+    @classmethod
+    def _crop_pair(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple) and len(v) != 2:
+            raise ValueError(f"crop_size must be a side or [height, width], not {len(v)} values")
+        return v
+
+    @field_validator("crop_size")
+    @classmethod
+    def _crop_sides(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        sides = (v, v) if isinstance(v, int) else v
+        if min(sides) < 8:
+            raise ValueError("crop_size must be a side >= 8 or [height, width], both >= 8")
+        return sides[0] if sides[0] == sides[1] else sides
 
     @model_validator(mode="after")
     def _sizes(self) -> SegmentationConfig:
@@ -414,9 +431,9 @@ class OptimConfig(_Strict):
 
     ``name`` picks a registered optimizer (:mod:`kdlab.engine.optimizers`: ``sgd``, ``adamw``)
     and ``scheduler`` a registered schedule (:mod:`kdlab.engine.schedules`: ``multistep``,
-    ``cosine``), applied per step after an optional linear warm-up of ``warmup_epochs``. A key
-    that only another optimizer or schedule reads (``betas`` with SGD, ``milestones`` with
-    cosine) is an error when set.
+    ``cosine``, ``poly``), applied per step after an optional linear warm-up of
+    ``warmup_epochs``. A key that only another optimizer or schedule reads (``betas`` with SGD,
+    ``milestones`` with cosine) is an error when set.
     """
 
     name: str = "sgd"
@@ -435,8 +452,10 @@ class OptimConfig(_Strict):
     #: multistep: epochs after which the learning rate is multiplied by ``gamma``.
     milestones: list[int] = Field(default_factory=lambda: [150, 180, 210])
     gamma: float = Field(0.1, gt=0.0, le=1.0)
-    #: cosine: the final learning rate.
+    #: cosine, poly: the final learning rate.
     min_lr: float = Field(0.0, ge=0.0)
+    #: poly: the exponent of ``(1 - t / T)`` (CIRKD, CWD, mmseg: 0.9).
+    power: float = Field(0.9, gt=0.0)
     #: linear learning-rate warm-up over this many epochs (fractions allowed), applied per step.
     warmup_epochs: float = Field(0.0, ge=0.0)
     #: learning-rate rule for the global batch (``data.batch_size``): "none" keeps ``lr``;
@@ -640,6 +659,7 @@ _ADDED_AFTER_V1: dict[tuple[str, ...], Any] = {
     ("optim", "scheduler"): "multistep",
     ("optim", "warmup_epochs"): 0.0,
     ("optim", "min_lr"): 0.0,
+    ("optim", "power"): 0.9,
     ("optim", "betas"): [0.9, 0.999],
     ("optim", "eps"): 1e-8,
     ("optim", "args"): {},

@@ -55,23 +55,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import Tensor, nn
 from torch.export import Dim
 
 from kdlab.config import SegmentationConfig
 from kdlab.core.errors import CheckpointError
 from kdlab.core.io import atomic_write, file_sha256
-from kdlab.core.plugins import check_trusted, import_plugins, trusted_plugins
-from kdlab.core.weights_file import read_verified
-from kdlab.data.input_spec import InputSpec
 from kdlab.deploy import export as ex
-from kdlab.models.checkpoint import load_state_dict_strict
 from kdlab.runs.open import open_run
-from kdlab.runs.student import attach_input
+from kdlab.runs.student import read_student_file
 from kdlab.tasks.segmentation.evaluation import label_confusion, named_class_iou, predict_logits
 from kdlab.tasks.segmentation.metrics import segmentation_scores
-from kdlab.tasks.segmentation.model import SegmentationModel, build_segmenter
+from kdlab.tasks.segmentation.model import SegmentationModel
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +153,7 @@ def segmenter_metadata(run: ex.StudentRun) -> dict[str, Any]:
         "arch": run.cfg.student.arch,
         "num_classes": int(run.data.num_classes),
         "in_channels": int(run.data.in_channels),
-        "input_size": int(seg.crop_size),
+        "input_size": int(run.data.input_size),  # a rectangular crop: its shorter side
         "plugins": list(run.cfg.plugins),
         "segmentation": seg.model_dump(mode="json"),
         "classes": list(run.data.class_names),
@@ -197,27 +192,12 @@ def read_segmenter(path: str | Path, plugins: Sequence[str] = ()) -> Segmentatio
     Raises :class:`~kdlab.core.errors.CheckpointError` (one line) for a file that is not a
     kdlab segmentation student file, has an unusable ``segmentation`` section or weights that do
     not fit, and :class:`~kdlab.core.errors.PluginError` for an untrusted plugin."""
-    obj = read_verified(path)
-    where = f"student file {path}"
-    if obj.get("kind") != ex.STUDENT_KIND or obj.get("task") != TASK:
-        raise CheckpointError(f"{path} is not a kdlab segmentation student file (kind "
-                              f"{obj.get('kind')!r}, task {obj.get('task')!r}); make one with "
-                              "`kdlab export RUN --format state_dict` on a segmentation run")
-    trusted = trusted_plugins(plugins)
-    check_trusted(list(obj.get("plugins") or []), trusted, where)
-    import_plugins(trusted)
-    try:
-        model = build_segmenter(str(obj["arch"]), int(obj["num_classes"]),
-                                SegmentationConfig(**obj["segmentation"]),
-                                int(obj.get("in_channels", 3)))
-    except (KeyError, TypeError, ValueError, ValidationError) as e:
-        raise CheckpointError(f"{where}: metadata unusable ({ex._first_line(e)}); export it "
-                              "again") from e
-    load_state_dict_strict(model, obj["model"], where)
-    spec = obj.get("input_spec")
-    attach_input(model, obj, InputSpec.from_dict(spec) if isinstance(spec, dict) else None)
-    model.kdlab_meta["segmentation"] = dict(obj["segmentation"])
-    return model.eval()
+    model = read_student_file(path, plugins)
+    if model.kdlab_meta.get("task") != TASK:
+        raise CheckpointError(f"{path} is not a kdlab segmentation student file (task "
+                              f"{model.kdlab_meta.get('task')!r}); make one with `kdlab export "
+                              "RUN --format state_dict` on a segmentation run")
+    return model  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- traced formats

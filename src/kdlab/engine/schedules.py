@@ -13,6 +13,15 @@ when ``W = 0``).
   values are bit-identical to it (the CRD protocol: epochs 150, 180, 210, gamma 0.1).
 * ``cosine``: ``min_lr + (lr - min_lr) * (1 + cos(pi * s / S)) / 2`` over the ``S`` steps after
   the warm-up (Loshchilov & Hutter, SGDR, ICLR 2017, without restarts), ``s = t - W``.
+* ``poly``: ``min_lr + (lr - min_lr) * (1 - s / S) ** power`` over the same ``S`` steps (Chen
+  et al., DeepLab, TPAMI 2018; the schedule of CIRKD, CWD and mmseg, power 0.9). Without
+  warm-up and with ``min_lr = 0`` it is ``lr * (1 - t / T) ** power``, bit-identical to CIRKD's
+  ``adjust_lr(iter=t, max_iter=T)``.
+
+``T = optim.epochs * steps_per_epoch`` is the run's number of optimizer steps (``t`` runs over
+``0 .. T - 1``; with ``min_lr = 0`` the last step's rate is ``lr * (1 / S) ** power > 0``)
+and ``S = T - W``.
+``steps_per_epoch`` is the training loader's length on one rank (a global batch is one step).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import torch
 from kdlab.config import OptimConfig
 from kdlab.core.registries import SCHEDULES
 
-__all__ = ["Cosine", "LRSchedule", "MultiStep", "build_schedule", "get_schedule",
+__all__ = ["Cosine", "LRSchedule", "MultiStep", "Poly", "build_schedule", "get_schedule",
            "list_schedules", "register_schedule"]
 
 
@@ -114,6 +123,22 @@ class Cosine(LRSchedule):
         progress = min(max(t - self.warmup_steps, 0) / span, 1.0)
         min_lr = self.cfg.min_lr
         return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@register_schedule
+class Poly(LRSchedule):
+    """Polynomial decay from ``lr`` to ``optim.min_lr`` over the steps after the warm-up."""
+
+    name = "poly"
+    uses = frozenset({"power", "min_lr"})
+
+    def value(self, base_lr: float, t: int) -> float:
+        """``min_lr + (base_lr - min_lr) * (1 - s / S) ** power`` with ``s = t - W`` clamped to
+        ``[0, S]`` and ``S = T - W`` (DeepLab's "poly" policy, Chen et al., TPAMI 2018)."""
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min(max(t - self.warmup_steps, 0) / span, 1.0)
+        min_lr = self.cfg.min_lr
+        return min_lr + (base_lr - min_lr) * (1.0 - progress) ** self.cfg.power
 
 
 def build_schedule(cfg: OptimConfig, steps_per_epoch: int) -> LRSchedule:

@@ -27,7 +27,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from kdlab.config import DetectionConfig
+from kdlab.config import DetectionConfig, SegmentationConfig
 from kdlab.core.errors import CheckpointError, KdlabError
 from kdlab.core.io import file_sha256
 from kdlab.core.plugins import check_trusted, import_plugins, trusted_plugins
@@ -37,6 +37,7 @@ from kdlab.models import create_model
 from kdlab.models.checkpoint import load_state_dict_strict
 from kdlab.runs.open import open_run
 from kdlab.tasks.detection.model import build_detector
+from kdlab.tasks.segmentation.model import build_segmenter
 
 __all__ = [
     "HUB_CONFIG",
@@ -58,7 +59,7 @@ HUB_CONFIG = "config.json"
 HUB_WEIGHTS = "model.safetensors"
 #: the keys of ``student.kdlab_meta`` taken from a file's metadata.
 _META_KEYS = ("arch", "num_classes", "in_channels", "input_size", "task", "plugins", "source",
-              "teacher", "method", "metrics", "kdlab_version")
+              "teacher", "method", "metrics", "kdlab_version", "segmentation")
 
 
 def attach_input(model: nn.Module, meta: dict[str, Any], spec: InputSpec | None) -> nn.Module:
@@ -91,7 +92,9 @@ def _spec_of(meta: dict[str, Any], where: str) -> InputSpec | None:
 def _build(meta: dict[str, Any], state: dict[str, Any], where: str,
            plugins: Sequence[str]) -> nn.Module:
     """``create_model(arch, num_classes, in_channels)`` (a detector: ``build_detector(arch,
-    num_classes, DetectionConfig(**detection))``) with ``state`` loaded strictly, after the
+    num_classes, DetectionConfig(**detection))``; a segmenter: ``build_segmenter(arch,
+    num_classes, SegmentationConfig(**segmentation), in_channels)``) with ``state`` loaded
+    strictly, after the
     file's plugins are checked against the trusted ones."""
     named = meta.get("plugins") or []
     if not isinstance(named, list) or not all(isinstance(p, str) for p in named):
@@ -104,6 +107,10 @@ def _build(meta: dict[str, Any], state: dict[str, Any], where: str,
         if meta.get("task") == "detection":
             model: nn.Module = build_detector(str(meta["arch"]), int(meta["num_classes"]),
                                               DetectionConfig(**meta["detection"]))
+        elif meta.get("task") == "segmentation":
+            model = build_segmenter(str(meta["arch"]), int(meta["num_classes"]),
+                                    SegmentationConfig(**meta["segmentation"]),
+                                    int(meta["in_channels"]))
         else:
             model = create_model(str(meta["arch"]), num_classes=int(meta["num_classes"]),
                                  in_channels=int(meta["in_channels"]))

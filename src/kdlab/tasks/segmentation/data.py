@@ -1,8 +1,9 @@
 """Segmentation batches and loaders (training crops, whole evaluation images).
 
 A training batch is :class:`kdlab.data.batch.Batch` ``(images, labels, index)``: normalised
-``B x 3 x crop x crop`` float images, ``B x crop x crop`` int64 label maps (train ids, 255 =
-``ignore_index``) and the samples' dataset indices, on the run's device. Each sample is augmented
+``B x 3 x h x w`` float images, ``B x h x w`` int64 label maps (train ids, 255 =
+``ignore_index``) and the samples' dataset indices, on the run's device, where ``(h, w)`` is the
+crop (``segmentation.crop_size``: a square side or ``[h, w]``). Each sample is augmented
 by :func:`kdlab.tasks.segmentation.transforms.augment_sample` from its own generator seeded with
 ``(seed, epoch, index)``; the epoch's order is a permutation drawn from a generator seeded with
 ``(seed, epoch)``. So an epoch's batches are a pure function of the seed and the epoch: resume,
@@ -39,7 +40,7 @@ from kdlab.tasks.segmentation.datasets import (
     SegmentationSample,
     read_segmentation_split,
 )
-from kdlab.tasks.segmentation.transforms import augment_sample, resize_pair, sample_seed
+from kdlab.tasks.segmentation.transforms import augment_sample, crop_hw, resize_pair, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +221,15 @@ class SegmentationData:
         return len(self.train_loader.dataset)
 
     @property
+    def crop_hw(self) -> tuple[int, int]:
+        """``(height, width)`` of the training crop."""
+        return crop_hw(self.segmentation.crop_size)
+
+    @property
     def input_size(self) -> int:
-        """The training crop side."""
-        return self.segmentation.crop_size
+        """The training crop's side where it is square, else its shorter side (one int for
+        callers that build a square example input, which a segmenter of any input size takes)."""
+        return min(self.crop_hw)
 
     @property
     def class_names(self) -> tuple[str, ...]:
