@@ -259,8 +259,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: real Fashion-MNIST, a teacher, and distillation with the main methods."""
 
     out = Path(args.out) if args.out else default_out(args.quick)
-    table = results_markdown(run_demo(out, quick=args.quick, progress=not args.no_progress),
-                             quick=args.quick)
+    rows = run_demo(out, quick=args.quick, progress=not args.no_progress, amp=args.amp)
+    table = results_markdown(rows, quick=args.quick)
     (out / "results.md").write_text(table)
     title = "quick demo (smoke test)" if args.quick else "demo results"
     sys.stdout.write(f"\nFashion-MNIST {title} ({out / 'results.md'}):\n\n")

@@ -4,8 +4,8 @@ KD, DKD, SD-DKD and DCKD and compared with the student trained alone.
 The student sees only a stratified fraction of the training set, a regime where a teacher's
 knowledge matters. Runs go to ``OUT/`` (default ``runs/demo``; ``runs/demo-quick`` for
 ``--quick``, so the two never share a folder); running the demo again skips finished runs and
-resumes interrupted ones. Sized for about 10 minutes on 2 CPU cores (``--quick``: a smoke test
-of a few minutes whose numbers are not results).
+resumes interrupted ones. Sized for at most 5 minutes on 2 CPU cores in fp32 (``--quick``: a
+smoke test of under a minute whose numbers are not results).
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ class DemoPlan:
     teacher: str = "resnet14"
     student: str = "resnet8"
     teacher_epochs: int = 3
-    teacher_fraction: float = 0.5
+    teacher_fraction: float = 0.4
     student_epochs: int = 6
     student_fraction: float = 0.05
     batch_size: int = 64
     #: test-set evaluation every N epochs (the last epoch always): the 10,000 test images cost
     #: a student nearly as much as its epoch of training (docs/performance.md, issue 26)
     teacher_eval_every: int = 3
-    student_eval_every: int = 2
+    student_eval_every: int = 3
 
 
 FULL = DemoPlan()
@@ -100,7 +100,7 @@ def ensure_fashion_mnist() -> None:
 
 def _config(name: str, arch: str, epochs: int, fraction: float, plan: DemoPlan,
             method: dict[str, Any] | None = None, teacher: dict[str, Any] | None = None,
-            eval_every: int = 1) -> dict[str, Any]:
+            eval_every: int = 1, amp: str = "auto") -> dict[str, Any]:
     # lr x0.1 after 60% and 80% of the epochs (the CRD schedule's shape), at least once
     milestones = [max(1, round(epochs * f)) for f in (0.6, 0.8)] if epochs >= 2 else []
     cfg: dict[str, Any] = {
@@ -110,7 +110,7 @@ def _config(name: str, arch: str, epochs: int, fraction: float, plan: DemoPlan,
                  "batch_size": plan.batch_size, "eval_batch_size": 500},
         "student": {"arch": arch},
         "optim": {"lr": 0.05, "epochs": epochs, "milestones": sorted(set(milestones))},
-        "runtime": {"log_every": 20, "eval_every": eval_every},
+        "runtime": {"log_every": 20, "eval_every": eval_every, "amp": amp},
     }
     if method is not None:
         cfg["method"] = method
@@ -124,8 +124,10 @@ def default_out(quick: bool) -> Path:
     return QUICK_OUT if quick else DEFAULT_OUT
 
 
-def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Run the demo into ``out`` and return one result row per run (see module docstring)."""
+def run_demo(out: Path, quick: bool = False, progress: bool = True, amp: str = "auto"
+             ) -> list[dict[str, Any]]:
+    """Run the demo into ``out`` with ``runtime.amp = amp`` and return one result row per run
+    (see module docstring)."""
     plan = QUICK if quick else FULL
     ensure_fashion_mnist()
     bar = TqdmProgress(enabled=progress)
@@ -134,7 +136,8 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[dict
     t_dir = out / "teacher"
     t_cfg = validate_config(_config("teacher", plan.teacher, plan.teacher_epochs,
                                     plan.teacher_fraction, plan,
-                                    eval_every=plan.teacher_eval_every), "demo teacher")
+                                    eval_every=plan.teacher_eval_every, amp=amp),
+                          "demo teacher")
     log.info("== teacher %s on Fashion-MNIST (%d epochs)", plan.teacher, plan.teacher_epochs)
     t_sum = Trainer(t_cfg, t_dir, resume=True, progress=bar, require_teacher=False).run()
     rows.append({"run": f"teacher {plan.teacher}", **t_sum})
@@ -146,7 +149,8 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[dict
         cfg = validate_config(_config(slug, plan.student, plan.student_epochs,
                                       plan.student_fraction, plan, method=method,
                                       teacher=teacher if is_kd else None,
-                                      eval_every=plan.student_eval_every), f"demo {label}")
+                                      eval_every=plan.student_eval_every, amp=amp),
+                        f"demo {label}")
         log.info("== student %s: %s (%.0f%% of the training set)", plan.student, label,
                  100 * plan.student_fraction)
         summary = Trainer(cfg, out / slug, resume=True, progress=bar,

@@ -88,6 +88,11 @@ CHECKPOINT_FORMAT = 1
 #: the environment variable that opts a run into automatic resume (docs/distributed.md).
 AUTO_RESUME_ENV = "KDLAB_AUTO_RESUME"
 
+#: Teacher evaluations of this process (:meth:`Trainer._check_teacher`), by the teacher file's
+#: sha256 and everything the evaluation depends on: a demo or in-process sweep whose runs share
+#: a teacher and a test set evaluates the teacher once. In memory only, so never stale on disk.
+_TEACHER_EVALS: dict[tuple[str, ...], dict[str, float]] = {}
+
 
 def auto_resume_mode(resume: Resume, environ: Mapping[str, str] | None = None) -> Resume:
     """The resume mode of a run: ``resume`` itself, or True (continue the run in the folder if
@@ -331,17 +336,27 @@ class Trainer:
         return mode
 
     def _check_teacher(self) -> None:
-        """Evaluate the teacher once and record it; stop if far below its expected accuracy."""
+        """Evaluate the teacher once and record it; stop if far below its expected accuracy. A
+        teacher file already evaluated in this process on the same data, precision, device and
+        world size is not evaluated again (:data:`_TEACHER_EVALS`)."""
         assert self.teacher is not None and self.cfg.teacher is not None
         tcfg = self.cfg.teacher
         metric = self.task.best_metric
-        ev = self.task.evaluate(self.teacher, self.test_loader, self.device, self.amp_dtype,
-                                self.dist)
+        sha = file_sha256(tcfg.checkpoint) if tcfg.checkpoint else None
+        key = None if sha is None else (
+            sha, tcfg.arch, self.task.name, self.cfg.data.model_dump_json(),
+            str(self.amp_dtype), str(self.device), str(self.dist.world_size))
+        ev = _TEACHER_EVALS.get(key) if key is not None else None
+        if ev is None:
+            ev = self.task.evaluate(self.teacher, self.test_loader, self.device, self.amp_dtype,
+                                    self.dist)
+            if key is not None:
+                _TEACHER_EVALS[key] = dict(ev)
         info: dict[str, Any] = {"arch": tcfg.arch, "checkpoint": tcfg.checkpoint,
                                 **_reported(ev, metric),
                                 f"expected_{metric}": tcfg.expected_accuracy}
-        if tcfg.checkpoint:
-            info["sha256"] = file_sha256(tcfg.checkpoint)
+        if sha is not None:
+            info["sha256"] = sha
         if self.is_main:
             self.run_dir.write_json("teacher.json", info)
         log.info("teacher %s: %s %.2f", tcfg.arch, metric, ev[metric])

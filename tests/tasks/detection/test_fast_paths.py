@@ -187,7 +187,8 @@ def test_region_fraction_is_the_unbiased_estimate(setup: Any, fraction: float) -
     r = batch.labels.shape[0]
     n = math.ceil(fraction * r)
     assert 0 < n < r
-    method = _method(setup, scales=[1, 2], sdd_beta=2.0, detection_region_fraction=fraction)
+    method = _method(setup, scales=[1, 2], sdd_beta=2.0, detection_region_fraction=fraction,
+                     detection_region_rois="all")
     torch.manual_seed(7)
     got = method(roi_s, roi_t, batch, 1)["sdd"]
     torch.manual_seed(7)
@@ -201,7 +202,8 @@ def test_region_fraction_is_the_unbiased_estimate(setup: Any, fraction: float) -
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     # E over draws: every RoI is in S with probability n / r, so E[want] is the full loss
     full = (loss[:, 0].sum() + (weight[:, 1:] * loss[:, 1:]).sum()) / (5 * r)
-    full_method = _method(setup, scales=[1, 2], sdd_beta=2.0, detection_region_fraction=1.0)
+    full_method = _method(setup, scales=[1, 2], sdd_beta=2.0, detection_region_fraction=1.0,
+                          detection_region_rois="all")
     torch.testing.assert_close(full_method(roi_s, roi_t, batch, 1)["sdd"], full,
                                rtol=1e-5, atol=1e-7)
     # gradients reach the student's box head and the global logits of every RoI
@@ -213,9 +215,10 @@ def test_region_fraction_is_the_unbiased_estimate(setup: Any, fraction: float) -
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 def test_foreground_regions_drop_the_background_local_terms(setup: Any, fraction: float
                                                             ) -> None:
-    """``detection_region_rois: foreground``: the all-RoI loss with the local terms of the
-    background RoIs left out (every RoI keeps its global term); with a fraction below 1, the
-    unbiased estimate of that over a random subset of the foreground RoIs."""
+    """``detection_region_rois: foreground``: SDD on the foreground RoIs and, on every background
+    RoI, its global region's loss at a whole RoI's weight (its N regions taken as equal to the
+    global one); with a fraction below 1, the unbiased estimate of that over a random subset of
+    the foreground RoIs. Without foreground RoIs it is exactly the base loss (DKD)."""
     roi_s, roi_t, batch = setup[4]
     loss, weight, y = _region_terms(setup)
     r, fg = y.shape[0], torch.nonzero(y > 0).flatten()
@@ -230,21 +233,23 @@ def test_foreground_regions_drop_the_background_local_terms(setup: Any, fraction
     chosen = torch.zeros(r, dtype=torch.bool)
     chosen[rows] = True
     local = (weight[:, 1:] * loss[:, 1:])[chosen].sum() * (fg.numel() / n)
-    want = (loss[:, 0].sum() + local) / (5 * r)
+    background = y == 0
+    want = (loss[~background, 0].sum() + local + 5 * loss[background, 0].sum()) / (5 * r)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    # no foreground RoI: only the global terms, still divided by the 5 regions of each RoI
-    empty = type(batch)(batch.images, torch.zeros_like(y), batch.index)
-    zero_t = torch.zeros_like(y)
-    base = torch.stack([_dkd_rows(roi_s.logits, roi_t.logits, zero_t)]).sum() / (5 * r)
-    torch.testing.assert_close(method(roi_s, roi_t, empty, 1)["sdd"], base, rtol=1e-5,
-                               atol=1e-7)
+    # no foreground RoI: DKD on the RoI logits, as the dkd method computes it
+    zero = torch.zeros_like(y)
+    empty = type(batch)(batch.images, zero, batch.index)
+    dkd = _dkd_rows(roi_s.logits, roi_t.logits, zero).mean()
+    torch.testing.assert_close(method(roi_s, roi_t, empty, 1)["sdd"], dkd, rtol=1e-5, atol=1e-7)
 
 
 def test_region_fraction_default_and_validation(setup: Any) -> None:
     grid = _method(setup, scales=[1, 2])
     inter = _method(setup, scales=[1, 2], detection_regions="interleaved", temperature=2.0)
     found = [d for m in (grid, inter) for d in m.modules() if hasattr(d, "region_fraction")]
-    assert [d.region_fraction() for d in found] == [1.0, 1.0]  # every RoI unless asked
+    assert [d.region_fraction() for d in found] == [1.0, 1.0]  # the whole pool unless asked
+    # the grid layout distils the foreground RoIs' regions by default, interleaved every RoI's
+    assert [d.region_pool() for d in found] == ["foreground", "all"]
     with pytest.raises(MethodError, match="detection_region_fraction"):
         _method(setup, scales=[1, 2], detection_regions="interleaved",
                 detection_region_fraction=0.5)

@@ -464,7 +464,7 @@ def test_sd_dkd_with_unit_weights_is_the_official_mean_over_regions(
     """The official SDD detection code averages DKD over its five views with equal weights
     (``dkd_sum / count_num``); kdlab's sd_dkd equals that with ``sdd_beta = 1`` (and the default
     ``consistent_weight = 1``): here on the grid regions of scales [1, 2] of every RoI
-    (``detection_region_fraction: 1``, the default)."""
+    (``detection_region_rois: all``, ``detection_region_fraction: 1``)."""
     from kdlab.tasks.detection.model import roi_forward
     from kdlab.tasks.detection.task import DetectionTask
 
@@ -475,7 +475,8 @@ def test_sd_dkd_with_unit_weights_is_the_official_mean_over_regions(
     dkd = {"alpha": 1.0, "beta": 0.25, "temperature": 2.0, "warmup_epochs": 0}
     ms = _methods(data, student, teacher, dkd={"name": "dkd", "params": dkd},
                   sd={"name": "sd_dkd", "params": {**dkd, "scales": [1, 2], "sdd_beta": 1.0,
-                                                   "detection_region_fraction": 1.0}})
+                                                   "detection_region_fraction": 1.0,
+                                                   "detection_region_rois": "all"}})
     roi_s, roi_t, batch = DetectionTask().distill_inputs(out_s, out_t, None)
     got = ms["sd"](roi_s, roi_t, batch, 1)["sdd"]
     local_s = roi_s.region_logits([1, 2], "grid")
