@@ -372,26 +372,29 @@ def _special_export(args: argparse.Namespace, common: dict[str, Any]) -> int | N
     return 0
 
 
+#: (is it this task's run, export it, summarise the result, why --include-preprocessing does
+#: not apply) of the tasks with their own export module (kdlab.deploy.detection/.segmentation).
+_TASK_EXPORTS: tuple[tuple[Any, Any, Any, str], ...] = (
+    (is_detection_run, export_detector, export_summary,
+     "a detector's resize and normalisation are inside every artefact already"),
+    (is_segmentation_run, export_segmenter, segmentation_summary,
+     "a segmentation student takes normalised images (the metadata's input)"),
+)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a run's student alone, checked for parity with the eager model
     (:mod:`kdlab.deploy.export`)."""
 
     common = dict(tolerance=args.tolerance, min_agreement=args.min_agreement,
                   overrides=args.set, plugins=args.plugin, checkpoint=args.checkpoint)
-    if is_detection_run(args.run_dir, args.set, args.plugin):  # kdlab.deploy.detection
-        if getattr(args, "include_preprocessing", False):
-            raise ExportError("--include-preprocessing is for classifiers: a detector's "
-                              "resize and normalisation are inside every artefact already")
-        res = export_detector(args.run_dir, args.format, args.out, int8=args.int8, **common)
-        sys.stdout.write(export_summary(res) + "\n")
-        return 0
-    if is_segmentation_run(args.run_dir, args.set, args.plugin):  # kdlab.deploy.segmentation
-        if getattr(args, "include_preprocessing", False):
-            raise ExportError("--include-preprocessing is for classifiers; a segmentation "
-                              "student takes normalised images (the metadata's input)")
-        res = export_segmenter(args.run_dir, args.format, args.out, int8=args.int8, **common)
-        sys.stdout.write(segmentation_summary(res) + "\n")
-        return 0
+    for is_task, export, summary, why_not in _TASK_EXPORTS:
+        if is_task(args.run_dir, args.set, args.plugin):
+            if getattr(args, "include_preprocessing", False):
+                raise ExportError(f"--include-preprocessing is for classifiers: {why_not}")
+            res = export(args.run_dir, args.format, args.out, int8=args.int8, **common)
+            sys.stdout.write(summary(res) + "\n")
+            return 0
     special = _special_export(args, common)
     if special is not None:
         return special

@@ -89,7 +89,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kdlab.config import DetectionConfig
 from kdlab.core.errors import CheckpointError
-from kdlab.core.io import atomic_write, file_sha256
+from kdlab.core.io import atomic_write
 from kdlab.core.torchvision_shim import import_torchvision_for_detection, ops_backend
 from kdlab.deploy import export as ex
 from kdlab.deploy import latency as lat
@@ -239,10 +239,7 @@ def save_detector(detector: nn.Module, path: str | Path, metadata: dict[str, Any
     ``metadata`` must hold ``task: detection`` and the ``detection`` section
     (:func:`detector_metadata`), which :func:`read_detector` rebuilds the detector from.
     ``kdlab eval RUN --checkpoint FILE`` reads it too (weights under ``"model"``)."""
-    if metadata.get("task") != TASK or not isinstance(metadata.get("detection"), dict):
-        raise ex.ExportError("a detector file needs metadata with task 'detection' and the "
-                             "'detection' config section (detector_metadata(run))")
-    ex.save_student(detector, path, metadata)
+    ex.save_task_student(detector, path, metadata, TASK)
 
 
 def read_detector(path: str | Path, plugins: Sequence[str] = ()) -> Detector:
@@ -622,37 +619,13 @@ def _versions() -> dict[str, Any]:
 def _parity_report(run: ex.StudentRun, fmt: str, path: Path, meta: dict[str, Any],
                    method: str | None, figures: dict[str, Any], failures: list[str],
                    tolerance: float) -> dict[str, Any]:
-    """The content of ``FILE.parity.json``."""
-    report: dict[str, Any] = {
-        "kind": "kdlab-export-parity",
-        "task": TASK,
-        "format": fmt,
-        "precision": "fp32",
-        "file": path.name,
-        "size_bytes": path.stat().st_size,
-        "sha256": file_sha256(path),
-        "arch": meta["arch"],
-        "num_classes": meta["num_classes"],
-        "categories": meta["categories"],
-        "input": meta["input"],
-        "output": meta["output"],
-        "dynamic_image_size": True,
-        "torchscript": method,
-        "onnx_opset": ONNX_OPSET if fmt == "onnx" else None,
-        "source": meta["source"],
-        "student_parameters": sum(int(p.numel()) for p in run.student.parameters()),
-        "student_tensor_elements": sum(int(v.numel())
-                                       for v in run.student.state_dict().values()),
-        "artefact_tensor_elements": ex._tensor_elements(path, fmt),
-        **figures,
-        "ap_tolerance": tolerance,
-        "passed": not failures,
-        "failures": failures,
-        "versions": _versions(),
-        "machine": ex._machine(),
-    }
-    report["date"] = report["machine"]["date"]
-    return report
+    """The content of ``FILE.parity.json`` (:func:`kdlab.deploy.export.parity_record`)."""
+    return ex.parity_record(
+        run, fmt, path, meta, versions_of=_versions(), task=TASK,
+        categories=meta["categories"], input=meta["input"], output=meta["output"],
+        dynamic_image_size=True, torchscript=method,
+        onnx_opset=ONNX_OPSET if fmt == "onnx" else None, **figures, ap_tolerance=tolerance,
+        passed=not failures, failures=failures)
 
 
 # --------------------------------------------------------------------------- the command

@@ -385,6 +385,18 @@ def save_student(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -
     save_atomic({**metadata, "kind": STUDENT_KIND, "model": state}, path, keep_previous=False)
 
 
+def save_task_student(model: nn.Module, path: str | Path, metadata: dict[str, Any],
+                      task: str) -> None:
+    """:func:`save_student` for a task whose model is rebuilt from its config section
+    (``detection``, ``segmentation``): ``metadata`` must hold ``task`` and that section, which
+    :func:`kdlab.runs.student.read_student_file` rebuilds the model from."""
+    if metadata.get("task") != task or not isinstance(metadata.get(task), dict):
+        raise ExportError(f"a {task} student file needs metadata with task {task!r} and the "
+                          f"{task!r} config section (the run's metadata from kdlab.deploy."
+                          f"{task})")
+    save_student(model, path, metadata)
+
+
 def read_student(path: str | Path, plugins: Sequence[str] = ()) -> nn.Module:
     """The model of a :func:`save_student` file (eval mode, CPU), rebuilt from its metadata
     and loaded strictly, with ``kdlab_meta`` and ``preprocess`` attached
@@ -748,42 +760,46 @@ def _parity_failures(figures: dict[str, Any], int8: bool, tolerance: float,
     return failures
 
 
-def _parity_report(run: StudentRun, fmt: str, path: Path, meta: dict[str, Any], *,
-                   figures: dict[str, Any], failures: list[str],
-                   int8_info: dict[str, Any] | None, tolerance: float,
-                   min_agreement: float) -> dict[str, Any]:
-    """The content of ``FILE.parity.json``."""
-    int8 = int8_info is not None
-    student_params = sum(int(p.numel()) for p in run.student.parameters())
+def parity_record(run: StudentRun, fmt: str, path: Path, meta: dict[str, Any], *,
+                  precision: str = "fp32", tensor_elements: bool = True,
+                  versions_of: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """The content of an artefact's ``FILE.parity.json``: what every task's report holds (the
+    file, its size and sha256, the student's arch, classes, source and sizes, the library
+    versions, the machine and the date) around the task's own ``fields`` (its figures, tolerances
+    and verdict). ``tensor_elements``: count the artefact's tensor elements (False for int8)."""
     report: dict[str, Any] = {
         "kind": "kdlab-export-parity",
         "format": fmt,
-        "precision": meta["precision"],
+        "precision": precision,
         "file": path.name,
         "size_bytes": path.stat().st_size,
         "sha256": file_sha256(path),
         "arch": meta["arch"],
         "num_classes": meta["num_classes"],
-        "in_channels": meta["in_channels"],
-        "input_size": meta["input_size"],
-        "input": meta["input"],
-        "dynamic_batch": fmt != "state_dict",
         "source": meta["source"],
-        "student_parameters": student_params,
+        "student_parameters": sum(int(p.numel()) for p in run.student.parameters()),
         "student_tensor_elements": sum(int(v.numel())
                                        for v in run.student.state_dict().values()),
-        "artefact_tensor_elements": None if int8 else _tensor_elements(path, fmt),
-        **figures,
-        "tolerance": None if int8 else tolerance,
-        "min_agreement": min_agreement,
-        "passed": not failures,
-        "failures": failures,
-        "int8": int8_info,
-        "versions": versions(),
+        "artefact_tensor_elements": _tensor_elements(path, fmt) if tensor_elements else None,
+        **fields,
+        "versions": versions() if versions_of is None else versions_of,
         "machine": _machine(),
     }
     report["date"] = report["machine"]["date"]
     return report
+
+
+def _parity_report(run: StudentRun, fmt: str, path: Path, meta: dict[str, Any], *,
+                   figures: dict[str, Any], failures: list[str],
+                   int8_info: dict[str, Any] | None, tolerance: float,
+                   min_agreement: float) -> dict[str, Any]:
+    """The content of a classifier's ``FILE.parity.json`` (:func:`parity_record`)."""
+    int8 = int8_info is not None
+    return parity_record(
+        run, fmt, path, meta, precision=meta["precision"], tensor_elements=not int8,
+        in_channels=meta["in_channels"], input_size=meta["input_size"], input=meta["input"],
+        dynamic_batch=fmt != "state_dict", **figures, tolerance=None if int8 else tolerance,
+        min_agreement=min_agreement, passed=not failures, failures=failures, int8=int8_info)
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *,

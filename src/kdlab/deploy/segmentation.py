@@ -60,7 +60,7 @@ from torch.export import Dim
 
 from kdlab.config import SegmentationConfig
 from kdlab.core.errors import CheckpointError
-from kdlab.core.io import atomic_write, file_sha256
+from kdlab.core.io import atomic_write
 from kdlab.deploy import export as ex
 from kdlab.runs.open import open_run
 from kdlab.runs.student import read_student_file
@@ -175,11 +175,7 @@ def save_segmenter(model: nn.Module, path: str | Path, metadata: dict[str, Any])
     (:func:`segmenter_metadata`), which :func:`read_segmenter` rebuilds the model from.
     ``kdlab eval RUN --checkpoint FILE`` reads it too (weights under ``"model"``, class count
     and task recorded)."""
-    if metadata.get("task") != TASK or not isinstance(metadata.get("segmentation"), dict):
-        raise ex.ExportError("a segmentation student file needs metadata with task "
-                             "'segmentation' and the 'segmentation' section "
-                             "(segmenter_metadata(run))")
-    ex.save_student(model, path, metadata)
+    ex.save_task_student(model, path, metadata, TASK)
 
 
 def read_segmenter(path: str | Path, plugins: Sequence[str] = ()) -> SegmentationModel:
@@ -456,42 +452,15 @@ def _dynamic_size(fmt: str, meta: dict[str, Any]) -> bool:
 def _parity_report(run: ex.StudentRun, fmt: str, path: Path, meta: dict[str, Any],
                    figures: dict[str, Any], probe: dict[str, Any], failures: list[str],
                    tolerance: float, min_agreement: float) -> dict[str, Any]:
-    """The content of ``FILE.parity.json``."""
-    report: dict[str, Any] = {
-        "kind": "kdlab-export-parity",
-        "task": TASK,
-        "format": fmt,
-        "precision": "fp32",
-        "file": path.name,
-        "size_bytes": path.stat().st_size,
-        "sha256": file_sha256(path),
-        "arch": meta["arch"],
-        "num_classes": meta["num_classes"],
-        "classes": meta["classes"],
-        "in_channels": meta["in_channels"],
-        "input_size": meta["input_size"],
-        "head": meta["segmentation"]["head"],
-        "inference": meta["segmentation"]["inference"],
-        "input": meta["input"],
-        "output": meta["output"],
-        "dynamic_batch": True,
-        "dynamic_image_size": _dynamic_size(fmt, meta),
-        "source": meta["source"],
-        "student_parameters": sum(int(p.numel()) for p in run.student.parameters()),
-        "student_tensor_elements": sum(int(v.numel())
-                                       for v in run.student.state_dict().values()),
-        "artefact_tensor_elements": ex._tensor_elements(path, fmt),
-        **figures,
-        "shape_probe": probe,
-        "tolerance": tolerance,
-        "min_agreement": min_agreement,
-        "passed": not failures,
-        "failures": failures,
-        "versions": ex.versions(),
-        "machine": ex._machine(),
-    }
-    report["date"] = report["machine"]["date"]
-    return report
+    """The content of ``FILE.parity.json`` (:func:`kdlab.deploy.export.parity_record`)."""
+    return ex.parity_record(
+        run, fmt, path, meta, task=TASK, classes=meta["classes"],
+        in_channels=meta["in_channels"], input_size=meta["input_size"],
+        head=meta["segmentation"]["head"], inference=meta["segmentation"]["inference"],
+        input=meta["input"], output=meta["output"], dynamic_batch=True,
+        dynamic_image_size=_dynamic_size(fmt, meta), **figures, shape_probe=probe,
+        tolerance=tolerance, min_agreement=min_agreement, passed=not failures,
+        failures=failures)
 
 
 # --------------------------------------------------------------------------- the command
