@@ -150,3 +150,25 @@ def table_rows(text: str) -> list[dict[str, str]]:
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True))
             for ln in lines[2:]]
+
+
+def tiny_detector(cfg: Any, seed: int, num_classes: int,
+                  arch: str = "MobileNetV2_imagenet") -> Any:
+    """``build_detector(arch, num_classes, cfg)`` initialised from ``seed``, in training mode."""
+    from kdlab.tasks.detection.model import build_detector
+
+    torch.manual_seed(seed)
+    det = build_detector(arch, num_classes, cfg)
+    det.train()
+    return det
+
+
+def two_coco_images(root: Path) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """The first two training images of the COCO-format set at ``root`` as torchvision's
+    detector takes them (floats in [0, 1]) and their box targets."""
+    from kdlab.tasks.detection.coco import CocoDetection
+
+    ds = CocoDetection.from_split(root, "train")
+    samples = [ds[0], ds[1]]
+    return ([s.image.float() / 255 for s in samples],
+            [{"boxes": s.boxes, "labels": s.labels} for s in samples])

@@ -227,8 +227,7 @@ def detector_metadata(run: ex.StudentRun, arch: str | None = None) -> dict[str, 
                   "max_size": det_cfg.max_size, "image_mean": list(det_cfg.image_mean),
                   "image_std": list(det_cfg.image_std)},
         "output": OUTPUT_CONVENTION,
-        "source": {"run_dir": str(run.run_dir), "checkpoint": str(run.checkpoint),
-                   "epoch": run.record.get("epoch"), "AP": run.record.get("AP")},
+        "source": run.source("AP"),
     }
 
 

@@ -336,9 +336,14 @@ class StudentRun:
             "output": {"name": OUTPUT_NAME, "meaning": "class logits (B x num_classes)"},
             "classes": None if self.input_spec is None else list(self.input_spec.classes),
             "input_spec": None if self.input_spec is None else self.input_spec.to_dict(),
-            "source": {"run_dir": str(self.run_dir), "checkpoint": str(self.checkpoint),
-                       "epoch": self.record.get("epoch"), "top1": self.record.get("top1")},
+            "source": self.source("top1"),
         }
+
+    def source(self, metric: str) -> dict[str, Any]:
+        """Where the exported weights come from: the run, the checkpoint, its epoch and its
+        ``metric`` (the task's best metric: top1, AP, mIoU)."""
+        return {"run_dir": str(self.run_dir), "checkpoint": str(self.checkpoint),
+                "epoch": self.record.get("epoch"), metric: self.record.get(metric)}
 
 
 def load_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Sequence[str] = (),

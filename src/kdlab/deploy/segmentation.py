@@ -162,8 +162,7 @@ def segmenter_metadata(run: ex.StudentRun) -> dict[str, Any]:
                   "normalisation": "(pixel / 255 - mean) / std", "mean": list(seg.image_mean),
                   "std": list(seg.image_std), "size": "any (dynamic) where the format allows"},
         "output": {"name": ex.OUTPUT_NAME, "meaning": OUTPUT_MEANING},
-        "source": {"run_dir": str(run.run_dir), "checkpoint": str(run.checkpoint),
-                   "epoch": run.record.get("epoch"), "mIoU": run.record.get("mIoU")},
+        "source": run.source("mIoU"),
     }
 
 

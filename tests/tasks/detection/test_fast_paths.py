@@ -25,6 +25,7 @@ from kdlab.config import DataConfig, DetectionConfig, MethodConfig
 from kdlab.core import vision_ops
 from kdlab.core.errors import MethodError
 from kdlab.core.vision_ops import roi_align
+from support import tiny_detector, two_coco_images
 
 K = 3
 
@@ -100,21 +101,10 @@ def test_dense_roi_align_gradcheck_and_map_size_limit() -> None:
 
 
 def _detector(cfg: DetectionConfig, seed: int) -> Any:
-    from kdlab.tasks.detection.model import build_detector
-
-    torch.manual_seed(seed)
-    det = build_detector("MobileNetV2_imagenet", K, cfg)
-    det.train()
-    return det
+    return tiny_detector(cfg, seed, K)
 
 
-def _two_images(root: Path) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-    from kdlab.tasks.detection.coco import CocoDetection
-
-    ds = CocoDetection.from_split(root, "train")
-    samples = [ds[0], ds[1]]
-    return ([s.image.float() / 255 for s in samples],
-            [{"boxes": s.boxes, "labels": s.labels} for s in samples])
+_two_images = two_coco_images
 
 
 @pytest.fixture(scope="module")

@@ -32,27 +32,17 @@ from kdlab.config import DataConfig, DetectionConfig, MethodConfig
 from kdlab.core.errors import MethodError, ModelError
 from kdlab.models import create_model
 from kdlab.models.output import KdModel, ModelOutput
+from support import tiny_detector, two_coco_images
 
 ARCH = "MobileNetV2_imagenet"
 K = 3  # foreground classes of the tiny set
 
 
 def _detector(cfg: DetectionConfig, seed: int, arch: str = ARCH) -> Any:
-    from kdlab.tasks.detection.model import build_detector
-
-    torch.manual_seed(seed)
-    det = build_detector(arch, K, cfg)
-    det.train()
-    return det
+    return tiny_detector(cfg, seed, K, arch)
 
 
-def _two_images(root: Path) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-    from kdlab.tasks.detection.coco import CocoDetection
-
-    ds = CocoDetection.from_split(root, "train")
-    samples = [ds[0], ds[1]]
-    return ([s.image.float() / 255 for s in samples],
-            [{"boxes": s.boxes, "labels": s.labels} for s in samples])
+_two_images = two_coco_images
 
 
 @pytest.fixture(scope="module")
