@@ -301,18 +301,21 @@ class _SDDBase(LogitDistiller[SP], Generic[SP]):
         n_regions = _region_count(p.scales)
         c = 1.0 / n_regions if p.reduction == "mean" else 1.0
 
-        def base(picked: Tensor) -> Tensor:
-            return loss(out_s.logits[picked].unsqueeze(2),
-                        out_t.logits[picked].detach().unsqueeze(2), batch.labels[picked])
+        def base(picked: Tensor | None = None) -> Tensor:  # base loss on the RoIs' own logits
+            zs, zt, y = out_s.logits, out_t.logits.detach(), batch.labels
+            if picked is not None:
+                zs, zt, y = zs[picked], zt[picked], y[picked]
+            return loss(zs.unsqueeze(2), zt.unsqueeze(2), y)
 
-        every = torch.arange(r, device=pool.device)
+        base_all = base()
         if rows.numel() == 0:  # no RoI in the pool: the base loss on every RoI
-            return c * n_regions * base(every)
-        outside = c * n_regions * (base(every) - w * base(pool)) if pool.numel() < r else 0.0
+            return c * n_regions * base_all
+        base_pool = base(pool) if pool.numel() < r else base_all
         local_s, local_t = self.local_logits(out_s, out_t, rows)
         labels_s = batch.labels[rows]
         base_sub = loss(local_s[:, :, :1], local_t[:, :, :1], labels_s)
-        return w * loss(local_s, local_t, labels_s) + c * w * (base(pool) - base_sub) + outside
+        return (w * loss(local_s, local_t, labels_s) + c * w * (base_pool - base_sub)
+                + c * n_regions * (base_all - w * base_pool))
 
     def _region_rows(self, out_s: ModelOutput, labels: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(pool, rows)``: the sorted RoIs ``P`` chosen for local regions (every RoI, or the
